@@ -1,0 +1,61 @@
+//! The errors of the library: why a call across the pipe failed, and why a node could not
+//! start.
+
+use std::time::Duration;
+
+/// Why a call to the peer got no reply. Each kind maps to one HTTP status on the front door.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CallError {
+    /// The connection ended while the request was in flight (HTTP 502).
+    #[error("the pipe closed while the request was in flight: {0}")]
+    PipeClosed(String),
+    /// No reply within the deadline (HTTP 504).
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The peer is not connected, and did not connect within the wait (HTTP 503).
+    #[error("{0}")]
+    NotConnected(String),
+    /// Too many requests in flight on the connection (HTTP 503).
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The peer is shutting down (HTTP 503).
+    #[error("the peer is shutting down: {0}")]
+    ShuttingDown(String),
+    /// The peer could not take the event (HTTP 502).
+    #[error("the peer refused the event: {0}")]
+    Refused(String),
+    /// The body is over the frame limit (HTTP 413).
+    #[error("body of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge {
+        /// The body's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// An IP address names more than one connected client (HTTP 409).
+    #[error("{0}")]
+    Ambiguous(String),
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The pipe's listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handler plug-ins do not fit together.
+    #[error("handlers: {0}")]
+    Handlers(String),
+    /// A setting is invalid.
+    #[error("{0}")]
+    Config(String),
+}

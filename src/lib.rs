@@ -1,0 +1,41 @@
+//! restpipe: a durable, mutually authenticated pipe that carries REST calls between many
+//! client nodes and one server node.
+//!
+//! Clients dial out and keep one TLS connection to the server alive; either side can call the
+//! other. A call is an *event* (verb, noun, parameters, query, content type, body) that
+//! crosses the pipe and is dispatched on the far side to a handler by name.
+//!
+//! The modules, from the wire up:
+//!
+//! - [`proto`]: the protobuf types generated from `proto/restpipe.proto`;
+//! - [`wire`]: framing (length prefix, size limit) and conversion to domain types;
+//! - [`tls`]: PEM loading, rustls configurations, handshakes with a timeout;
+//! - [`connection`]: one live connection, many requests in flight both ways, heartbeats;
+//! - [`node`]: what both sides share: settings, handlers, dispatch;
+//! - [`server`] and [`registry`]: the server's accept loop and its clients by identity;
+//! - [`client`] and [`backoff`]: the client's dial loop and its reconnect delays;
+//! - [`metrics`]: statsd through cadence, never blocking;
+//! - [`error`]: why a call or a start failed.
+//!
+//! Handlers are written against the [`restpipe_handler`] crate, re-exported as [`handler`].
+
+pub mod backoff;
+pub mod client;
+pub mod connection;
+pub mod error;
+pub mod metrics;
+pub mod node;
+pub mod proto;
+pub mod registry;
+pub mod server;
+pub mod tls;
+pub mod wire;
+
+pub use restpipe_handler as handler;
+
+pub use client::{ClientNode, ClientOptions};
+pub use error::{CallError, NodeError};
+pub use metrics::Metrics;
+pub use node::{NodeOptions, PipeConfig};
+pub use server::{ServerNode, ServerOptions};
+pub use tls::{TlsFiles, TlsMaterial};

@@ -1,0 +1,5 @@
+//! The `restpipe` command.
+
+fn main() {
+    println!("restpipe");
+}

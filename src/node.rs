@@ -1,0 +1,201 @@
+//! What server and client nodes share: pipe settings, handlers and plug-ins, metrics, and the
+//! dispatch of an incoming event to its handler.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use restpipe_handler::{
+    no_handler_reply, Context, HandlerError, Handlers, Lifecycle, Plugin, Reply, Request, Side,
+};
+use tracing::warn;
+
+use crate::error::NodeError;
+use crate::metrics::Metrics;
+use crate::tls::TlsMaterial;
+use crate::wire;
+
+/// Settings of the pipe, the same on both sides. Every field is bounded and has a default.
+#[derive(Clone, Debug)]
+pub struct PipeConfig {
+    /// How often each side sends a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A peer silent for this long is dead; a write stalled this long ends the connection.
+    pub heartbeat_timeout: Duration,
+    /// Limit on the TCP connect, the TLS handshake and the hello exchange, each.
+    pub handshake_timeout: Duration,
+    /// Largest body of an event or reply, in bytes.
+    pub max_frame: usize,
+    /// Requests in flight per connection and per direction.
+    pub max_in_flight: usize,
+    /// Frames queued for the writer of one connection.
+    pub write_queue: usize,
+    /// How long a request waits for the peer to be connected.
+    pub connect_wait: Duration,
+    /// Default deadline of a request.
+    pub request_timeout: Duration,
+    /// Longest deadline a request may ask for.
+    pub max_request_timeout: Duration,
+}
+
+impl Default for PipeConfig {
+    fn default() -> Self {
+        PipeConfig {
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_frame: wire::DEFAULT_MAX_FRAME,
+            max_in_flight: 1024,
+            write_queue: 1024,
+            connect_wait: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            max_request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl PipeConfig {
+    /// Refuse settings that cannot work, with a message that says which and why.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let bad = |m: String| Err(NodeError::Config(m));
+        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval
+        {
+            return bad(format!(
+                "the heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?}), which must not be zero",
+                self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("the handshake timeout must not be zero".into());
+        }
+        if !(1024..=1024 * 1024 * 1024).contains(&self.max_frame) {
+            return bad(format!(
+                "the maximum frame size must be between 1 KiB and 1 GiB, not {} bytes",
+                self.max_frame
+            ));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 1 << 20 {
+            return bad("requests in flight must be between 1 and 1048576".into());
+        }
+        if self.write_queue == 0 || self.write_queue > 1 << 20 {
+            return bad("the write queue must hold between 1 and 1048576 frames".into());
+        }
+        if self.request_timeout.is_zero() || self.request_timeout > self.max_request_timeout {
+            return bad(format!(
+                "the request timeout must be between 1 ms and {:?}",
+                self.max_request_timeout
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a node is made of, whichever its side.
+pub struct NodeOptions {
+    /// Its TLS material: CA, certificate, key.
+    pub tls: TlsMaterial,
+    /// Pipe settings.
+    pub pipe: PipeConfig,
+    /// Handlers registered directly.
+    pub handlers: Handlers,
+    /// Handler plug-ins; their handlers for this side are added to `handlers`.
+    pub plugins: Vec<Arc<dyn Plugin>>,
+    /// Where metrics go.
+    pub metrics: Metrics,
+}
+
+impl NodeOptions {
+    /// Options with default settings, no handlers and metrics off.
+    pub fn new(tls: TlsMaterial) -> Self {
+        NodeOptions {
+            tls,
+            pipe: PipeConfig::default(),
+            handlers: Handlers::new(),
+            plugins: Vec::new(),
+            metrics: Metrics::disabled(),
+        }
+    }
+}
+
+/// The parts of a node that its connections use.
+pub(crate) struct NodeCore {
+    pub(crate) side: Side,
+    pub(crate) identity: String,
+    pub(crate) handlers: Handlers,
+    pub(crate) plugins: Vec<Arc<dyn Plugin>>,
+    pub(crate) pipe: PipeConfig,
+    pub(crate) metrics: Metrics,
+    pub(crate) started: Instant,
+}
+
+impl NodeCore {
+    pub(crate) fn new(side: Side, options: &NodeOptions) -> Result<Self, NodeError> {
+        options.pipe.validate()?;
+        let mut handlers = options.handlers.clone();
+        for plugin in &options.plugins {
+            handlers
+                .merge(plugin.handlers(side))
+                .map_err(|e| NodeError::Handlers(format!("plug-in {}: {e}", plugin.name())))?;
+        }
+        Ok(NodeCore {
+            side,
+            identity: options.tls.identity().to_string(),
+            handlers,
+            plugins: options.plugins.clone(),
+            pipe: options.pipe.clone(),
+            metrics: options.metrics.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Tell every plug-in about a lifecycle moment. A plug-in that panics is logged and
+    /// skipped.
+    pub(crate) fn lifecycle(&self, event: Lifecycle) {
+        for plugin in &self.plugins {
+            let call = std::panic::catch_unwind(AssertUnwindSafe(|| plugin.on_lifecycle(&event)));
+            if call.is_err() {
+                warn!(plugin = plugin.name(), "lifecycle hook panicked");
+            }
+        }
+    }
+
+    /// Run the handler an event names and turn every outcome into a reply: no handler (404,
+    /// code 255), an error or a panic (500, code 251), the deadline passing (504, code 251).
+    pub(crate) async fn dispatch(&self, ctx: Context, request: Request) -> Reply {
+        let started = Instant::now();
+        let name = request.handler_name();
+        self.metrics.tick("message.receive.tick");
+        let Some(handler) = self.handlers.get(&name) else {
+            return no_handler_reply(&name, self.side);
+        };
+        let deadline = tokio::time::Instant::from_std(ctx.deadline);
+        let call = AssertUnwindSafe(handler.call(ctx, request)).catch_unwind();
+        let reply = match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok(Ok(reply))) => reply,
+            Ok(Ok(Err(err))) => err.into_reply(),
+            Ok(Err(panic)) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "handler panicked".into());
+                warn!(handler = %name, %message, "handler panicked");
+                HandlerError::new(message).with_class("Panic").into_reply()
+            }
+            Err(_) => HandlerError::new(format!("handler {name} did not finish before its deadline"))
+                .with_class("DeadlineExceeded")
+                .with_status(504)
+                .into_reply(),
+        };
+        let elapsed = started.elapsed();
+        self.metrics.timing("message.receive.handle.timing", elapsed);
+        if self.metrics.is_enabled() {
+            self.metrics
+                .tick(&format!("message.received.handle.{name}.tick"));
+            self.metrics
+                .timing(&format!("message.received.handle.{name}.timing"), elapsed);
+        }
+        reply
+    }
+}

@@ -1,0 +1,262 @@
+//! The server node's pipe: the accept loop, the per-connection handshake, the registry of
+//! clients, calls to a named client, and graceful shutdown.
+//!
+//! Accepting and handshaking are kept apart: each accepted socket gets its own task, so a slow
+//! or hostile handshake never stalls the accept loop, and a semaphore caps the connections
+//! (handshakes included) that the server holds at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use restpipe_handler::{Lifecycle, Reply, Request, Side};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::connection::{self, Connection, ConnectionStatus};
+use crate::error::{CallError, NodeError};
+use crate::node::{NodeCore, NodeOptions};
+use crate::registry::Registry;
+use crate::tls;
+
+/// How often the idle hook runs while no client is connected.
+const IDLE_EVERY: Duration = Duration::from_secs(60);
+
+/// Settings of a server node.
+pub struct ServerOptions {
+    /// What every node has.
+    pub node: NodeOptions,
+    /// Where the pipe listens.
+    pub bind: SocketAddr,
+    /// Connections held at once, handshakes included; more are refused at accept.
+    pub max_connections: usize,
+}
+
+impl ServerOptions {
+    /// Options for a server listening on `bind`, with at most 16384 connections.
+    pub fn new(node: NodeOptions, bind: SocketAddr) -> Self {
+        ServerOptions {
+            node,
+            bind,
+            max_connections: 16384,
+        }
+    }
+}
+
+/// A running server node's pipe. Clones share it.
+#[derive(Clone)]
+pub struct ServerNode {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    core: Arc<NodeCore>,
+    registry: Registry,
+    acceptor: TlsAcceptor,
+    local_addr: SocketAddr,
+    stop_accepting: CancellationToken,
+    tracker: TaskTracker,
+    limit: Arc<Semaphore>,
+}
+
+impl ServerNode {
+    /// Bind the pipe's port and start accepting clients.
+    pub async fn start(options: ServerOptions) -> Result<ServerNode, NodeError> {
+        let core = Arc::new(NodeCore::new(Side::Server, &options.node)?);
+        let acceptor = options.node.tls.acceptor()?;
+        let listener = TcpListener::bind(options.bind)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: options.bind.to_string(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| NodeError::Bind {
+            addr: options.bind.to_string(),
+            source,
+        })?;
+        let inner = Arc::new(Inner {
+            core,
+            registry: Registry::default(),
+            acceptor,
+            local_addr,
+            stop_accepting: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            limit: Arc::new(Semaphore::new(options.max_connections.max(1))),
+        });
+        inner.core.metrics.gauge("server.clients.connected", 0);
+        tokio::spawn(accept_loop(inner.clone(), listener));
+        tokio::spawn(idle_hook(inner.clone()));
+        info!(addr = %local_addr, identity = %inner.core.identity, "pipe listening");
+        Ok(ServerNode { inner })
+    }
+
+    /// The address the pipe listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// This node's identity, from its certificate.
+    pub fn identity(&self) -> &str {
+        &self.inner.core.identity
+    }
+
+    /// Whether the pipe still accepts clients.
+    pub fn is_listening(&self) -> bool {
+        !self.inner.stop_accepting.is_cancelled()
+    }
+
+    /// The registry of connected clients.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// A snapshot of every connected client.
+    pub fn clients(&self) -> Vec<ConnectionStatus> {
+        self.inner.registry.all().iter().map(Connection::status).collect()
+    }
+
+    /// The pipe's settings.
+    pub fn pipe(&self) -> &crate::node::PipeConfig {
+        &self.inner.core.pipe
+    }
+
+    /// Send `request` to the client named `target` (identity, or an unambiguous IP address)
+    /// and wait for its reply. Waits up to the connect wait for the client to be connected,
+    /// then up to `timeout` (default: the request timeout) for the reply.
+    pub async fn call(
+        &self,
+        target: &str,
+        request: Request,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, CallError> {
+        let pipe = &self.inner.core.pipe;
+        let conn = self.inner.registry.wait_for(target, pipe.connect_wait).await?;
+        conn.call(request, timeout.unwrap_or(pipe.request_timeout))
+            .await
+    }
+
+    /// Stop accepting, let requests being handled finish for at most `grace`, tell every
+    /// client, and close.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.stop_accepting.cancel();
+        let drains = inner
+            .registry
+            .all()
+            .into_iter()
+            .map(|c| async move { c.drain(grace, "the server is shutting down").await });
+        futures_util::future::join_all(drains).await;
+        inner.tracker.close();
+        if tokio::time::timeout(grace + Duration::from_secs(1), inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("connections still open after the grace period");
+        }
+        info!("pipe closed");
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    let mut failures = 0u32;
+    loop {
+        let accepted = tokio::select! {
+            _ = inner.stop_accepting.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, addr)) => {
+                failures = 0;
+                let Ok(permit) = inner.limit.clone().try_acquire_owned() else {
+                    warn!(peer = %addr, "connection limit reached; refused");
+                    inner.core.metrics.tick("tls.handshake.rejected.limit.tick");
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                inner.tracker.spawn(serve(inner.clone(), tcp, addr, permit));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                failures = failures.saturating_add(1);
+                let delay = Duration::from_millis(10u64 << failures.min(7));
+                warn!(cause = %e, ?delay, "accept failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    debug!("accept loop stopped");
+}
+
+async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, _permit: OwnedSemaphorePermit) {
+    let core = &inner.core;
+    let (stream, identity) =
+        match tls::accept(&inner.acceptor, tcp, core.pipe.handshake_timeout).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                let reason = tls::refusal_reason(&e);
+                info!(peer = %addr, %reason, cause = %e, "handshake refused");
+                core.metrics
+                    .tick(&format!("tls.handshake.rejected.{reason}.tick"));
+                return;
+            }
+        };
+    let (conn, run) = match connection::open(core.clone(), stream, identity.clone(), addr).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            warn!(peer = %addr, %identity, cause = %e, "hello refused");
+            core.metrics.tick("tls.handshake.rejected.hello.tick");
+            return;
+        }
+    };
+    let (replaced, count) = inner.registry.insert(conn.clone());
+    if let Some(old) = replaced {
+        info!(%identity, old = %old.peer().addr, new = %addr, "newer connection replaces the older");
+        old.close("replaced by a newer connection with the same identity");
+    }
+    info!(%identity, peer = %addr, clients = count, "client connected");
+    core.metrics.gauge("server.clients.connected", count as u64);
+    core.lifecycle(Lifecycle::ConnectionStarted {
+        peer_identity: identity.clone(),
+        peer_addr: Some(addr),
+    });
+    core.lifecycle(Lifecycle::ServerConnectionAdded {
+        identity: identity.clone(),
+        count,
+    });
+
+    run.await;
+
+    let reason = conn.close_reason().unwrap_or_default();
+    if let Some(count) = inner.registry.remove(&conn) {
+        core.metrics.gauge("server.clients.connected", count as u64);
+        core.lifecycle(Lifecycle::ServerConnectionRemoved {
+            identity: identity.clone(),
+            count,
+        });
+    }
+    core.lifecycle(Lifecycle::ConnectionStopped {
+        peer_identity: identity,
+        peer_addr: Some(addr),
+        reason,
+    });
+}
+
+async fn idle_hook(inner: Arc<Inner>) {
+    let mut idle_since = SystemTime::now();
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + IDLE_EVERY, IDLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = inner.stop_accepting.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if inner.registry.is_empty() {
+            inner.core.lifecycle(Lifecycle::ServerIdle { idle_since });
+        } else {
+            idle_since = SystemTime::now();
+        }
+    }
+}
