@@ -15,14 +15,20 @@
 //! - [`server`] and [`registry`]: the server's accept loop and its clients by identity;
 //! - [`client`] and [`backoff`]: the client's dial loop and its reconnect delays;
 //! - [`metrics`]: statsd through cadence, never blocking;
+//! - [`http`]: the local HTTP front door (axum);
+//! - [`config`]: flags, environment variables and the TOML file;
+//! - [`app`]: whole nodes (pipe plus front door), the demo, graceful shutdown;
 //! - [`error`]: why a call or a start failed.
 //!
 //! Handlers are written against the [`restpipe_handler`] crate, re-exported as [`handler`].
 
+pub mod app;
 pub mod backoff;
 pub mod client;
+pub mod config;
 pub mod connection;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod proto;

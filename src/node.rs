@@ -59,8 +59,7 @@ impl PipeConfig {
     /// Refuse settings that cannot work, with a message that says which and why.
     pub fn validate(&self) -> Result<(), NodeError> {
         let bad = |m: String| Err(NodeError::Config(m));
-        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval
-        {
+        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
             return bad(format!(
                 "the heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?}), which must not be zero",
                 self.heartbeat_timeout, self.heartbeat_interval
@@ -126,7 +125,6 @@ pub(crate) struct NodeCore {
     pub(crate) plugins: Vec<Arc<dyn Plugin>>,
     pub(crate) pipe: PipeConfig,
     pub(crate) metrics: Metrics,
-    pub(crate) started: Instant,
 }
 
 impl NodeCore {
@@ -145,7 +143,6 @@ impl NodeCore {
             plugins: options.plugins.clone(),
             pipe: options.pipe.clone(),
             metrics: options.metrics.clone(),
-            started: Instant::now(),
         })
     }
 
@@ -166,7 +163,7 @@ impl NodeCore {
         let started = Instant::now();
         let name = request.handler_name();
         self.metrics.tick("message.receive.tick");
-        let Some(handler) = self.handlers.get(&name) else {
+        let Some(handler) = self.handlers.resolve(&request) else {
             return no_handler_reply(&name, self.side);
         };
         let deadline = tokio::time::Instant::from_std(ctx.deadline);
@@ -183,13 +180,16 @@ impl NodeCore {
                 warn!(handler = %name, %message, "handler panicked");
                 HandlerError::new(message).with_class("Panic").into_reply()
             }
-            Err(_) => HandlerError::new(format!("handler {name} did not finish before its deadline"))
-                .with_class("DeadlineExceeded")
-                .with_status(504)
-                .into_reply(),
+            Err(_) => {
+                HandlerError::new(format!("handler {name} did not finish before its deadline"))
+                    .with_class("DeadlineExceeded")
+                    .with_status(504)
+                    .into_reply()
+            }
         };
         let elapsed = started.elapsed();
-        self.metrics.timing("message.receive.handle.timing", elapsed);
+        self.metrics
+            .timing("message.receive.handle.timing", elapsed);
         if self.metrics.is_enabled() {
             self.metrics
                 .tick(&format!("message.received.handle.{name}.tick"));

@@ -181,6 +181,16 @@ impl Request {
         handler_name(&self.verb, &self.noun)
     }
 
+    /// The noun's segments after `prefix`: `Some("42/run")` for the noun `jobs/42/run` and the
+    /// prefix `jobs`, `Some("")` for the noun `jobs`, `None` when the noun is not under it.
+    pub fn noun_rest(&self, prefix: &str) -> Option<&str> {
+        let prefix = prefix.trim_matches('/');
+        match self.noun.strip_prefix(prefix)? {
+            "" => Some(""),
+            rest => rest.strip_prefix('/'),
+        }
+    }
+
     /// Whether the content type says JSON (`application/json`, `application/x+json`, ...).
     pub fn is_json(&self) -> bool {
         let essence = self
@@ -420,6 +430,8 @@ where
 #[derive(Clone, Default)]
 pub struct Handlers {
     map: HashMap<String, Arc<dyn Handler>>,
+    /// Prefix handlers by (upper-case verb, noun prefix), longest prefix first.
+    prefixes: Vec<(PrefixKey, Arc<dyn Handler>)>,
 }
 
 impl fmt::Debug for Handlers {
@@ -451,48 +463,102 @@ impl Handlers {
         self
     }
 
-    /// Move every handler of `other` into this registry. A name present in both is an error
-    /// naming it, and nothing is moved.
+    /// Register a handler for `verb` and every noun that is `noun_prefix` or lies under it:
+    /// with `("GET", "jobs")`, both `GET .../jobs` and `GET .../jobs/42` reach it, and it reads
+    /// the rest of the noun with [`Request::noun_rest`]. Matching is by noun segments. An exact
+    /// handler name wins over a prefix, and a longer prefix over a shorter one.
+    pub fn add_prefix<F, Fut, T>(&mut self, verb: &str, noun_prefix: &str, handler: F) -> &mut Self
+    where
+        F: Fn(Context, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, HandlerError>> + Send + 'static,
+        T: IntoReply,
+    {
+        let key = (
+            verb.to_ascii_uppercase(),
+            noun_prefix.trim_matches('/').to_string(),
+        );
+        self.prefixes.retain(|(k, _)| *k != key);
+        self.prefixes.push((key, Arc::new(FnHandler(handler))));
+        sort_prefixes(&mut self.prefixes);
+        self
+    }
+
+    /// Move every handler of `other` into this registry. A name or prefix present in both is
+    /// an error naming it, and nothing is moved.
     pub fn merge(&mut self, other: Handlers) -> Result<(), String> {
         if let Some(dup) = other.map.keys().find(|k| self.map.contains_key(*k)) {
             return Err(format!("handler {dup} is registered twice"));
         }
+        if let Some(((verb, noun), _)) = other
+            .prefixes
+            .iter()
+            .find(|(p, _)| self.prefixes.iter().any(|(q, _)| q == p))
+        {
+            return Err(format!(
+                "handler prefix {verb} {noun}/... is registered twice"
+            ));
+        }
         self.map.extend(other.map);
+        self.prefixes.extend(other.prefixes);
+        sort_prefixes(&mut self.prefixes);
         Ok(())
     }
 
-    /// The handler registered under `name`.
+    /// The handler registered under exactly `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Handler>> {
         self.map.get(name)
     }
 
-    /// The registered names, sorted.
-    pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.map.keys().map(String::as_str).collect();
+    /// The handler that serves `request`: the one registered under its name, else the one
+    /// with the longest noun prefix for its verb (see [`Handlers::add_prefix`]).
+    pub fn resolve(&self, request: &Request) -> Option<&Arc<dyn Handler>> {
+        self.map.get(&request.handler_name()).or_else(|| {
+            self.prefixes
+                .iter()
+                .find(|((verb, prefix), _)| {
+                    verb.eq_ignore_ascii_case(&request.verb) && request.noun_rest(prefix).is_some()
+                })
+                .map(|(_, h)| h)
+        })
+    }
+
+    /// The registered names and prefixes (shown as `prefix*`), sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.map.keys().cloned().collect();
+        names.extend(
+            self.prefixes
+                .iter()
+                .map(|((verb, noun), _)| format!("{}*", handler_name(verb, noun))),
+        );
         names.sort_unstable();
         names
     }
 
-    /// How many handlers are registered.
+    /// How many handlers and prefixes are registered.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.len() + self.prefixes.len()
     }
 
-    /// Whether no handler is registered.
+    /// Whether nothing is registered.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
     /// Call the handler that `request` names. No such handler is a reply with code 255 and
     /// status 404; a failure is the reply of [`HandlerError::into_reply`]. (The node also
     /// catches panics; this does not.)
     pub async fn call(&self, ctx: Context, request: Request) -> Result<Reply, HandlerError> {
-        let name = request.handler_name();
-        match self.map.get(&name) {
+        match self.resolve(&request) {
             Some(handler) => handler.call(ctx, request).await,
-            None => Ok(no_handler_reply(&name, ctx.side)),
+            None => Ok(no_handler_reply(&request.handler_name(), ctx.side)),
         }
     }
+}
+
+type PrefixKey = (String, String);
+
+fn sort_prefixes(prefixes: &mut [(PrefixKey, Arc<dyn Handler>)]) {
+    prefixes.sort_by(|a, b| b.0 .1.len().cmp(&a.0 .1.len()).then_with(|| a.0.cmp(&b.0)));
 }
 
 /// The reply for an event that names no registered handler: 404, code 255.
@@ -576,6 +642,7 @@ pub trait Plugin: Send + Sync + 'static {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -621,6 +688,31 @@ mod tests {
         a.add("get_x", |_c, _r| async { Ok::<_, HandlerError>(1) });
         let b = a.clone();
         assert!(a.merge(b).unwrap_err().contains("get_x"));
+    }
+
+    #[tokio::test]
+    async fn prefixes_serve_deeper_nouns() {
+        let mut h = Handlers::new();
+        h.add_prefix("GET", "jobs", |_c, r: Request| async move {
+            Ok::<_, HandlerError>(r.noun_rest("jobs").map(str::to_string))
+        });
+        h.add("get_jobs_special", |_c, _r| async {
+            Ok::<_, HandlerError>("exact")
+        });
+        let call = |verb: &'static str, noun: &'static str| {
+            let h = h.clone();
+            async move {
+                h.call(Context::for_test(Side::Server), Request::new(verb, noun))
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(&call("GET", "jobs").await.body[..], b"\"\"");
+        assert_eq!(&call("GET", "jobs/42/run").await.body[..], b"\"42/run\"");
+        assert_eq!(&call("GET", "jobs/special").await.body[..], b"\"exact\"");
+        assert_eq!(call("GET", "jobsx").await.code, codes::NO_HANDLER);
+        assert_eq!(call("GET", "jobs_42").await.code, codes::NO_HANDLER);
+        assert_eq!(call("POST", "jobs").await.code, codes::NO_HANDLER);
     }
 
     #[test]

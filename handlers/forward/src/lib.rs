@@ -1,1 +1,785 @@
-//! placeholder
+//! The `forward` handler plug-in: hand events to a local HTTP server, so that a handler can
+//! be written in any language.
+//!
+//! Each route maps a noun to an upstream base URL. With the route
+//! `jobs=http://127.0.0.1:9000/api` (on the command line `--forward jobs=http://127.0.0.1:9000/api`,
+//! repeatable), the node serves `GET`, `POST`, `PUT`, `PATCH` and `DELETE` on the noun `jobs`
+//! and every noun below it (`jobs/42/log`), and an event becomes an HTTP request to the
+//! upstream:
+//!
+//! | event | upstream request |
+//! |---|---|
+//! | verb | the same method |
+//! | noun below the route's (`jobs/42/log`) | its segments appended to the base path (`/api/42/log`) |
+//! | parameters (after `//`) | appended to the base path, each one percent-encoded as one segment (`/` inside a parameter becomes `%2F`); no parameter: the base URL itself |
+//! | query string | the same query string |
+//! | body, content type | the same, byte for byte |
+//! | context | headers `X-Restpipe-Peer-Identity`, `X-Restpipe-Peer-Addr` (when known), `X-Restpipe-Request-Id` |
+//!
+//! So `POST /server/jobs/42//run?dry=1` calls `POST http://127.0.0.1:9000/api/42/run?dry=1`.
+//! The upstream's status, content type and body come back as the reply, with return code 0
+//! whatever the status (a 404 from the upstream is a 404 of the pipe). Other response headers
+//! are not carried, and redirects are answered as they are, not followed.
+//!
+//! The upstream gets the time the caller has left ([`Context::remaining`]), at most
+//! [`ForwardPlugin::timeout`]. An upstream that cannot be reached, fails mid-reply or does not
+//! answer in time is a [`HandlerError`] with HTTP status 502 and class `UpstreamError`, whose
+//! message names the URL (without its query string). A reply larger than
+//! [`ForwardPlugin::max_reply_bytes`] is refused the same way. A parameter `.` or `..` is
+//! refused with 400 (class `BadParameter`): URL rules would turn it into a step up the
+//! upstream's path.
+//!
+//! Only plain `http://` upstreams are supported: the plug-in is meant for a server on the same
+//! machine or network, and restpipe's HTTP client is built without TLS.
+//!
+//! The routes are registered as noun prefixes ([`Handlers::add_prefix`]), matched by whole
+//! segments: `jobs` serves `jobs/42` but not `jobsx`, and an exact handler of another plug-in
+//! (say `get_jobs_special`) wins over the prefix.
+//!
+//! ```
+//! use restpipe_handler::{Plugin, Side};
+//! use restpipe_handler_forward::ForwardPlugin;
+//!
+//! let route = ForwardPlugin::parse_route("jobs=http://127.0.0.1:9000/api").unwrap();
+//! assert_eq!(route.0, "jobs");
+//! assert_eq!(route.1.as_str(), "http://127.0.0.1:9000/api");
+//!
+//! let plugin = ForwardPlugin::new([route]).unwrap();
+//! assert_eq!(plugin.name(), "forward");
+//! assert_eq!(
+//!     plugin.handlers(Side::Server).names(),
+//!     ["delete_jobs*", "get_jobs*", "patch_jobs*", "post_jobs*", "put_jobs*"]
+//! );
+//!
+//! // Bad routes say what is wrong.
+//! assert!(ForwardPlugin::parse_route("jobs").unwrap_err().contains("NOUN=URL"));
+//! assert!(ForwardPlugin::parse_route("jobs=https://example.com").unwrap_err().contains("http://"));
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use reqwest::redirect::Policy;
+use reqwest::{Client, Method, Url};
+use restpipe_handler::{
+    handler_name, Context, HandlerError, Handlers, Plugin, Reply, Request, Side,
+};
+
+/// Forwards events to local HTTP upstreams, one route per noun.
+///
+/// Register it with a node under the name `forward`.
+#[derive(Clone, Debug)]
+pub struct ForwardPlugin {
+    routes: Vec<(String, Url)>,
+    client: Client,
+    timeout: Duration,
+    max_reply_bytes: u64,
+}
+
+impl ForwardPlugin {
+    /// The verbs every route serves.
+    pub const VERBS: [&'static str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+    /// The default of [`ForwardPlugin::timeout`]: 60 s. The caller's deadline, usually
+    /// shorter, applies first.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// The default of [`ForwardPlugin::max_reply_bytes`]: 15 MiB. A reply crosses the pipe
+    /// in one frame, and the frame limit is 16 MiB by default.
+    pub const DEFAULT_MAX_REPLY_BYTES: u64 = 15 * 1024 * 1024;
+
+    /// A plug-in for these routes of `(noun, upstream base URL)`.
+    ///
+    /// A noun is one or more segments of `A-Z a-z 0-9 _ - .` joined by `/` (slashes at its
+    /// ends are dropped); the URL is `http://` with a host and no query string or fragment.
+    /// At least one route is needed, and two routes may not give the same handler name
+    /// (`a/b` and `a_b` both give `get_a_b`). Every error names the route at fault.
+    pub fn new(routes: impl IntoIterator<Item = (String, Url)>) -> Result<Self, String> {
+        let mut checked = Vec::new();
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for (noun, base) in routes {
+            let noun = check_noun(&noun)?;
+            check_base(&noun, &base)?;
+            let name = handler_name("GET", &noun);
+            if let Some(other) = seen.insert(name.clone(), noun.clone()) {
+                return Err(format!(
+                    "forward routes {other:?} and {noun:?} both give the handler {name}"
+                ));
+            }
+            checked.push((noun, base));
+        }
+        if checked.is_empty() {
+            return Err("forward needs at least one route, NOUN=URL".into());
+        }
+        let client = Client::builder()
+            .no_proxy()
+            .redirect(Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("the HTTP client for forwarding could not be built: {e}"))?;
+        Ok(ForwardPlugin {
+            routes: checked,
+            client,
+            timeout: Self::DEFAULT_TIMEOUT,
+            max_reply_bytes: Self::DEFAULT_MAX_REPLY_BYTES,
+        })
+    }
+
+    /// Parse a route as the command line gives it: `NOUN=URL`, for example
+    /// `jobs=http://127.0.0.1:9000/api`. The noun and the URL are checked as
+    /// [`ForwardPlugin::new`] checks them.
+    pub fn parse_route(spec: &str) -> Result<(String, Url), String> {
+        let Some((noun, url)) = spec.split_once('=') else {
+            return Err(format!(
+                "forward route {spec:?} is not NOUN=URL (for example jobs=http://127.0.0.1:9000/api)"
+            ));
+        };
+        let noun = check_noun(noun.trim())?;
+        let url = url.trim();
+        let base = Url::parse(url)
+            .map_err(|e| format!("forward route {noun:?}: {url:?} is not a URL: {e}"))?;
+        check_base(&noun, &base)?;
+        Ok((noun, base))
+    }
+
+    /// The same plug-in with another upper bound on the time an upstream may take.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The same plug-in with another limit on the size of an upstream's reply body.
+    pub fn with_max_reply_bytes(mut self, max_reply_bytes: u64) -> Self {
+        self.max_reply_bytes = max_reply_bytes;
+        self
+    }
+
+    /// The routes, nouns normalized.
+    pub fn routes(&self) -> &[(String, Url)] {
+        &self.routes
+    }
+
+    /// The longest an upstream may take (the caller's deadline may cut it shorter).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The largest reply body taken from an upstream, in bytes.
+    pub fn max_reply_bytes(&self) -> u64 {
+        self.max_reply_bytes
+    }
+}
+
+impl Plugin for ForwardPlugin {
+    fn name(&self) -> &str {
+        "forward"
+    }
+
+    fn handlers(&self, _side: Side) -> Handlers {
+        let mut handlers = Handlers::new();
+        for (noun, base) in &self.routes {
+            let route = Arc::new(Route {
+                noun: noun.clone(),
+                base: base.clone(),
+                client: self.client.clone(),
+                timeout: self.timeout,
+                max_reply_bytes: self.max_reply_bytes,
+            });
+            for verb in Self::VERBS {
+                let route = Arc::clone(&route);
+                handlers.add_prefix(verb, noun, move |ctx: Context, req: Request| {
+                    let route = Arc::clone(&route);
+                    async move { route.forward(ctx, req).await }
+                });
+            }
+        }
+        handlers
+    }
+}
+
+/// One route, as its handlers share it.
+struct Route {
+    /// The noun prefix this route serves.
+    noun: String,
+    base: Url,
+    client: Client,
+    timeout: Duration,
+    max_reply_bytes: u64,
+}
+
+impl Route {
+    async fn forward(&self, ctx: Context, req: Request) -> Result<Reply, HandlerError> {
+        let url = self.url_for(&req)?;
+        let mut shown = url.clone();
+        shown.set_query(None);
+
+        let method = Method::from_bytes(req.verb.as_bytes()).map_err(|_| {
+            HandlerError::new(format!("{:?} is not an HTTP method", req.verb))
+                .with_class("BadRequest")
+                .with_status(400)
+        })?;
+        let timeout = self.timeout.min(ctx.remaining());
+        let mut request = self
+            .client
+            .request(method, url)
+            .timeout(timeout)
+            .header("X-Restpipe-Request-Id", ctx.request_id);
+        if let Ok(value) = HeaderValue::from_str(&ctx.peer_identity) {
+            request = request.header("X-Restpipe-Peer-Identity", value);
+        }
+        if let Some(addr) = ctx.peer_addr {
+            request = request.header("X-Restpipe-Peer-Addr", addr.to_string());
+        }
+        if !req.content_type.is_empty() {
+            if let Ok(value) = HeaderValue::from_str(&req.content_type) {
+                request = request.header(CONTENT_TYPE, value);
+            }
+        }
+        let mut response = request
+            .body(req.body)
+            .send()
+            .await
+            .map_err(|e| upstream_error(&shown, timeout, e))?;
+
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_string();
+        if let Some(len) = response.content_length() {
+            if len > self.max_reply_bytes {
+                return Err(too_large(&shown, len, self.max_reply_bytes));
+            }
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| upstream_error(&shown, timeout, e))?
+        {
+            body.extend_from_slice(&chunk);
+            if body.len() as u64 > self.max_reply_bytes {
+                return Err(too_large(&shown, body.len() as u64, self.max_reply_bytes));
+            }
+        }
+        Ok(Reply::bytes(content_type, body).with_status(status))
+    }
+
+    /// The upstream URL: the base, the noun's segments below the route's prefix, each
+    /// parameter appended as one path segment, and the query string.
+    fn url_for(&self, req: &Request) -> Result<Url, HandlerError> {
+        let mut url = self.base.clone();
+        let rest: Vec<&str> = req
+            .noun_rest(&self.noun)
+            .unwrap_or("")
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(bad) = req.parameters.iter().find(|p| *p == "." || *p == "..") {
+            return Err(HandlerError::new(format!(
+                "parameter {bad:?} cannot be forwarded: it would name another upstream path"
+            ))
+            .with_class("BadParameter")
+            .with_status(400));
+        }
+        if !rest.is_empty() || !req.parameters.is_empty() {
+            // `check_base` made sure the base has a path that segments can be added to.
+            // Noun segments were checked by the node (A-Z a-z 0-9 _ - ., never . or ..).
+            if let Ok(mut segments) = url.path_segments_mut() {
+                segments
+                    .pop_if_empty()
+                    .extend(rest.iter().filter(|s| **s != "." && **s != ".."))
+                    .extend(&req.parameters);
+            }
+        }
+        if !req.query.is_empty() {
+            url.set_query(Some(&req.query));
+        }
+        Ok(url)
+    }
+}
+
+/// The failure for an upstream that could not be reached or did not answer: 502. The message
+/// names the URL and the innermost cause (`Connection refused`); the traceback has them all.
+fn upstream_error(url: &Url, timeout: Duration, err: reqwest::Error) -> HandlerError {
+    let timed_out = err.is_timeout();
+    let connect = err.is_connect();
+    let err = err.without_url();
+    let mut traceback = vec![err.to_string()];
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        traceback.push(cause.to_string());
+        source = cause.source();
+    }
+    let root = traceback.last().cloned().unwrap_or_default();
+    let message = if timed_out {
+        format!(
+            "upstream {url} did not answer within {:.1} s",
+            timeout.as_secs_f64()
+        )
+    } else if connect {
+        format!("upstream {url} could not be reached: {root}")
+    } else {
+        format!("upstream {url} failed: {root}")
+    };
+    let mut failure = HandlerError::new(message)
+        .with_class("UpstreamError")
+        .with_status(502);
+    failure.traceback = traceback;
+    failure
+}
+
+/// The failure for an upstream reply over the limit: 502 (the upstream misbehaved).
+fn too_large(url: &Url, size: u64, max: u64) -> HandlerError {
+    HandlerError::new(format!(
+        "upstream {url} replied {size} bytes or more, over the limit of {max} bytes"
+    ))
+    .with_class("UpstreamError")
+    .with_status(502)
+}
+
+/// The noun with slashes at its ends dropped, if every segment is non-empty, made of
+/// `A-Z a-z 0-9 _ - .`, and not `.` or `..`.
+fn check_noun(noun: &str) -> Result<String, String> {
+    let trimmed = noun.trim_matches('/');
+    let valid = !trimmed.is_empty()
+        && trimmed.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        });
+    if valid {
+        Ok(trimmed.to_string())
+    } else {
+        Err(format!(
+            "forward route noun {noun:?} is not a noun: segments of A-Z a-z 0-9 _ - . joined by /"
+        ))
+    }
+}
+
+/// A base URL the plug-in can forward to.
+fn check_base(noun: &str, base: &Url) -> Result<(), String> {
+    let fail = |why: &str| Err(format!("forward route {noun:?}: upstream {base}: {why}"));
+    if base.scheme() != "http" {
+        return fail("only http:// upstreams are supported");
+    }
+    if base.host().is_none() || base.cannot_be_a_base() {
+        return fail("the URL needs a host");
+    }
+    if base.query().is_some() || base.fragment().is_some() {
+        return fail("the URL may not have a query string or a fragment");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+mod tests {
+    use super::*;
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method as AxumMethod, StatusCode, Uri};
+    use axum::response::{IntoResponse, Response};
+    use axum::Router;
+    use restpipe_handler::codes;
+    use serde_json::{json, Value};
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    /// The upstream of the tests. Every path answers:
+    /// - `.../teapot`: 418, `text/plain`, `short and stout`;
+    /// - `.../slow`: after 5 s;
+    /// - `.../big`: 2000 bytes;
+    /// - a query with `raw=1`: the request body and content type, status 202;
+    /// - anything else: 200, `application/vnd.echo+json`, what the request was.
+    async fn echo(method: AxumMethod, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+        let path = uri.path().to_string();
+        let query = uri.query().unwrap_or("").to_string();
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        if path.ends_with("/teapot") {
+            return (
+                StatusCode::IM_A_TEAPOT,
+                [("content-type", "text/plain")],
+                "short and stout",
+            )
+                .into_response();
+        }
+        if path.ends_with("/slow") {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        if path.ends_with("/big") {
+            return vec![b'x'; 2000].into_response();
+        }
+        if query.split('&').any(|p| p == "raw=1") {
+            let ct = header("content-type").unwrap_or_default();
+            return (StatusCode::ACCEPTED, [("content-type", ct)], body).into_response();
+        }
+        let value = json!({
+            "method": method.as_str(),
+            "path": path,
+            "query": query,
+            "content_type": header("content-type"),
+            "body": String::from_utf8_lossy(&body),
+            "peer_identity": header("x-restpipe-peer-identity"),
+            "peer_addr": header("x-restpipe-peer-addr"),
+            "request_id": header("x-restpipe-request-id"),
+        });
+        (
+            [("content-type", "application/vnd.echo+json")],
+            value.to_string(),
+        )
+            .into_response()
+    }
+
+    /// Start the upstream on `127.0.0.1:0` and return its address.
+    async fn start_upstream() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().fallback(echo);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    fn handlers_for(base: &str) -> Handlers {
+        let route = ForwardPlugin::parse_route(&format!("jobs={base}")).unwrap();
+        ForwardPlugin::new([route]).unwrap().handlers(Side::Server)
+    }
+
+    async fn call(handlers: &Handlers, req: Request) -> Result<Reply, HandlerError> {
+        handlers.call(Context::for_test(Side::Server), req).await
+    }
+
+    fn echoed(reply: &Reply) -> Value {
+        assert_eq!(reply.content_type, "application/vnd.echo+json");
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    #[test]
+    fn registers_every_verb_for_every_route() {
+        let plugin = ForwardPlugin::new([
+            ForwardPlugin::parse_route("jobs=http://127.0.0.1:9000/api").unwrap(),
+            ForwardPlugin::parse_route("/reports/v2/=http://localhost:9001").unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(plugin.name(), "forward");
+        assert_eq!(plugin.routes()[1].0, "reports/v2");
+        assert_eq!(plugin.timeout(), ForwardPlugin::DEFAULT_TIMEOUT);
+        assert_eq!(plugin.max_reply_bytes(), 15 * 1024 * 1024);
+        for side in [Side::Server, Side::Client] {
+            assert_eq!(
+                plugin.handlers(side).names(),
+                [
+                    "delete_jobs*",
+                    "delete_reports_v2*",
+                    "get_jobs*",
+                    "get_reports_v2*",
+                    "patch_jobs*",
+                    "patch_reports_v2*",
+                    "post_jobs*",
+                    "post_reports_v2*",
+                    "put_jobs*",
+                    "put_reports_v2*",
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn parse_route_accepts_and_refuses() {
+        let (noun, url) = ForwardPlugin::parse_route(" jobs = http://127.0.0.1:9000/api ").unwrap();
+        assert_eq!(noun, "jobs");
+        assert_eq!(url.as_str(), "http://127.0.0.1:9000/api");
+        // The URL may itself hold `=`: the first one splits.
+        let (_, url) = ForwardPlugin::parse_route("a=http://h/x=y").unwrap();
+        assert_eq!(url.path(), "/x=y");
+
+        for (spec, says) in [
+            ("jobs", "NOUN=URL"),
+            ("=http://h", "not a noun"),
+            ("/=http://h", "not a noun"),
+            ("jo bs=http://h", "not a noun"),
+            ("jobs/../x=http://h", "not a noun"),
+            ("jobs//x=http://h", "not a noun"),
+            ("jobs/..=http://h", "not a noun"),
+            ("jobs?=http://h", "not a noun"),
+            ("jobs=", "not a URL"),
+            ("jobs=127.0.0.1:9000", "not a URL"),
+            ("jobs=https://h/api", "only http://"),
+            ("jobs=file:///tmp", "only http://"),
+            ("jobs=http://h/api?x=1", "query string"),
+            ("jobs=http://h/api#top", "fragment"),
+        ] {
+            let err = ForwardPlugin::parse_route(spec).unwrap_err();
+            assert!(err.contains(says), "{spec:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn new_refuses_clashing_or_no_routes() {
+        let url = Url::parse("http://127.0.0.1:9000").unwrap();
+        let err = ForwardPlugin::new([
+            ("a/b".to_string(), url.clone()),
+            ("a_b".into(), url.clone()),
+        ])
+        .unwrap_err();
+        assert!(err.contains("get_a_b"), "{err}");
+        let err = ForwardPlugin::new([("x".to_string(), url.clone()), ("/x".into(), url.clone())])
+            .unwrap_err();
+        assert!(err.contains("get_x"), "{err}");
+        let err = ForwardPlugin::new(Vec::new()).unwrap_err();
+        assert!(err.contains("at least one route"), "{err}");
+        let err = ForwardPlugin::new([("bad noun".to_string(), url)]).unwrap_err();
+        assert!(err.contains("not a noun"), "{err}");
+        let err = ForwardPlugin::new([("x".to_string(), Url::parse("https://127.0.0.1").unwrap())])
+            .unwrap_err();
+        assert!(err.contains("only http://"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn nouns_below_the_prefix_become_path_segments() {
+        let addr = start_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let req = Request::new("GET", "jobs/42/log").with_parameters(vec!["tail".into()]);
+        let reply = call(&handlers, req).await.unwrap();
+        assert_eq!(reply.status, Some(200));
+        assert_eq!(echoed(&reply)["path"], "/api/42/log/tail");
+        let other = call(&handlers, Request::new("GET", "jobsx")).await.unwrap();
+        assert_eq!(other.code, codes::NO_HANDLER);
+    }
+
+    #[tokio::test]
+    async fn passes_method_path_query_body_and_content_type() {
+        let addr = start_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        for verb in ForwardPlugin::VERBS {
+            let mut req = Request::new(verb, "jobs")
+                .with_parameters(vec!["42".into(), "run".into()])
+                .with_body("application/json", r#"{"dry":true}"#);
+            req.query = "dry=1&who=a%20b&x=y+z".into();
+            let reply = call(&handlers, req).await.unwrap();
+            assert_eq!(reply.code, codes::OK);
+            assert_eq!(reply.status, Some(200));
+            assert_eq!(
+                echoed(&reply),
+                json!({
+                    "method": verb,
+                    "path": "/api/42/run",
+                    "query": "dry=1&who=a%20b&x=y+z",
+                    "content_type": "application/json",
+                    "body": r#"{"dry":true}"#,
+                    "peer_identity": "test-peer",
+                    "peer_addr": null,
+                    "request_id": "1",
+                }),
+                "{verb}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_parameters_call_the_base_itself() {
+        let addr = start_upstream().await;
+        for (base, path) in [
+            (format!("http://{addr}/api"), "/api"),
+            (format!("http://{addr}/api/"), "/api/"),
+            (format!("http://{addr}"), "/"),
+        ] {
+            let reply = call(&handlers_for(&base), Request::new("POST", "jobs"))
+                .await
+                .unwrap();
+            let value = echoed(&reply);
+            assert_eq!(value["path"], path, "{base}");
+            assert_eq!(value["query"], "");
+            assert_eq!(value["content_type"], Value::Null);
+            assert_eq!(value["body"], "");
+        }
+        // A base ending in `/` takes its parameters as the same base without it does.
+        for base in [format!("http://{addr}/api/"), format!("http://{addr}/")] {
+            let req = Request::new("GET", "jobs").with_parameters(vec!["7".into()]);
+            let reply = call(&handlers_for(&base), req).await.unwrap();
+            let want = if base.ends_with("/api/") {
+                "/api/7"
+            } else {
+                "/7"
+            };
+            assert_eq!(echoed(&reply)["path"], want, "{base}");
+        }
+    }
+
+    #[tokio::test]
+    async fn parameters_are_encoded_one_segment_each() {
+        let addr = start_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let req = Request::new("GET", "jobs").with_parameters(vec![
+            "a b".into(),
+            "c/d".into(),
+            "ü".into(),
+            "%41".into(),
+            "?#".into(),
+            "e\\f".into(),
+            "".into(),
+            "..x".into(),
+        ]);
+        let reply = call(&handlers, req).await.unwrap();
+        assert_eq!(
+            echoed(&reply)["path"],
+            "/api/a%20b/c%2Fd/%C3%BC/%2541/%3F%23/e%5Cf//..x"
+        );
+    }
+
+    #[tokio::test]
+    async fn dot_parameters_are_refused() {
+        let handlers = handlers_for("http://127.0.0.1:1/api");
+        for p in [".", ".."] {
+            let req = Request::new("GET", "jobs").with_parameters(vec!["a".into(), p.into()]);
+            let err = call(&handlers, req).await.unwrap_err();
+            assert_eq!(
+                (err.class.as_str(), err.status),
+                ("BadParameter", Some(400))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn binary_body_round_trips_with_status_and_content_type() {
+        let addr = start_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let body: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let mut req = Request::new("PUT", "jobs")
+            .with_parameters(vec!["blob".into()])
+            .with_body("application/x-thing; v=2", body.clone());
+        req.query = "raw=1".into();
+        let reply = call(&handlers, req).await.unwrap();
+        assert_eq!(reply.code, codes::OK);
+        assert_eq!(reply.status, Some(202));
+        assert_eq!(reply.content_type, "application/x-thing; v=2");
+        assert_eq!(&reply.body[..], &body[..]);
+    }
+
+    #[tokio::test]
+    async fn upstream_error_statuses_pass_through_with_code_0() {
+        let addr = start_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let req = Request::new("DELETE", "jobs").with_parameters(vec!["teapot".into()]);
+        let reply = call(&handlers, req).await.unwrap();
+        assert_eq!(reply.code, codes::OK);
+        assert_eq!(reply.status, Some(418));
+        assert_eq!(reply.content_type, "text/plain");
+        assert_eq!(&reply.body[..], b"short and stout");
+    }
+
+    #[tokio::test]
+    async fn context_reaches_the_upstream() {
+        let addr = start_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let mut ctx = Context::for_test(Side::Client);
+        ctx.peer_identity = "fileserver-1".into();
+        ctx.peer_addr = Some("10.1.2.3:5555".parse().unwrap());
+        ctx.request_id = 77;
+        let reply = handlers
+            .call(ctx, Request::new("GET", "jobs"))
+            .await
+            .unwrap();
+        let value = echoed(&reply);
+        assert_eq!(value["peer_identity"], "fileserver-1");
+        assert_eq!(value["peer_addr"], "10.1.2.3:5555");
+        assert_eq!(value["request_id"], "77");
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_is_502() {
+        // A port that was free a moment ago: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let handlers = handlers_for(&format!("http://127.0.0.1:{port}/api"));
+        let mut req = Request::new("GET", "jobs").with_parameters(vec!["42".into()]);
+        req.query = "token=secret".into();
+        let err = call(&handlers, req).await.unwrap_err();
+        assert_eq!(err.class, "UpstreamError");
+        assert_eq!(err.status, Some(502));
+        assert!(
+            err.message
+                .contains(&format!("http://127.0.0.1:{port}/api/42")),
+            "{err}"
+        );
+        assert!(err.message.contains("could not be reached"), "{err}");
+        // The cause a person can act on, not only reqwest's outer words.
+        assert!(err.message.contains("refused"), "{err}");
+        assert!(!err.message.contains("secret"), "{err}");
+        assert!(!err.traceback.is_empty());
+        let reply = err.into_reply();
+        assert_eq!(reply.code, codes::HANDLER_FAILED);
+        assert_eq!(reply.status, Some(502));
+    }
+
+    #[tokio::test]
+    async fn the_callers_deadline_bounds_the_upstream() {
+        let addr = start_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let mut ctx = Context::for_test(Side::Server);
+        ctx.deadline = Instant::now() + Duration::from_millis(300);
+        let started = Instant::now();
+        let req = Request::new("GET", "jobs").with_parameters(vec!["slow".into()]);
+        let err = handlers.call(ctx, req).await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            (err.class.as_str(), err.status),
+            ("UpstreamError", Some(502))
+        );
+        assert!(err.message.contains("did not answer within"), "{err}");
+        assert!(
+            err.message.contains(&format!("http://{addr}/api/slow")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_plugin_timeout_bounds_the_upstream() {
+        let addr = start_upstream().await;
+        let route = ForwardPlugin::parse_route(&format!("jobs=http://{addr}/api")).unwrap();
+        let handlers = ForwardPlugin::new([route])
+            .unwrap()
+            .with_timeout(Duration::from_millis(200))
+            .handlers(Side::Server);
+        let started = Instant::now();
+        let req = Request::new("GET", "jobs").with_parameters(vec!["slow".into()]);
+        let err = call(&handlers, req).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(err.status, Some(502));
+    }
+
+    #[tokio::test]
+    async fn a_reply_over_the_limit_is_502() {
+        let addr = start_upstream().await;
+        let route = ForwardPlugin::parse_route(&format!("jobs=http://{addr}/api")).unwrap();
+        let handlers = ForwardPlugin::new([route])
+            .unwrap()
+            .with_max_reply_bytes(1000)
+            .handlers(Side::Server);
+        let req = Request::new("GET", "jobs").with_parameters(vec!["big".into()]);
+        let err = call(&handlers, req).await.unwrap_err();
+        assert_eq!(
+            (err.class.as_str(), err.status),
+            ("UpstreamError", Some(502))
+        );
+        assert!(err.message.contains("over the limit"), "{err}");
+    }
+}

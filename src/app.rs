@@ -1,0 +1,323 @@
+//! Whole nodes: a pipe plus its HTTP front door, built from [`Settings`], started, and shut
+//! down gracefully. The `restpipe` binary and the integration tests both start nodes here.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use restpipe_handler::{Plugin, Side};
+use restpipe_handler_files::FilesPlugin;
+use restpipe_handler_forward::ForwardPlugin;
+use restpipe_handler_time::TimePlugin;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::client::{ClientNode, ClientOptions};
+use crate::config::Settings;
+use crate::http::{self, HttpOptions, Pipe};
+use crate::metrics::Metrics;
+use crate::node::NodeOptions;
+use crate::server::{ServerNode, ServerOptions};
+use crate::tls::TlsMaterial;
+
+/// The handler sets this build knows, by the name `--handlers` takes.
+pub const HANDLER_SETS: [&str; 3] = ["time", "files", "forward"];
+
+/// The plug-ins named in `settings.handlers`, configured from the settings.
+pub fn plugins(settings: &Settings) -> anyhow::Result<Vec<Arc<dyn Plugin>>> {
+    let mut plugins: Vec<Arc<dyn Plugin>> = Vec::new();
+    for name in &settings.handlers {
+        let plugin: Arc<dyn Plugin> = match name.as_str() {
+            "time" => Arc::new(TimePlugin),
+            "files" => {
+                let root = settings
+                    .files_root
+                    .as_deref()
+                    .context("the files handlers need --files-root <directory>")?;
+                Arc::new(FilesPlugin::new(root).with_context(|| {
+                    format!(
+                        "--files-root {} is not a readable directory",
+                        root.display()
+                    )
+                })?)
+            }
+            "forward" => {
+                if settings.forward.is_empty() {
+                    bail!("the forward handlers need at least one --forward noun=http://host:port/base");
+                }
+                let routes = settings
+                    .forward
+                    .iter()
+                    .map(|r| ForwardPlugin::parse_route(r))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| anyhow::anyhow!("--forward: {e}"))?;
+                Arc::new(ForwardPlugin::new(routes).map_err(|e| anyhow::anyhow!("--forward: {e}"))?)
+            }
+            other => bail!(
+                "unknown handler set {other:?}; this build has: {}",
+                HANDLER_SETS.join(", ")
+            ),
+        };
+        plugins.push(plugin);
+    }
+    Ok(plugins)
+}
+
+/// Metrics as the settings say: off with an empty host; a host that does not resolve is
+/// reported once and metrics are off.
+pub fn metrics(settings: &Settings) -> Metrics {
+    let Some(host) = &settings.statsd.host else {
+        return Metrics::disabled();
+    };
+    match Metrics::statsd(host, settings.statsd.port, &settings.statsd.prefix) {
+        Ok(metrics) => metrics,
+        Err(e) => {
+            warn!(cause = %e, "metrics are off");
+            Metrics::disabled()
+        }
+    }
+}
+
+/// A running node: its pipe and its HTTP front door.
+pub struct RunningNode {
+    /// The pipe.
+    pub pipe: Pipe,
+    /// Where the HTTP front door listens.
+    pub http_addr: SocketAddr,
+    stop_http: CancellationToken,
+    http_task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Stop taking HTTP requests, let those in flight finish for at most `grace`, then close
+    /// the pipe.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop_http.cancel();
+        let mut http_task = self.http_task;
+        if tokio::time::timeout(grace, &mut http_task).await.is_err() {
+            warn!("HTTP requests still in flight after the grace period");
+            http_task.abort();
+        }
+        match &self.pipe {
+            Pipe::Server(server) => server.shutdown(grace).await,
+            Pipe::Client(client) => client.shutdown(grace).await,
+        }
+    }
+}
+
+/// Serve the front door of `pipe` on `http` until stopped.
+pub async fn start_http(
+    pipe: Pipe,
+    options: HttpOptions,
+    http: SocketAddr,
+) -> anyhow::Result<RunningNode> {
+    let listener = TcpListener::bind(http)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {http}"))?;
+    let http_addr = listener.local_addr()?;
+    let router = http::router(pipe.clone(), options);
+    let stop_http = CancellationToken::new();
+    let stop = stop_http.clone();
+    let http_task = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            warn!(cause = %e, "HTTP server failed");
+        }
+    });
+    Ok(RunningNode {
+        pipe,
+        http_addr,
+        stop_http,
+        http_task,
+    })
+}
+
+fn node_options(
+    settings: &Settings,
+    tls: TlsMaterial,
+    metrics: Metrics,
+) -> anyhow::Result<NodeOptions> {
+    let mut node = NodeOptions::new(tls);
+    node.pipe = settings.pipe.clone();
+    node.plugins = plugins(settings)?;
+    node.metrics = metrics;
+    Ok(node)
+}
+
+fn http_options(settings: &Settings, metrics: Metrics) -> HttpOptions {
+    HttpOptions {
+        max_body: settings.pipe.max_frame,
+        token: settings.http_token.clone(),
+        metrics,
+    }
+}
+
+/// Start a node of `side` from settings.
+pub async fn start(side: Side, settings: &Settings) -> anyhow::Result<RunningNode> {
+    let tls = TlsMaterial::from_files(&settings.tls)?;
+    start_with_tls(side, settings, tls).await
+}
+
+/// Start a node of `side` from settings, with TLS material already loaded.
+pub async fn start_with_tls(
+    side: Side,
+    settings: &Settings,
+    tls: TlsMaterial,
+) -> anyhow::Result<RunningNode> {
+    let metrics = metrics(settings);
+    let node = node_options(settings, tls, metrics.clone())?;
+    let pipe = match side {
+        Side::Server => {
+            let mut options = ServerOptions::new(node, settings.bind);
+            options.max_connections = settings.max_connections;
+            Pipe::Server(ServerNode::start(options).await?)
+        }
+        Side::Client => {
+            let mut options = ClientOptions::new(node, settings.server.clone());
+            options.server_name = settings.server_name.clone();
+            options.reconnect_max = settings.reconnect_max;
+            Pipe::Client(ClientNode::start(options)?)
+        }
+    };
+    let running = start_http(pipe, http_options(settings, metrics), settings.http).await?;
+    info!(role = %side, http = %running.http_addr, "HTTP endpoint ready");
+    Ok(running)
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Run a node until `stop` resolves, then shut it down gracefully.
+pub async fn run(
+    side: Side,
+    settings: Settings,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let running = start(side, &settings).await?;
+    stop.await;
+    info!("shutting down");
+    running.shutdown(settings.grace).await;
+    Ok(())
+}
+
+/// `restpipe demo`: a server and a client in this process, with throwaway certificates in a
+/// temporary directory, until `stop` resolves.
+pub async fn demo(
+    args: crate::config::DemoArgs,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use restpipe_certs::{CertificateAuthority, IssueOptions, DEV_CLIENT_IDENTITY};
+
+    let ca = CertificateAuthority::generate("restpipe demo CA", &IssueOptions::ca_default())?;
+    let leaf = IssueOptions::default();
+    let server_cert = ca.issue_server("localhost", &["127.0.0.1".into()], &leaf)?;
+    let client_cert = ca.issue_client(DEV_CLIENT_IDENTITY, &leaf)?;
+    let server_tls =
+        TlsMaterial::from_pem(ca.cert_pem(), &server_cert.cert_pem, &server_cert.key_pem)?;
+    let client_tls =
+        TlsMaterial::from_pem(ca.cert_pem(), &client_cert.cert_pem, &client_cert.key_pem)?;
+
+    // The files handlers serve a small directory made for the demo.
+    let files = tempfile_dir()?;
+    std::fs::write(
+        files.join("hello.txt"),
+        "hello from the client node's files\n",
+    )?;
+    std::fs::create_dir_all(files.join("reports"))?;
+    std::fs::write(
+        files.join("reports").join("q3.csv"),
+        "quarter,revenue\nq3,42\n",
+    )?;
+
+    let base = |side: Side, http: SocketAddr| -> anyhow::Result<Settings> {
+        let mut s = Settings::resolve(crate::config::NodeArgs::default(), side)
+            .map_err(anyhow::Error::msg)?;
+        s.http = http;
+        s.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        s.handlers = args.handlers.clone();
+        s.files_root = Some(files.clone());
+        s.statsd.host = None;
+        s.grace = Duration::from_secs(2);
+        Ok(s)
+    };
+    let server_settings = base(Side::Server, args.server_http)?;
+    let server = start_with_tls(Side::Server, &server_settings, server_tls).await?;
+    let Pipe::Server(server_pipe) = &server.pipe else {
+        bail!("the demo's server node did not start as a server");
+    };
+    let mut client_settings = base(Side::Client, args.client_http)?;
+    client_settings.server = server_pipe.local_addr().to_string();
+    client_settings.server_name = Some("localhost".into());
+    let client = start_with_tls(Side::Client, &client_settings, client_tls).await?;
+    if let Pipe::Client(c) = &client.pipe {
+        c.wait_connected(Duration::from_secs(10))
+            .await
+            .context("the demo client did not connect to the demo server")?;
+    }
+
+    let c = client.http_addr;
+    let s = server.http_addr;
+    println!(
+        "\nrestpipe demo: a server node and a client node ({DEV_CLIENT_IDENTITY}) are connected over mutual TLS on {pipe}.\n\
+         \n\
+         Client node calls the server (HTTP on {c}):\n\
+         \x20 curl http://{c}/server/time\n\
+         \x20 curl http://{c}/server/cat//hello%20/world\n\
+         \n\
+         Server node calls the client (HTTP on {s}):\n\
+         \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/time\n\
+         \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/files//\n\
+         \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/file//reports/q3.csv\n\
+         \n\
+         Status and errors:\n\
+         \x20 curl http://{s}/clients\n\
+         \x20 curl http://{c}/status\n\
+         \x20 curl -i http://{c}/server/nope        # 404, X-Event-Return-Code: 255\n\
+         \x20 curl -i http://{c}/server/bad..noun%20  # 400\n\
+         \n\
+         Ctrl-C stops both.\n",
+        pipe = server_pipe.local_addr(),
+    );
+
+    stop.await;
+    info!("shutting down the demo");
+    client.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(2)).await;
+    let _ = std::fs::remove_dir_all(&files);
+    Ok(())
+}
+
+/// A fresh private directory for the demo's files.
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("restpipe-demo-{}", std::process::id()));
+    if Path::new(&dir).exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,515 @@
+//! The local HTTP front door of a node: REST requests in, events across the pipe, replies out.
+//!
+//! On a client node `ANY /server/{noun...}` calls the server; on a server node
+//! `ANY /client/{identity}/{noun...}` calls that client. Both serve `GET /health` and
+//! `GET /status`; the server also serves `GET /clients`. The path maps to an event as SPEC
+//! section 5 says: the noun's segments are checked, the parameters after `//` are
+//! percent-decoded, and the query string travels with the event. Every failure is a JSON
+//! `{"error": ...}` with the status of SPEC section 6; no request waits past its deadline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use bytes::Bytes;
+use restpipe_handler::{Reply, Side};
+use serde_json::json;
+
+use crate::client::ClientNode;
+use crate::connection::epoch_secs;
+use crate::error::CallError;
+use crate::metrics::Metrics;
+use crate::server::ServerNode;
+
+/// The header that carries a reply's return code.
+pub const RETURN_CODE_HEADER: &str = "x-event-return-code";
+/// The header with which a request sets its own deadline, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-event-timeout-ms";
+/// The verbs that cross the pipe.
+pub const VERBS: [Method; 5] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+];
+/// Longest noun, in bytes.
+const MAX_NOUN: usize = 1024;
+
+/// The pipe a front door talks to.
+#[derive(Clone)]
+pub enum Pipe {
+    /// A server node: requests name a client.
+    Server(ServerNode),
+    /// A client node: requests go to the server.
+    Client(ClientNode),
+}
+
+impl Pipe {
+    fn side(&self) -> Side {
+        match self {
+            Pipe::Server(_) => Side::Server,
+            Pipe::Client(_) => Side::Client,
+        }
+    }
+
+    fn identity(&self) -> &str {
+        match self {
+            Pipe::Server(s) => s.identity(),
+            Pipe::Client(c) => c.identity(),
+        }
+    }
+
+    fn pipe_config(&self) -> &crate::node::PipeConfig {
+        match self {
+            Pipe::Server(s) => s.pipe(),
+            Pipe::Client(c) => c.pipe(),
+        }
+    }
+}
+
+/// Settings of the front door.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Largest request body accepted, in bytes; larger is 413 and nothing is sent.
+    pub max_body: usize,
+    /// When set, every request must carry `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// Where metrics go (a tick per status class).
+    pub metrics: Metrics,
+}
+
+struct AppState {
+    pipe: Pipe,
+    options: HttpOptions,
+    started: Instant,
+}
+
+type Shared = Arc<AppState>;
+
+/// The router of a node's front door.
+pub fn router(pipe: Pipe, options: HttpOptions) -> Router {
+    let side = pipe.side();
+    let state = Arc::new(AppState {
+        pipe,
+        options,
+        started: Instant::now(),
+    });
+    let mut app = Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status));
+    app = match side {
+        Side::Client => app
+            .route("/server", any(missing_noun))
+            .route("/server/", any(missing_noun))
+            .route("/server/{*rest}", any(call_peer)),
+        Side::Server => app
+            .route("/clients", get(clients))
+            .route("/client/{*rest}", any(call_peer)),
+    };
+    app.fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// An error response: `{"error": message}` with `status`.
+pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Authentication and status-class metrics around every request.
+async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.options.token {
+        if !bearer_matches(request.headers(), token) {
+            let mut response = error_response(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token: send `Authorization: Bearer <token>` with the token given to --http-token",
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            count_status(&state.options.metrics, response.status());
+            return response;
+        }
+    }
+    let response = next.run(request).await;
+    count_status(&state.options.metrics, response.status());
+    response
+}
+
+fn count_status(metrics: &Metrics, status: StatusCode) {
+    if metrics.is_enabled() {
+        let class = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        metrics.tick(&format!("http.status.{class}.tick"));
+    }
+}
+
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.as_bytes().ct_eq(token.as_bytes()).into()
+}
+
+async fn not_found(State(state): State<Shared>) -> Response {
+    let hint = match state.pipe.side() {
+        Side::Client => "this is a client node: call the server with /server/<noun>[//<parameters>], or see /health and /status",
+        Side::Server => "this is a server node: call a client with /client/<identity>/<noun>[//<parameters>], or see /health, /status and /clients",
+    };
+    error_response(StatusCode::NOT_FOUND, format!("no such endpoint; {hint}"))
+}
+
+async fn missing_noun() -> Response {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        "name a noun: /server/<noun>[//<parameters>], for example /server/time",
+    )
+}
+
+async fn health(State(state): State<Shared>) -> Response {
+    match &state.pipe {
+        Pipe::Server(server) if server.is_listening() => Json(json!({
+            "status": "ok",
+            "role": "server",
+            "listening": server.local_addr().to_string(),
+            "clients": server.registry().len(),
+        }))
+        .into_response(),
+        Pipe::Server(_) => {
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "the pipe is not listening")
+        }
+        Pipe::Client(client) => match client.status() {
+            Some(conn) => Json(json!({
+                "status": "ok",
+                "role": "client",
+                "server": conn.address,
+            }))
+            .into_response(),
+            None => error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the pipe to the server {} is down; it is being re-dialled",
+                    client.server()
+                ),
+            ),
+        },
+    }
+}
+
+async fn status(State(state): State<Shared>) -> Response {
+    let pipe = &state.pipe;
+    let peers = match pipe {
+        Pipe::Server(server) => server.clients(),
+        Pipe::Client(client) => client.status().into_iter().collect(),
+    };
+    let mut body = json!({
+        "role": pipe.side().as_str(),
+        "identity": pipe.identity(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.started.elapsed().as_secs_f64(),
+        "now": epoch_secs(std::time::SystemTime::now()),
+        "peers": peers,
+    });
+    match pipe {
+        Pipe::Server(server) => {
+            body["listening"] = json!(server.local_addr().to_string());
+        }
+        Pipe::Client(client) => {
+            body["server"] = json!(client.server());
+            body["connected"] = json!(client.is_connected());
+        }
+    }
+    Json(body).into_response()
+}
+
+async fn clients(State(state): State<Shared>) -> Response {
+    match &state.pipe {
+        Pipe::Server(server) => Json(server.clients()).into_response(),
+        Pipe::Client(_) => not_found(State(state.clone())).await,
+    }
+}
+
+/// A request turned into an event, or the error response that says why it cannot be one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The client named (server side only).
+    pub client: Option<String>,
+    /// The noun, segments joined by `/`.
+    pub noun: String,
+    /// The decoded parameters.
+    pub parameters: Vec<String>,
+}
+
+/// Map a raw request path to the client it names (server side), the noun and the parameters.
+///
+/// `side` is the side of the node that received the request. Errors are messages for a 400.
+pub fn parse_path(side: Side, path: &str) -> Result<Target, String> {
+    let (client, rest) = match side {
+        Side::Client => {
+            let rest = path
+                .strip_prefix("/server/")
+                .ok_or("client nodes take /server/<noun>")?;
+            (None, rest)
+        }
+        Side::Server => {
+            let rest = path
+                .strip_prefix("/client/")
+                .ok_or("server nodes take /client/<identity>/<noun>")?;
+            let (identity, rest) = rest.split_once('/').unwrap_or((rest, ""));
+            check_segment(identity).map_err(|e| format!("bad client identity: {e}"))?;
+            (Some(identity.to_string()), rest)
+        }
+    };
+    let (noun, params) = match rest.split_once("//") {
+        Some((noun, params)) => (noun, Some(params)),
+        None => (rest, None),
+    };
+    if noun.is_empty() {
+        return Err("name a noun after the prefix, for example .../time".into());
+    }
+    if noun.len() > MAX_NOUN {
+        return Err(format!("the noun is longer than {MAX_NOUN} bytes"));
+    }
+    for segment in noun.split('/') {
+        check_segment(segment).map_err(|e| format!("bad noun {noun:?}: {e}"))?;
+    }
+    let parameters = match params {
+        None | Some("") => Vec::new(),
+        Some(params) => params
+            .split('/')
+            .enumerate()
+            .map(|(i, p)| decode_parameter(p).map_err(|e| format!("parameter {}: {e}", i + 1)))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(Target {
+        client,
+        noun: noun.to_string(),
+        parameters,
+    })
+}
+
+fn check_segment(segment: &str) -> Result<(), String> {
+    if segment.is_empty() {
+        return Err("an empty path segment".into());
+    }
+    if segment == "." || segment == ".." {
+        return Err(format!("{segment:?} is not allowed as a segment"));
+    }
+    if let Some(c) = segment
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(format!(
+            "{c:?} is not allowed (segments use A-Z a-z 0-9 _ - . only)"
+        ));
+    }
+    Ok(())
+}
+
+/// Percent-decode one parameter; malformed escapes and invalid UTF-8 are refused.
+fn decode_parameter(raw: &str) -> Result<String, String> {
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let ok = bytes.len() > i + 2
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit();
+            if !ok {
+                return Err(format!("{raw:?} has a malformed percent escape"));
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| format!("{raw:?} is not valid UTF-8 once decoded"))
+}
+
+async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
+    let method = request.method().clone();
+    if !VERBS.contains(&method) {
+        let mut response = error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} does not cross the pipe; use GET, POST, PUT, PATCH or DELETE"),
+        );
+        response.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE"),
+        );
+        return response;
+    }
+    let side = state.pipe.side();
+    let target = match parse_path(side, request.uri().path()) {
+        Ok(target) => target,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
+    };
+    let query = request.uri().query().unwrap_or("").to_string();
+    let headers = request.headers();
+    let timeout = match requested_timeout(headers, state.pipe.pipe_config()) {
+        Ok(timeout) => timeout,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let limit = state.options.max_body;
+    let too_large = |size: &str| {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body of {size} bytes is over the limit of {limit} bytes; nothing was sent"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared.filter(|&n| n > limit as u64) {
+        return too_large(&declared.to_string());
+    }
+    let body: Bytes = match to_bytes(request.into_body(), limit).await {
+        Ok(body) => body,
+        Err(_) => return too_large(&format!("more than {limit}")),
+    };
+    let event = restpipe_handler::Request {
+        verb: method.as_str().to_string(),
+        noun: target.noun,
+        parameters: target.parameters,
+        query,
+        content_type,
+        body,
+    };
+    let result = match &state.pipe {
+        Pipe::Client(client) => client.call(event, Some(timeout)).await,
+        Pipe::Server(server) => {
+            let name = target.client.unwrap_or_default();
+            server.call(&name, event, Some(timeout)).await
+        }
+    };
+    match result {
+        Ok(reply) => reply_response(reply),
+        Err(err) => call_error_response(&err),
+    }
+}
+
+fn requested_timeout(
+    headers: &HeaderMap,
+    pipe: &crate::node::PipeConfig,
+) -> Result<Duration, String> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(pipe.request_timeout);
+    };
+    let max = pipe.max_request_timeout.as_millis();
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0 && u128::from(ms) <= max)
+        .ok_or_else(|| {
+            format!("{TIMEOUT_HEADER} must be a whole number of milliseconds from 1 to {max}")
+        })?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// The HTTP response for a reply that crossed the pipe.
+pub fn reply_response(reply: Reply) -> Response {
+    let status = reply
+        .status
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(match reply.code {
+            restpipe_handler::codes::OK => StatusCode::OK,
+            restpipe_handler::codes::NO_HANDLER => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        });
+    let mut response = Response::new(Body::from(reply.body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    let content_type = if reply.content_type.is_empty() {
+        HeaderValue::from_static("application/octet-stream")
+    } else {
+        HeaderValue::from_str(&reply.content_type)
+            .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
+    };
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(RETURN_CODE_HEADER, HeaderValue::from(reply.code));
+    response
+}
+
+/// The HTTP response for a call that got no reply.
+pub fn call_error_response(err: &CallError) -> Response {
+    let status = match err {
+        CallError::PipeClosed(_) | CallError::Refused(_) => StatusCode::BAD_GATEWAY,
+        CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        CallError::NotConnected(_) | CallError::Overloaded(_) | CallError::ShuttingDown(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        CallError::Ambiguous(_) => StatusCode::CONFLICT,
+    };
+    let mut response = error_response(status, err.to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_events() {
+        let t = parse_path(Side::Client, "/server/cat//hello%20/world").unwrap();
+        assert_eq!(t.noun, "cat");
+        assert_eq!(t.parameters, vec!["hello ", "world"]);
+        let t = parse_path(Side::Client, "/server/time/utc").unwrap();
+        assert_eq!((t.noun.as_str(), t.parameters.len()), ("time/utc", 0));
+        let t = parse_path(Side::Server, "/client/fileserver-1/file//reports/q3.csv").unwrap();
+        assert_eq!(t.client.as_deref(), Some("fileserver-1"));
+        assert_eq!(t.parameters, vec!["reports", "q3.csv"]);
+    }
+
+    #[test]
+    fn bad_paths_are_refused() {
+        for path in [
+            "/server/",
+            "/server/a/../b",
+            "/server/a//%zz",
+            "/server/a//%ff",
+            "/server/a b",
+            "/server/a%2Fb",
+            "/server/a/",
+            "/server/.",
+        ] {
+            assert!(parse_path(Side::Client, path).is_err(), "{path}");
+        }
+        assert!(parse_path(Side::Server, "/client/../time").is_err());
+        assert!(parse_path(Side::Server, "/client/x").is_err());
+    }
+}
