@@ -254,7 +254,7 @@ impl std::fmt::Debug for Settings {
 fn seconds(name: &str, value: Option<f64>, default: Duration) -> Result<Duration, String> {
     match value {
         None => Ok(default),
-        Some(s) if s.is_finite() && s >= 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s) if (0.0..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
         Some(s) => Err(format!(
             "--{name} must be between 0 and 86400 seconds, not {s}"
         )),
