@@ -38,12 +38,15 @@ pub fn plugins(settings: &Settings) -> anyhow::Result<Vec<Arc<dyn Plugin>>> {
                     .files_root
                     .as_deref()
                     .context("the files handlers need --files-root <directory>")?;
-                Arc::new(FilesPlugin::new(root).with_context(|| {
+                let files = FilesPlugin::new(root).with_context(|| {
                     format!(
                         "--files-root {} is not a readable directory",
                         root.display()
                     )
-                })?)
+                })?;
+                // A file is one reply frame: its limit follows --max-frame, less a
+                // sixteenth for the rest of the frame (15 MiB at the default 16 MiB).
+                Arc::new(files.with_max_file_bytes(settings.pipe.max_frame as u64 / 16 * 15))
             }
             "forward" => {
                 if settings.forward.is_empty() {
@@ -74,7 +77,15 @@ pub fn metrics(settings: &Settings) -> Metrics {
         return Metrics::disabled();
     };
     match Metrics::statsd(host, settings.statsd.port, &settings.statsd.prefix) {
-        Ok(metrics) => metrics,
+        Ok(metrics) => {
+            info!(
+                statsd_host = %host,
+                statsd_port = settings.statsd.port,
+                prefix = %settings.statsd.prefix,
+                "metrics go to statsd"
+            );
+            metrics
+        }
         Err(e) => {
             warn!(cause = %e, "metrics are off");
             Metrics::disabled()
@@ -90,6 +101,7 @@ pub struct RunningNode {
     pub http_addr: SocketAddr,
     stop_http: CancellationToken,
     http_task: tokio::task::JoinHandle<()>,
+    metrics: Metrics,
 }
 
 impl RunningNode {
@@ -106,6 +118,8 @@ impl RunningNode {
             Pipe::Server(server) => server.shutdown(grace).await,
             Pipe::Client(client) => client.shutdown(grace).await,
         }
+        // Send the last metrics (the final gauge, say) now rather than at the next flush.
+        self.metrics.flush();
     }
 }
 
@@ -119,6 +133,7 @@ pub async fn start_http(
         .await
         .with_context(|| format!("cannot listen for HTTP on {http}"))?;
     let http_addr = listener.local_addr()?;
+    let metrics = options.metrics.clone();
     let router = http::router(pipe.clone(), options);
     let stop_http = CancellationToken::new();
     let stop = stop_http.clone();
@@ -135,6 +150,7 @@ pub async fn start_http(
         http_addr,
         stop_http,
         http_task,
+        metrics,
     })
 }
 

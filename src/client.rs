@@ -142,7 +142,11 @@ impl ClientNode {
 
     /// Send `request` to the server and wait for its reply: up to the connect wait for the
     /// pipe to be up, then up to `timeout` (default: the request timeout).
-    pub async fn call(&self, request: Request, timeout: Option<Duration>) -> Result<Reply, CallError> {
+    pub async fn call(
+        &self,
+        request: Request,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, CallError> {
         let pipe = &self.inner.core.pipe;
         let conn = self.wait_connected(pipe.connect_wait).await?;
         conn.call(request, timeout.unwrap_or(pipe.request_timeout))
@@ -155,8 +159,11 @@ impl ClientNode {
         if let Some(conn) = self.connection() {
             conn.drain(grace, "the client is shutting down").await;
         }
-        let _ = tokio::time::timeout(grace + Duration::from_secs(1), self.inner.stopped.cancelled())
-            .await;
+        let _ = tokio::time::timeout(
+            grace + Duration::from_secs(1),
+            self.inner.stopped.cancelled(),
+        )
+        .await;
     }
 }
 
@@ -176,10 +183,15 @@ fn host_of(server: &str) -> Result<String, NodeError> {
             )))
         }
     };
-    Ok(host.trim_start_matches('[').trim_end_matches(']').to_string())
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string())
 }
 
-async fn connect_once(inner: &Arc<Inner>) -> Result<(Connection, impl std::future::Future<Output = ()>), String> {
+async fn connect_once(
+    inner: &Arc<Inner>,
+) -> Result<(Connection, impl std::future::Future<Output = ()>), String> {
     let timeout = inner.core.pipe.handshake_timeout;
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(&inner.server))
         .await
@@ -220,6 +232,11 @@ async fn dial_loop(inner: Arc<Inner>, mut backoff: Backoff, stable_after: Durati
                 });
                 failures = 0;
                 inner.current.send_replace(Some(conn.clone()));
+                // A shutdown that began while this connection was being made may have looked
+                // for a connection before it was published: let it go here.
+                if inner.stop.is_cancelled() {
+                    conn.drain(Duration::ZERO, "the client is shutting down").await;
+                }
                 let up = Instant::now();
                 run.await;
                 inner.current.send_replace(None);

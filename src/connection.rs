@@ -7,7 +7,8 @@
 //!   and spawns one task per incoming event (bounded by `max_in_flight`; the excess is
 //!   answered `OVERLOADED` at once). It never waits on the writer, so a slow handler or a
 //!   full write queue never delays heartbeats or other replies. It also declares the peer dead
-//!   when nothing has arrived for the heartbeat timeout;
+//!   when no byte has arrived for the heartbeat timeout (bytes, not whole frames: a large frame
+//!   crossing a slow link is progress, not silence);
 //! - the *writer* owns the write half. Every frame goes through its bounded queue, already
 //!   encoded, and it writes whatever is queued in one go (write coalescing). A write that makes
 //!   no progress for the heartbeat timeout means the peer is not reading, and ends the
@@ -19,15 +20,17 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use restpipe_handler::{Context, Reply, Request, Side};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -49,7 +52,39 @@ const FINAL_FLUSH: Duration = Duration::from_secs(1);
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 type Pending = HashMap<u64, oneshot::Sender<Result<Reply, CallError>>>;
-type Reader<S> = FramedRead<ReadHalf<S>, LengthDelimitedCodec>;
+type Reader<S> = FramedRead<Progress<ReadHalf<S>>, LengthDelimitedCodec>;
+
+/// A reader that remembers when bytes last arrived. The heartbeat timeout is measured from
+/// there, so that a peer busy sending one large frame over a slow link is not taken for a
+/// silent one (no whole frame may arrive for longer than the timeout).
+struct Progress<R> {
+    inner: R,
+    last: tokio::time::Instant,
+}
+
+impl<R> Progress<R> {
+    fn new(inner: R) -> Self {
+        Progress {
+            inner,
+            last: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Progress<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last = tokio::time::Instant::now();
+        }
+        poll
+    }
+}
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
@@ -270,6 +305,12 @@ impl Shared {
         }
     }
 
+    /// Requests in flight on this connection, both ways.
+    fn in_flight(&self) -> usize {
+        let max = self.core.pipe.max_in_flight;
+        (max - self.outbound.available_permits()) + (max - self.inbound.available_permits())
+    }
+
     /// Queue an encoded frame, waiting for room; fails once the connection is closed.
     async fn send(&self, frame: Bytes) -> Result<(), CallError> {
         tokio::select! {
@@ -359,6 +400,7 @@ impl Shared {
 
     fn on_event(self: &Arc<Self>, id: u64, event: proto::Event) {
         self.requests_received.fetch_add(1, Ordering::Relaxed);
+        self.core.metrics.tick("message.receive.tick");
         if self.draining.load(Ordering::Acquire) {
             return self.send_error(id, ErrorKind::ShuttingDown, "node is shutting down".into());
         }
@@ -391,7 +433,12 @@ impl Shared {
         tokio::spawn(shared.handle(ctx, request, permit));
     }
 
-    async fn handle(self: Arc<Self>, ctx: Context, request: Request, _permit: OwnedSemaphorePermit) {
+    async fn handle(
+        self: Arc<Self>,
+        ctx: Context,
+        request: Request,
+        _permit: OwnedSemaphorePermit,
+    ) {
         let id = ctx.request_id;
         let reply = tokio::select! {
             reply = self.core.dispatch(ctx, request) => reply,
@@ -469,7 +516,7 @@ where
 {
     let timeout = core.pipe.handshake_timeout;
     let (read_half, mut write_half) = tokio::io::split(stream);
-    let mut reader = wire::frame_reader(read_half, core.pipe.max_frame);
+    let mut reader = wire::frame_reader(Progress::new(read_half), core.pipe.max_frame);
 
     let role = |side: Side| match side {
         Side::Server => proto::Role::Server,
@@ -510,7 +557,11 @@ where
             kind: Some(Kind::Close(c)),
             ..
         }) => return Err(HelloError::RefusedByPeer(c.reason)),
-        Ok(_) => return Err(HelloError::Io("the peer's first frame is not a hello".into())),
+        Ok(_) => {
+            return Err(HelloError::Io(
+                "the peer's first frame is not a hello".into(),
+            ))
+        }
         Err(e) => return Err(HelloError::Io(format!("malformed hello: {e}"))),
     };
     let refusal = if peer_hello.protocol_version != wire::PROTOCOL_VERSION {
@@ -599,17 +650,13 @@ async fn read_loop<S: AsyncRead>(shared: &Arc<Shared>, mut reader: Reader<S>) ->
         pipe.heartbeat_interval,
     );
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = tokio::time::Instant::now();
-    let dead_line = tokio::time::sleep_until(last_heard + pipe.heartbeat_timeout);
+    let dead_line = tokio::time::sleep_until(reader.get_ref().last + pipe.heartbeat_timeout);
     tokio::pin!(dead_line);
     loop {
         tokio::select! {
             _ = shared.closed.cancelled() => return None,
             next = reader.next() => match next {
-                Some(Ok(payload)) => {
-                    last_heard = tokio::time::Instant::now();
-                    shared.on_frame(payload.freeze());
-                }
+                Some(Ok(payload)) => shared.on_frame(payload.freeze()),
                 Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                     warn!(peer = %shared.info.identity, cause = %e, "frame over the size limit");
                     return Some(format!(
@@ -625,7 +672,7 @@ async fn read_loop<S: AsyncRead>(shared: &Arc<Shared>, mut reader: Reader<S>) ->
                 shared.send_now(&wire::frame(0, Kind::Ping(proto::Ping { nonce })));
             }
             _ = &mut dead_line => {
-                let due = last_heard + pipe.heartbeat_timeout;
+                let due = reader.get_ref().last + pipe.heartbeat_timeout;
                 if tokio::time::Instant::now() >= due {
                     shared.core.metrics.heartbeat_failed();
                     warn!(peer = %shared.info.identity, timeout = ?pipe.heartbeat_timeout, "peer silent past the heartbeat timeout");
@@ -659,23 +706,26 @@ async fn write_loop<S: AsyncWrite>(
             _ = shared.closed.cancelled() => break,
         };
         batch.push(first);
-        while batch.len() < MAX_BATCH_FRAMES {
-            match rx.try_recv() {
-                Ok(frame) => batch.push(frame),
-                Err(_) => break,
-            }
+        take_queued(&mut rx, &mut batch);
+        // While other requests are in flight, more frames are likely on their way from tasks
+        // that are ready to run: yield once so that they join this write. One write (and one
+        // wake-up of the peer) then carries many frames; a lone request does not wait.
+        if batch.len() < MAX_BATCH_FRAMES && shared.in_flight() > 1 {
+            tokio::task::yield_now().await;
+            take_queued(&mut rx, &mut batch);
         }
-        let written = tokio::time::timeout(stall, write_batch(&mut io, &mut batch, &mut buf)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        match write_batch(&mut io, &mut batch, &mut buf, stall).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                warn!(peer = %shared.info.identity, "peer is not reading; closing");
+                shared.close(format!(
+                    "the peer read nothing for {stall:?} (write stalled)"
+                ));
+                return;
+            }
+            Err(e) => {
                 shared.close(format!("write failed: {e}"));
                 break;
-            }
-            Err(_) => {
-                warn!(peer = %shared.info.identity, "peer is not reading; closing");
-                shared.close(format!("the peer read nothing for {stall:?} (write stalled)"));
-                return;
             }
         }
         if buf.capacity() > 4 * COALESCE_LIMIT {
@@ -688,31 +738,114 @@ async fn write_loop<S: AsyncWrite>(
         batch.push(frame);
     }
     let _ = tokio::time::timeout(FINAL_FLUSH, async {
-        write_batch(&mut io, &mut batch, &mut buf).await?;
+        write_batch(&mut io, &mut batch, &mut buf, FINAL_FLUSH).await?;
         io.shutdown().await
     })
     .await;
 }
 
+/// Move the frames already queued into `batch`, up to [`MAX_BATCH_FRAMES`].
+fn take_queued(rx: &mut mpsc::Receiver<Bytes>, batch: &mut Vec<Bytes>) {
+    while batch.len() < MAX_BATCH_FRAMES {
+        match rx.try_recv() {
+            Ok(frame) => batch.push(frame),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Write a batch of frames, coalescing the small ones. Fails with `TimedOut` when the peer
+/// takes nothing for `stall`: a single write or the flush makes no progress for that long. A
+/// large frame that crosses a slow link slowly but steadily is not a stall.
 async fn write_batch<W: AsyncWrite + Unpin>(
     io: &mut W,
     batch: &mut Vec<Bytes>,
     buf: &mut Vec<u8>,
+    stall: Duration,
 ) -> std::io::Result<()> {
     for frame in batch.drain(..) {
         if frame.len() > COALESCE_LIMIT {
             if !buf.is_empty() {
-                io.write_all(buf).await?;
+                write_all(io, buf, stall).await?;
                 buf.clear();
             }
-            io.write_all(&frame).await?;
+            write_all(io, &frame, stall).await?;
         } else {
             buf.extend_from_slice(&frame);
         }
     }
     if !buf.is_empty() {
-        io.write_all(buf).await?;
+        write_all(io, buf, stall).await?;
         buf.clear();
     }
-    io.flush().await
+    tokio::time::timeout(stall, io.flush())
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+/// `write_all`, failing with `TimedOut` when one write makes no progress for `stall`.
+async fn write_all<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    mut data: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let n = tokio::time::timeout(stall, io.write(data))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A peer that reads steadily but slowly: the whole batch takes several times the stall
+    /// limit, and still goes through, because every write makes progress.
+    #[tokio::test]
+    async fn a_slow_but_steady_reader_is_not_a_stall() {
+        let (mut ours, mut theirs) = tokio::io::duplex(1024);
+        let total = 64 * 1024;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while got.len() < total {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let n = theirs.read(&mut chunk).await.unwrap();
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got
+        });
+        let frame = Bytes::from((0..total).map(|i| i as u8).collect::<Vec<u8>>());
+        let stall = Duration::from_millis(100);
+        let started = tokio::time::Instant::now();
+        let mut batch = vec![frame.clone()];
+        write_batch(&mut ours, &mut batch, &mut Vec::new(), stall)
+            .await
+            .unwrap();
+        assert!(started.elapsed() > stall);
+        assert_eq!(reader.await.unwrap(), frame);
+    }
+
+    /// A peer that reads nothing is a stall.
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_is_a_stall() {
+        let (mut ours, _theirs) = tokio::io::duplex(1024);
+        let mut batch = vec![Bytes::from(vec![7u8; 64 * 1024])];
+        let err = write_batch(
+            &mut ours,
+            &mut batch,
+            &mut Vec::new(),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
 }

@@ -144,24 +144,25 @@ async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Res
 }
 
 fn count_status(metrics: &Metrics, status: StatusCode) {
-    if metrics.is_enabled() {
-        let class = match status.as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        metrics.tick(&format!("http.status.{class}.tick"));
-    }
+    metrics.tick(match status.as_u16() {
+        100..=199 => "http.status.1xx.tick",
+        200..=299 => "http.status.2xx.tick",
+        300..=399 => "http.status.3xx.tick",
+        400..=499 => "http.status.4xx.tick",
+        _ => "http.status.5xx.tick",
+    });
 }
 
 fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
     use subtle::ConstantTimeEq;
+    // The scheme is case-insensitive and may be followed by more than one space (RFC 9110,
+    // section 11.1; RFC 6750, section 2.1).
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim_start_matches(' '))
     else {
         return false;
     };
@@ -273,7 +274,10 @@ pub fn parse_path(side: Side, path: &str) -> Result<Target, String> {
                 .strip_prefix("/client/")
                 .ok_or("server nodes take /client/<identity>/<noun>")?;
             let (identity, rest) = rest.split_once('/').unwrap_or((rest, ""));
-            check_segment(identity).map_err(|e| format!("bad client identity: {e}"))?;
+            // A client may be named by its IP address, and an IPv6 address holds `:`.
+            if identity.parse::<std::net::IpAddr>().is_err() {
+                check_segment(identity).map_err(|e| format!("bad client identity: {e}"))?;
+            }
             (Some(identity.to_string()), rest)
         }
     };
@@ -493,6 +497,8 @@ mod tests {
         let t = parse_path(Side::Server, "/client/fileserver-1/file//reports/q3.csv").unwrap();
         assert_eq!(t.client.as_deref(), Some("fileserver-1"));
         assert_eq!(t.parameters, vec!["reports", "q3.csv"]);
+        let t = parse_path(Side::Server, "/client/::1/time").unwrap();
+        assert_eq!(t.client.as_deref(), Some("::1"));
     }
 
     #[test]

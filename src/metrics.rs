@@ -1,19 +1,30 @@
 //! Metrics to statsd through cadence, never blocking the pipe.
 //!
-//! Metrics go into a bounded queue that a cadence thread drains into a buffered UDP socket.
-//! A full queue drops the metric and counts the drop; nothing here ever waits. With no statsd
-//! host configured, every call is a no-op.
+//! A metric goes into a bounded queue (cadence's [`QueuingMetricSink`]); a cadence thread
+//! drains it into a buffered UDP sink ([`BufferedUdpMetricSink`]), which packs several
+//! metrics, one a line, into each datagram. Nothing here ever waits: a full queue drops the
+//! metric and counts the drop ([`Metrics::dropped`], [`Metrics::stats`]). The buffer is sent
+//! when it fills, and a small background thread sends it at least every second, so a metric
+//! never sits long on a quiet node. With no statsd host configured every call is a no-op.
+//!
+//! The names are RestPipe's (SPEC section 8); the README's "Metrics" section lists them.
 
-use std::net::{ToSocketAddrs, UdpSocket};
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::panic::RefUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use cadence::prelude::*;
-use cadence::{BufferedUdpMetricSink, QueuingMetricSink, StatsdClient};
+use cadence::{BufferedUdpMetricSink, MetricSink, QueuingMetricSink, StatsdClient};
+use serde::Serialize;
 
 /// Metrics queued at most before new ones are dropped.
 const QUEUE_CAPACITY: usize = 16 * 1024;
+/// The longest a metric waits in the UDP buffer before it is sent.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// A handle for emitting metrics. Clones share the sink. `Metrics::default()` is disabled.
 #[derive(Clone, Default)]
@@ -23,7 +34,53 @@ pub struct Metrics {
 
 struct Inner {
     client: StatsdClient,
-    dropped: AtomicU64,
+    sink: Arc<Sink>,
+}
+
+/// The queue in front of the UDP sink, and the counts of what was lost.
+struct Sink {
+    queue: QueuingMetricSink,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Refused by a full queue (or a queue whose thread is gone).
+    queue_full: AtomicU64,
+    /// Taken from the queue but refused by the UDP sink (the send failed).
+    unsent: AtomicU64,
+}
+
+/// What the cadence client writes into: the shared [`Sink`], counting refusals.
+struct CountingSink(Arc<Sink>);
+
+impl MetricSink for CountingSink {
+    fn emit(&self, metric: &str) -> io::Result<usize> {
+        let sent = self.0.queue.emit(metric);
+        if sent.is_err() {
+            self.0.counts.queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.0.queue.flush()
+    }
+}
+
+/// A snapshot of the metrics pipeline, for `/status` and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MetricsStats {
+    /// Whether metrics go anywhere.
+    pub enabled: bool,
+    /// Metrics waiting in the queue (approximate).
+    pub queued: u64,
+    /// Metrics dropped because the queue was full.
+    pub dropped_queue_full: u64,
+    /// Metrics dropped because the UDP send failed.
+    pub dropped_unsent: u64,
+    /// Datagrams sent to statsd.
+    pub packets_sent: u64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -41,28 +98,53 @@ impl Metrics {
         Metrics::default()
     }
 
-    /// Metrics sent to statsd at `host:port`, every name prefixed with `prefix`.
+    /// Metrics sent to statsd at `host:port`, every name prefixed with `prefix`. The host is
+    /// resolved once, here (an IPv4 address is preferred); an error says why it cannot be
+    /// used.
     pub fn statsd(host: &str, port: u16, prefix: &str) -> Result<Self, String> {
-        let addr = (host, port)
+        let addrs: Vec<SocketAddr> = (host, port)
             .to_socket_addrs()
             .map_err(|e| format!("statsd host {host}:{port} does not resolve: {e}"))?
-            .next()
+            .collect();
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
             .ok_or_else(|| format!("statsd host {host}:{port} has no address"))?;
-        let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-        let socket =
-            UdpSocket::bind(bind).map_err(|e| format!("cannot open a UDP socket for statsd: {e}"))?;
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let socket = UdpSocket::bind(bind)
+            .map_err(|e| format!("cannot open a UDP socket for statsd: {e}"))?;
         socket
             .set_nonblocking(true)
             .map_err(|e| format!("cannot make the statsd socket non-blocking: {e}"))?;
         let udp = BufferedUdpMetricSink::from(addr, socket)
             .map_err(|e| format!("cannot set up the statsd sink: {e}"))?;
-        let queued = QueuingMetricSink::with_capacity(udp, QUEUE_CAPACITY);
-        let client = StatsdClient::from_sink(prefix, queued);
+        Self::with_sink(udp, QUEUE_CAPACITY, prefix)
+    }
+
+    /// Metrics through a queue of `capacity` into `sink`, flushed every [`FLUSH_EVERY`].
+    fn with_sink<T>(sink: T, capacity: usize, prefix: &str) -> Result<Self, String>
+    where
+        T: MetricSink + Sync + Send + RefUnwindSafe + 'static,
+    {
+        let counts = Arc::new(Counts::default());
+        let unsent = counts.clone();
+        let queue = QueuingMetricSink::builder()
+            .with_capacity(capacity)
+            .with_error_handler(move |_| {
+                unsent.unsent.fetch_add(1, Ordering::Relaxed);
+            })
+            .build(sink);
+        let sink = Arc::new(Sink { queue, counts });
+        spawn_flusher(Arc::downgrade(&sink))?;
+        let client = StatsdClient::from_sink(prefix, CountingSink(sink.clone()));
         Ok(Metrics {
-            inner: Some(Arc::new(Inner {
-                client,
-                dropped: AtomicU64::new(0),
-            })),
+            inner: Some(Arc::new(Inner { client, sink })),
         })
     }
 
@@ -71,38 +153,54 @@ impl Metrics {
         self.inner.is_some()
     }
 
-    /// Metrics dropped because the queue was full or the send failed.
+    /// Metrics dropped so far: refused by a full queue, or by a failed UDP send.
     pub fn dropped(&self) -> u64 {
-        self.inner
-            .as_ref()
-            .map(|i| i.dropped.load(Ordering::Relaxed))
-            .unwrap_or(0)
+        let s = self.stats();
+        s.dropped_queue_full + s.dropped_unsent
+    }
+
+    /// A snapshot of the queue and of what was sent and dropped.
+    pub fn stats(&self) -> MetricsStats {
+        let Some(inner) = &self.inner else {
+            return MetricsStats::default();
+        };
+        let sink = &inner.sink;
+        MetricsStats {
+            enabled: true,
+            queued: sink.queue.queued(),
+            dropped_queue_full: sink.counts.queue_full.load(Ordering::Relaxed),
+            dropped_unsent: sink.counts.unsent.load(Ordering::Relaxed),
+            packets_sent: sink.queue.stats().packets_sent,
+        }
+    }
+
+    /// Send what the UDP buffer holds now (metrics still in the queue go with a later send).
+    /// Never waits on the network: the socket is non-blocking.
+    pub fn flush(&self) {
+        if let Some(inner) = &self.inner {
+            let _ = inner.sink.queue.flush();
+        }
     }
 
     /// Count one occurrence of `name` (`name:1|c`).
     pub fn tick(&self, name: &str) {
         if let Some(inner) = &self.inner {
-            if inner.client.count(name, 1).is_err() {
-                inner.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            // A refusal is counted by the sink.
+            let _ = inner.client.count(name, 1);
         }
     }
 
     /// Record a duration under `name` (`name:<ms>|ms`).
     pub fn timing(&self, name: &str, duration: Duration) {
         if let Some(inner) = &self.inner {
-            if inner.client.time(name, duration).is_err() {
-                inner.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            let _ = inner.client.time(name, duration);
         }
     }
 
     /// Set the gauge `name` (`name:<value>|g`).
     pub fn gauge(&self, name: &str, value: u64) {
         if let Some(inner) = &self.inner {
-            if inner.client.gauge(name, value).is_err() {
-                inner.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            let _ = inner.client.gauge(name, value);
         }
     }
 
@@ -115,5 +213,284 @@ impl Metrics {
     /// A peer stayed silent past the heartbeat timeout.
     pub fn heartbeat_failed(&self) {
         self.tick("client.connect.heartbeat.fail.tick");
+    }
+
+    /// The handler `handler` (a request's handler name) ran for `elapsed`:
+    /// `message.receive.handle.timing`, and the handler's own tick and timing under the
+    /// names `names` made for it.
+    pub fn handled(&self, names: &HandlerMetrics, handler: &str, elapsed: Duration) {
+        if self.is_enabled() {
+            self.timing("message.receive.handle.timing", elapsed);
+            let names = names.get(handler);
+            self.tick(&names.tick);
+            self.timing(&names.timing, elapsed);
+        }
+    }
+}
+
+/// Send the UDP buffer every [`FLUSH_EVERY`] until the sink is gone.
+fn spawn_flusher(sink: Weak<Sink>) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("restpipe-statsd-flush".into())
+        .spawn(move || loop {
+            std::thread::sleep(FLUSH_EVERY);
+            match sink.upgrade() {
+                Some(sink) => {
+                    let _ = sink.queue.flush();
+                }
+                None => return,
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the statsd flush thread: {e}"))
+}
+
+/// The `message.received.handle.<handler>.tick` and `.timing` names of one handler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerMetricNames {
+    tick: String,
+    timing: String,
+}
+
+impl HandlerMetricNames {
+    fn new(handler: &str) -> Self {
+        // Only characters that are safe in a statsd line and a Graphite path.
+        let handler: String = handler
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        HandlerMetricNames {
+            tick: format!("message.received.handle.{handler}.tick"),
+            timing: format!("message.received.handle.{handler}.timing"),
+        }
+    }
+
+    /// The tick's name.
+    pub fn tick(&self) -> &str {
+        &self.tick
+    }
+
+    /// The timing's name.
+    pub fn timing(&self) -> &str {
+        &self.timing
+    }
+}
+
+/// The metric names of every registered handler, made once when the node starts, so that
+/// dispatch formats no name, and so that all the nouns under a prefix handler (say
+/// `GET jobs/...`) share its names (`get_jobs`) instead of each minting metrics of its own.
+#[derive(Clone, Debug)]
+pub struct HandlerMetrics {
+    exact: HashMap<String, HandlerMetricNames>,
+    /// Longest first.
+    prefixes: Vec<(String, HandlerMetricNames)>,
+    other: HandlerMetricNames,
+}
+
+impl HandlerMetrics {
+    /// Names for the handlers listed as `Handlers::names` lists them: `get_time` for a
+    /// handler of that name, `get_jobs*` for the prefix handler of `GET jobs/...`.
+    pub fn new<S: AsRef<str>>(registered: impl IntoIterator<Item = S>) -> Self {
+        let mut exact = HashMap::new();
+        let mut prefixes = Vec::new();
+        for name in registered {
+            let name = name.as_ref();
+            match name.strip_suffix('*') {
+                Some(prefix) => {
+                    prefixes.push((prefix.to_string(), HandlerMetricNames::new(prefix)))
+                }
+                None => {
+                    exact.insert(name.to_string(), HandlerMetricNames::new(name));
+                }
+            }
+        }
+        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        HandlerMetrics {
+            exact,
+            prefixes,
+            other: HandlerMetricNames::new("other"),
+        }
+    }
+
+    /// The names for a request whose handler name is `handler` (`get_jobs_42` is served by
+    /// the prefix `get_jobs`). A name no registered handler covers gets `other`'s names.
+    pub fn get(&self, handler: &str) -> &HandlerMetricNames {
+        if let Some(names) = self.exact.get(handler) {
+            return names;
+        }
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| {
+                handler
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+            })
+            .map_or(&self.other, |(_, names)| names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// A sink that reports each metric it is handed, then blocks until the gate opens (its
+    /// sender is dropped): a statsd that has stopped draining.
+    struct GatedSink {
+        entered: Mutex<mpsc::Sender<String>>,
+        gate: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl MetricSink for GatedSink {
+        fn emit(&self, metric: &str) -> io::Result<usize> {
+            let _ = self.entered.lock().unwrap().send(metric.to_string());
+            let _ = self.gate.lock().unwrap().recv();
+            Ok(metric.len())
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_blocking() {
+        const CAPACITY: usize = 4;
+        const EXTRA: u64 = 10;
+        let (entered_tx, entered) = mpsc::channel();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let sink = GatedSink {
+            entered: Mutex::new(entered_tx),
+            gate: Mutex::new(gate_rx),
+        };
+        let metrics = Metrics::with_sink(sink, CAPACITY, "t").unwrap();
+
+        // The first metric is taken by the queue's thread, which then blocks in the sink.
+        metrics.tick("first");
+        let first = entered.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first, "t.first:1|c");
+
+        // The queue fills up, and everything after it is dropped and counted, at once.
+        let started = Instant::now();
+        for _ in 0..CAPACITY {
+            metrics.tick("queued");
+        }
+        for _ in 0..EXTRA {
+            metrics.timing("dropped", Duration::from_millis(3));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "emitting into a full queue took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(metrics.dropped(), EXTRA);
+        let stats = metrics.stats();
+        assert_eq!(stats.dropped_queue_full, EXTRA);
+        assert_eq!(stats.dropped_unsent, 0);
+        assert_eq!(stats.queued, CAPACITY as u64);
+
+        // Once the sink drains again, what was queued is delivered and nothing more is lost.
+        drop(gate_tx);
+        for _ in 0..CAPACITY {
+            let m = entered.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!(m, "t.queued:1|c");
+        }
+        metrics.tick("after");
+        assert_eq!(
+            entered.recv_timeout(Duration::from_secs(5)).unwrap(),
+            "t.after:1|c"
+        );
+        assert_eq!(metrics.dropped(), EXTRA);
+    }
+
+    #[test]
+    fn disabled_metrics_do_nothing() {
+        let metrics = Metrics::disabled();
+        metrics.tick("a");
+        metrics.gauge("b", 1);
+        metrics.flush();
+        assert!(!metrics.is_enabled());
+        assert_eq!(metrics.stats(), MetricsStats::default());
+    }
+
+    #[test]
+    fn a_lone_metric_on_a_quiet_node_is_sent_within_the_flush_period() {
+        let statsd = UdpSocket::bind("127.0.0.1:0").unwrap();
+        statsd.set_read_timeout(Some(FLUSH_EVERY * 3)).unwrap();
+        let port = statsd.local_addr().unwrap().port();
+        let metrics = Metrics::statsd("127.0.0.1", port, "restpipe").unwrap();
+        metrics.tick("message.send.tick");
+        metrics.timing("message.send.timing", Duration::from_millis(42));
+        metrics.gauge("server.clients.connected", 3);
+        let mut lines = Vec::new();
+        let mut buf = [0u8; 2048];
+        while lines.len() < 3 {
+            let n = statsd
+                .recv(&mut buf)
+                .expect("a datagram within the flush period");
+            let text = std::str::from_utf8(&buf[..n]).unwrap();
+            lines.extend(text.lines().map(str::to_string));
+        }
+        assert_eq!(
+            lines,
+            [
+                "restpipe.message.send.tick:1|c",
+                "restpipe.message.send.timing:42|ms",
+                "restpipe.server.clients.connected:3|g",
+            ]
+        );
+        // The count follows the send, which the datagram may overtake.
+        let counted = Instant::now() + Duration::from_secs(2);
+        while metrics.stats().packets_sent == 0 && Instant::now() < counted {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(metrics.stats().packets_sent >= 1);
+        assert_eq!(metrics.dropped(), 0);
+    }
+
+    #[test]
+    fn a_host_that_does_not_resolve_is_an_error() {
+        let err = Metrics::statsd("statsd.does-not-exist.invalid", 8125, "restpipe").unwrap_err();
+        assert!(err.contains("does not resolve"), "{err}");
+    }
+
+    #[test]
+    fn handler_names_are_made_once_and_prefixes_share_theirs() {
+        let names =
+            HandlerMetrics::new(["get_time", "get_jobs*", "get_jobs_special*", "odd:na|me"]);
+        assert_eq!(
+            names.get("get_time").tick(),
+            "message.received.handle.get_time.tick"
+        );
+        assert_eq!(
+            names.get("get_time").timing(),
+            "message.received.handle.get_time.timing"
+        );
+        assert_eq!(
+            names.get("get_jobs_42_run").tick(),
+            "message.received.handle.get_jobs.tick"
+        );
+        assert_eq!(
+            names.get("get_jobs").tick(),
+            "message.received.handle.get_jobs.tick"
+        );
+        assert_eq!(
+            names.get("get_jobs_special_1").tick(),
+            "message.received.handle.get_jobs_special.tick"
+        );
+        assert_eq!(
+            names.get("get_jobsx").tick(),
+            "message.received.handle.other.tick"
+        );
+        assert_eq!(
+            names.get("odd:na|me").tick(),
+            "message.received.handle.odd_na_me.tick"
+        );
     }
 }

@@ -12,7 +12,7 @@ use restpipe_handler::{
 use tracing::warn;
 
 use crate::error::NodeError;
-use crate::metrics::Metrics;
+use crate::metrics::{HandlerMetrics, Metrics};
 use crate::tls::TlsMaterial;
 use crate::wire;
 
@@ -125,6 +125,8 @@ pub(crate) struct NodeCore {
     pub(crate) plugins: Vec<Arc<dyn Plugin>>,
     pub(crate) pipe: PipeConfig,
     pub(crate) metrics: Metrics,
+    /// The per-handler metric names, made once.
+    pub(crate) handler_metrics: HandlerMetrics,
 }
 
 impl NodeCore {
@@ -136,6 +138,7 @@ impl NodeCore {
                 .merge(plugin.handlers(side))
                 .map_err(|e| NodeError::Handlers(format!("plug-in {}: {e}", plugin.name())))?;
         }
+        let handler_metrics = HandlerMetrics::new(handlers.names());
         Ok(NodeCore {
             side,
             identity: options.tls.identity().to_string(),
@@ -143,6 +146,7 @@ impl NodeCore {
             plugins: options.plugins.clone(),
             pipe: options.pipe.clone(),
             metrics: options.metrics.clone(),
+            handler_metrics,
         })
     }
 
@@ -162,7 +166,6 @@ impl NodeCore {
     pub(crate) async fn dispatch(&self, ctx: Context, request: Request) -> Reply {
         let started = Instant::now();
         let name = request.handler_name();
-        self.metrics.tick("message.receive.tick");
         let Some(handler) = self.handlers.resolve(&request) else {
             return no_handler_reply(&name, self.side);
         };
@@ -187,15 +190,8 @@ impl NodeCore {
                     .into_reply()
             }
         };
-        let elapsed = started.elapsed();
         self.metrics
-            .timing("message.receive.handle.timing", elapsed);
-        if self.metrics.is_enabled() {
-            self.metrics
-                .tick(&format!("message.received.handle.{name}.tick"));
-            self.metrics
-                .timing(&format!("message.received.handle.{name}.timing"), elapsed);
-        }
+            .handled(&self.handler_metrics, &name, started.elapsed());
         reply
     }
 }

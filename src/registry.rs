@@ -95,13 +95,17 @@ impl Registry {
             return Ok(conn.clone());
         }
         if let Ok(ip) = target.parse::<IpAddr>() {
-            let mut matches = map.values().filter(|c| c.peer().addr.ip() == ip);
+            // On a dual-stack listener an IPv4 client shows as `::ffff:a.b.c.d`: compare the
+            // canonical forms, so that it is found by its IPv4 address.
+            let ip = ip.to_canonical();
+            let has_ip = |c: &&Connection| c.peer().addr.ip().to_canonical() == ip;
+            let mut matches = map.values().filter(has_ip);
             match (matches.next(), matches.next()) {
                 (Some(conn), None) => return Ok(conn.clone()),
                 (Some(_), Some(_)) => {
                     let mut names: Vec<&str> = map
                         .values()
-                        .filter(|c| c.peer().addr.ip() == ip)
+                        .filter(has_ip)
                         .map(|c| c.peer().identity.as_str())
                         .collect();
                     names.sort_unstable();

@@ -88,7 +88,9 @@ impl ServerNode {
             limit: Arc::new(Semaphore::new(options.max_connections.max(1))),
         });
         inner.core.metrics.gauge("server.clients.connected", 0);
-        tokio::spawn(accept_loop(inner.clone(), listener));
+        // Tracked, so that `shutdown` returns only once the listener is closed and the port
+        // free to bind again.
+        inner.tracker.spawn(accept_loop(inner.clone(), listener));
         tokio::spawn(idle_hook(inner.clone()));
         info!(addr = %local_addr, identity = %inner.core.identity, "pipe listening");
         Ok(ServerNode { inner })
@@ -116,7 +118,12 @@ impl ServerNode {
 
     /// A snapshot of every connected client.
     pub fn clients(&self) -> Vec<ConnectionStatus> {
-        self.inner.registry.all().iter().map(Connection::status).collect()
+        self.inner
+            .registry
+            .all()
+            .iter()
+            .map(Connection::status)
+            .collect()
     }
 
     /// The pipe's settings.
@@ -134,7 +141,11 @@ impl ServerNode {
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let pipe = &self.inner.core.pipe;
-        let conn = self.inner.registry.wait_for(target, pipe.connect_wait).await?;
+        let conn = self
+            .inner
+            .registry
+            .wait_for(target, pipe.connect_wait)
+            .await?;
         conn.call(request, timeout.unwrap_or(pipe.request_timeout))
             .await
     }
@@ -215,7 +226,18 @@ async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, _permit: Own
     let (replaced, count) = inner.registry.insert(conn.clone());
     if let Some(old) = replaced {
         info!(%identity, old = %old.peer().addr, new = %addr, "newer connection replaces the older");
-        old.close("replaced by a newer connection with the same identity");
+        old.drain(
+            Duration::ZERO,
+            "replaced by a newer connection with the same identity",
+        )
+        .await;
+    }
+    // A handshake that finished while the server began shutting down: the shutdown may have
+    // listed the clients before this one was added, so let it go here. Added first, checked
+    // second: either the shutdown saw it, or this sees the shutdown.
+    if inner.stop_accepting.is_cancelled() {
+        conn.drain(Duration::ZERO, "the server is shutting down")
+            .await;
     }
     info!(%identity, peer = %addr, clients = count, "client connected");
     core.metrics.gauge("server.clients.connected", count as u64);

@@ -103,9 +103,8 @@ impl TlsMaterial {
 
     /// Build from PEM text: the CA certificate(s), own certificate chain, own key.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
-        Self::from_pem_parts(ca.as_bytes(), cert.as_bytes(), key.as_bytes()).map_err(
-            |(which, message)| TlsError::Config(format!("{which:?}: {message}")),
-        )
+        Self::from_pem_parts(ca.as_bytes(), cert.as_bytes(), key.as_bytes())
+            .map_err(|(which, message)| TlsError::Config(format!("{which:?}: {message}")))
     }
 
     fn from_pem_parts(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, (Part, String)> {
@@ -152,10 +151,12 @@ impl TlsMaterial {
     /// The acceptor of a server node: client certificates chaining to the CA are required.
     pub fn acceptor(&self) -> Result<TlsAcceptor, TlsError> {
         let provider = Arc::new(default_provider());
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.root_store()?), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.root_store()?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -233,9 +234,7 @@ pub fn refusal_reason(err: &TlsError) -> &'static str {
         TlsError::HandshakeTimeout(_) => "timeout",
         TlsError::NoIdentity => "no_identity",
         TlsError::Handshake(io) => {
-            let inner = io
-                .get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>());
+            let inner = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
             match inner {
                 Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",
                 Some(rustls::Error::InvalidCertificate(cert_err)) => match cert_err {

@@ -128,10 +128,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_trip_and_limit() {
-        let f = frame(
-            7,
-            Kind::Ping(proto::Ping { nonce: 42 }),
-        );
+        let f = frame(7, Kind::Ping(proto::Ping { nonce: 42 }));
         let mut bytes = encode(&f).to_vec();
         // A second frame that announces more than the limit.
         bytes.extend_from_slice(&(u32::MAX).to_be_bytes());

@@ -1,0 +1,203 @@
+//! The load generator: closed-loop HTTP/1.1 clients on hyper's low-level connection API, one
+//! task per connection, every latency recorded in an HDR histogram.
+//!
+//! The same code drives the bare baseline server and the nodes, so the two differ only in
+//! what answers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header::{CONNECTION, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Barrier;
+
+/// Latencies are recorded in nanoseconds, up to a minute.
+const MAX_NS: u64 = 60_000_000_000;
+
+/// How each connection is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnMode {
+    /// One TCP connection per worker, many requests on it.
+    KeepAlive,
+    /// A new TCP connection per request, `Connection: close`.
+    Close,
+}
+
+/// What one measurement saw.
+pub struct Sample {
+    /// Requests completed inside the window.
+    pub requests: u64,
+    /// Requests that failed (I/O error or a status other than 200), inside or outside it.
+    pub errors: u64,
+    /// The window's length.
+    pub window: Duration,
+    /// Latencies of the requests inside the window, ns.
+    pub hist: Histogram<u64>,
+}
+
+impl Sample {
+    /// Requests per second.
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / self.window.as_secs_f64()
+    }
+
+    /// The latency at quantile `q`, in microseconds.
+    pub fn micros(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // Bounds are constants that hdrhistogram accepts.
+    Histogram::new_with_bounds(1, MAX_NS, 3).unwrap_or_else(|_| unreachable!())
+}
+
+/// An HTTP/1.1 connection to `addr`.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Empty<Bytes>>> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// `GET path` on `sender`; returns the status and the number of body bytes read.
+pub async fn get(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    path: &str,
+    close: bool,
+) -> anyhow::Result<(StatusCode, usize)> {
+    let mut request = Request::get(path).header(HOST, "127.0.0.1");
+    if close {
+        request = request.header(CONNECTION, "close");
+    }
+    let request = request.body(Empty::new())?;
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut read = 0;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            read += data.len();
+        }
+    }
+    Ok((status, read))
+}
+
+/// `GET path` on a fresh connection, the whole body as bytes (for checks).
+pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    let mut sender = connect(addr).await?;
+    let request = Request::get(path)
+        .header(HOST, "127.0.0.1")
+        .body(Empty::new())?;
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// Run `conns` closed-loop clients of `GET path` against `addr`: `warmup` unmeasured, then
+/// `window` measured.
+pub async fn run(
+    addr: SocketAddr,
+    path: &str,
+    conns: usize,
+    mode: ConnMode,
+    warmup: Duration,
+    window: Duration,
+) -> anyhow::Result<Sample> {
+    let barrier = Arc::new(Barrier::new(conns + 1));
+    let path: Arc<str> = path.into();
+    let mut workers = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let barrier = barrier.clone();
+        let path = path.clone();
+        workers.push(tokio::spawn(async move {
+            worker(addr, &path, mode, barrier, warmup, window).await
+        }));
+    }
+    barrier.wait().await;
+    let mut sample = Sample {
+        requests: 0,
+        errors: 0,
+        window,
+        hist: histogram(),
+    };
+    for worker in workers {
+        let (requests, errors, hist) = worker.await??;
+        sample.requests += requests;
+        sample.errors += errors;
+        sample.hist.add(&hist)?;
+    }
+    if sample.requests == 0 {
+        bail!("no request to {addr}{path} completed ({} errors)", sample.errors);
+    }
+    Ok(sample)
+}
+
+async fn worker(
+    addr: SocketAddr,
+    path: &str,
+    mode: ConnMode,
+    barrier: Arc<Barrier>,
+    warmup: Duration,
+    window: Duration,
+) -> anyhow::Result<(u64, u64, Histogram<u64>)> {
+    let mut hist = histogram();
+    let (mut requests, mut errors) = (0u64, 0u64);
+    let mut sender = match mode {
+        ConnMode::KeepAlive => Some(connect(addr).await?),
+        ConnMode::Close => None,
+    };
+    barrier.wait().await;
+    let from = Instant::now() + warmup;
+    let until = from + window;
+    loop {
+        let started = Instant::now();
+        if started >= until {
+            break;
+        }
+        let outcome = async {
+            let mut conn = match sender.take() {
+                Some(conn) => conn,
+                None => connect(addr).await?,
+            };
+            let got = get(&mut conn, path, mode == ConnMode::Close).await?;
+            if mode == ConnMode::KeepAlive {
+                sender = Some(conn);
+            }
+            anyhow::Ok(got)
+        }
+        .await;
+        let done = Instant::now();
+        match outcome {
+            Ok((StatusCode::OK, _)) if started >= from => {
+                requests += 1;
+                let ns = u64::try_from((done - started).as_nanos()).unwrap_or(MAX_NS);
+                hist.saturating_record(ns.clamp(1, MAX_NS));
+            }
+            Ok((StatusCode::OK, _)) => {}
+            _ => {
+                errors += 1;
+                if errors > 1000 && requests == 0 {
+                    bail!("{addr}{path}: every request fails ({outcome:?})", outcome = outcome.err());
+                }
+            }
+        }
+    }
+    Ok((requests, errors, hist))
+}

@@ -1,0 +1,564 @@
+//! `cargo bench --bench pipe`: restpipe's pipe against a bare HTTP server, in one run.
+//!
+//! Every server runs in its own process (the `restpipe` binary cargo built, or this binary
+//! re-executed as the bare axum baseline or the plain rustls copy server); the load generator
+//! is the same for all of them, in this process. Scenarios:
+//!
+//! - `keepalive`: `GET .../time` at 1, 32 and 256 keep-alive connections: the baseline, the
+//!   pipe client→server and server→client, and client→server with metrics on (statsd to a
+//!   UDP socket this process reads and discards);
+//! - `close`: a new TCP connection per request at 8 connections, baseline vs pipe;
+//! - `bulk`: 1 MiB and 16 MiB files through the pipe vs a plain rustls copy;
+//! - `scale`: server memory and CPU with 1,000 and 10,000 idle heartbeating client nodes, and
+//!   their reconnect times after the server is killed and restarted.
+//!
+//! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
+//! `--only keepalive,close,bulk,scale`, `--out FILE` (markdown; a full run defaults to
+//! `docs/BENCHMARKS.md`, between its `bench:pipe` markers).
+//!
+//! The modules: [`load`] (the load generator), [`procs`] (child processes, `/proc`),
+//! [`servers`] (the reference servers), [`bulk`], [`scale`], [`report`].
+
+mod bulk;
+mod load;
+mod procs;
+mod report;
+mod scale;
+mod servers;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use load::ConnMode;
+use report::{Bulk, Report, Run, Series};
+
+const SCENARIOS: [&str; 4] = ["keepalive", "close", "bulk", "scale"];
+const MIB: usize = 1024 * 1024;
+
+/// How long and how often each point is measured.
+struct Plan {
+    mode: &'static str,
+    runs: usize,
+    warmup: Duration,
+    window: Duration,
+    conns: Vec<usize>,
+    close_conns: usize,
+    bulk_sizes: Vec<usize>,
+    bulk_window: Duration,
+    bulk_min_reps: usize,
+    scale: scale::Plan,
+}
+
+impl Plan {
+    fn new(mode: &'static str) -> Plan {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        let (runs, warmup, window, bulk_window, bulk_min_reps, scale) = match mode {
+            "smoke" => (
+                1,
+                ms(100),
+                ms(300),
+                ms(0),
+                1,
+                scale::Plan {
+                    counts: vec![20, 100],
+                    settle: ms(500),
+                    window: s(1),
+                },
+            ),
+            "quick" => (
+                3,
+                ms(300),
+                s(1),
+                s(1),
+                3,
+                scale::Plan {
+                    counts: vec![1000],
+                    settle: s(6),
+                    window: s(5),
+                },
+            ),
+            _ => (
+                5,
+                ms(500),
+                s(3),
+                s(2),
+                3,
+                scale::Plan {
+                    counts: vec![1000, 10000],
+                    settle: s(6),
+                    window: s(15),
+                },
+            ),
+        };
+        Plan {
+            mode,
+            runs,
+            warmup,
+            window,
+            conns: vec![1, 32, 256],
+            close_conns: 8,
+            bulk_sizes: vec![MIB, 16 * MIB],
+            bulk_window,
+            bulk_min_reps,
+            scale,
+        }
+    }
+
+    fn method(&self) -> String {
+        format!(
+            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection. Scale: {:.1} s settle, {:.0} s CPU window.",
+            self.runs,
+            self.window.as_secs_f64(),
+            self.warmup.as_secs_f64(),
+            self.runs,
+            self.bulk_min_reps,
+            self.bulk_window.as_secs_f64(),
+            self.scale.settle.as_secs_f64(),
+            self.scale.window.as_secs_f64(),
+        )
+    }
+}
+
+struct Options {
+    mode: &'static str,
+    only: Vec<String>,
+    out: Option<PathBuf>,
+}
+
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale] [--out FILE]]";
+
+fn parse(args: &[String]) -> anyhow::Result<Options> {
+    let mut options = Options {
+        mode: "full",
+        only: SCENARIOS.iter().map(|s| s.to_string()).collect(),
+        out: None,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--smoke" => options.mode = "smoke",
+            "--quick" => options.mode = "quick",
+            "--full" => options.mode = "full",
+            "--only" => {
+                let list = it.next().context("--only needs a scenario list")?;
+                options.only = list.split(',').map(|s| s.trim().to_string()).collect();
+                for s in &options.only {
+                    if !SCENARIOS.contains(&s.as_str()) {
+                        bail!("unknown scenario {s:?}; scenarios: {}", SCENARIOS.join(", "));
+                    }
+                }
+            }
+            "--out" => options.out = Some(it.next().context("--out needs a file")?.into()),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(options)
+}
+
+fn main() -> ExitCode {
+    // cargo passes `--bench` to a harness-less bench.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let result = match args.first().map(String::as_str) {
+        Some("--serve-baseline") => port(&args).and_then(servers::baseline),
+        Some("--serve-rustls") => port(&args).and_then(|p| {
+            let dir = args.get(2).context("--serve-rustls PORT CERT_DIR")?;
+            servers::rustls_copy(p, std::path::Path::new(dir))
+        }),
+        Some("--load") => load_only(&args),
+        _ => parse(&args).and_then(bench),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--load ADDR PATH CONNS SECS`: only the load generator, against a server started by hand
+/// (for profiling one).
+fn load_only(args: &[String]) -> anyhow::Result<()> {
+    let usage = "--load ADDR PATH CONNS SECS";
+    let addr: std::net::SocketAddr = args.get(1).context(usage)?.parse()?;
+    let path = args.get(2).context(usage)?;
+    let conns: usize = args.get(3).context(usage)?.parse()?;
+    let secs: f64 = args.get(4).context(usage)?.parse()?;
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let sample = tokio::runtime::Runtime::new()?.block_on(load::run(
+        addr,
+        path,
+        conns,
+        ConnMode::KeepAlive,
+        Duration::from_millis(200),
+        Duration::from_secs_f64(secs),
+    ))?;
+    println!(
+        "{:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, errors {}",
+        sample.rps(),
+        sample.micros(0.5),
+        sample.micros(0.99),
+        sample.errors
+    );
+    Ok(())
+}
+
+fn port(args: &[String]) -> anyhow::Result<u16> {
+    args.get(1)
+        .context("a port is needed")?
+        .parse()
+        .context("bad port")
+}
+
+fn bench(options: Options) -> anyhow::Result<()> {
+    // Thousands of sockets: raise the soft limit on open files to the hard one (the server
+    // processes started from here inherit it).
+    let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    let plan = Plan::new(options.mode);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let started = std::time::Instant::now();
+    let mut report = runtime.block_on(run(&plan, &options))?;
+    report.machine.load.1 = loadavg();
+    let text = report.markdown();
+    println!("\n{text}");
+    let out = match (&options.out, plan.mode) {
+        (Some(path), _) => Some(path.clone()),
+        (None, "full") => Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md")),
+        (None, _) => None,
+    };
+    if let Some(path) = out {
+        report::write(&path, &text)?;
+        println!("written to {}", path.display());
+    }
+    println!(
+        "{} mode took {:.0} s (open-file limit {nofile})",
+        plan.mode,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn machine() -> report::Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "rustc (unknown version)".into());
+    report::Machine {
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu,
+        kernel,
+        rustc,
+        date: utc_now(),
+        load: (loadavg(), String::new()),
+    }
+}
+
+/// `2026-11-21 08:14 UTC`, from the system clock.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let (hh, mm) = ((secs % 86_400) / 3600, (secs % 3600) / 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02} UTC")
+}
+
+/// A UDP socket on loopback that counts and discards statsd datagrams until dropped.
+struct StatsdSink {
+    port: u16,
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl StatsdSink {
+    fn start() -> anyhow::Result<StatsdSink> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let port = socket.local_addr()?.port();
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (count.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                if socket.recv(&mut buf).is_ok() {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(StatsdSink { port, count, stop })
+    }
+}
+
+impl Drop for StatsdSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
+    let tmp = tempfile::tempdir()?;
+    let work = procs::Workdir::new(tmp.path())?;
+    let wants = |s: &str| options.only.iter().any(|o| o == s);
+    let mut report = Report {
+        mode: plan.mode,
+        method: plan.method(),
+        machine: machine(),
+        command: format!(
+            "cargo bench --bench pipe{}",
+            match plan.mode {
+                "full" => "",
+                "quick" => " -- --quick",
+                _ => " -- --smoke",
+            }
+        ),
+        ..Report::default()
+    };
+    println!(
+        "restpipe pipe bench, {} mode; scenarios: {}; scratch {}",
+        plan.mode,
+        options.only.join(", "),
+        tmp.path().display()
+    );
+    if wants("keepalive") || wants("close") {
+        requests(plan, &work, wants("keepalive"), wants("close"), &mut report).await?;
+    }
+    if wants("bulk") {
+        report.bulk = bulk_points(plan, &work).await?;
+    }
+    if wants("scale") {
+        println!("scale: {:?} idle clients", plan.scale.counts);
+        report.scale = Some(scale::run(&work, &plan.scale, procs::clock_ticks()).await?);
+    }
+    Ok(report)
+}
+
+/// A request target: what answers, and the path to ask.
+struct Target {
+    key: &'static str,
+    label: &'static str,
+    addr: std::net::SocketAddr,
+    path: &'static str,
+}
+
+async fn requests(
+    plan: &Plan,
+    work: &procs::Workdir,
+    keepalive: bool,
+    close: bool,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let sink = StatsdSink::start()?;
+    let (_baseline, baseline) = procs::baseline(work).await?;
+    let mut plain = procs::pair(
+        work,
+        &procs::PairOptions {
+            name: "pipe".into(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut metered = if keepalive {
+        Some(
+            procs::pair(
+                work,
+                &procs::PairOptions {
+                    name: "pipe-metrics".into(),
+                    statsd: Some(sink.port),
+                    ..Default::default()
+                },
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let mut targets = vec![
+        Target {
+            key: "baseline",
+            label: "baseline (bare axum)",
+            addr: baseline,
+            path: "/server/time",
+        },
+        Target {
+            key: "c2s",
+            label: "pipe client→server",
+            addr: plain.client_http,
+            path: "/server/time",
+        },
+        Target {
+            key: "s2c",
+            label: "pipe server→client",
+            addr: plain.server_http,
+            path: "/client/dev-client/time",
+        },
+    ];
+    if let Some(m) = &metered {
+        targets.push(Target {
+            key: "c2s-metrics",
+            label: "pipe client→server, metrics on",
+            addr: m.client_http,
+            path: "/server/time",
+        });
+    }
+    for t in &targets {
+        let (status, body) = load::fetch(t.addr, t.path).await?;
+        let text = String::from_utf8_lossy(&body);
+        if status != hyper::StatusCode::OK || !text.contains("\"time_from_") {
+            bail!("{}: GET {} answered {status} {text}", t.label, t.path);
+        }
+    }
+    let mut points: Vec<(usize, ConnMode)> = Vec::new();
+    if keepalive {
+        points.extend(plan.conns.iter().map(|&c| (c, ConnMode::KeepAlive)));
+    }
+    if close {
+        points.push((plan.close_conns, ConnMode::Close));
+    }
+    for &(conns, mode) in &points {
+        for t in &targets {
+            if mode == ConnMode::Close && !matches!(t.key, "baseline" | "c2s") {
+                continue;
+            }
+            report.series.push(Series {
+                key: t.key,
+                label: t.label,
+                conns,
+                mode,
+                runs: Vec::new(),
+            });
+        }
+    }
+    for run in 1..=plan.runs {
+        for series in report.series.iter_mut() {
+            let t = targets
+                .iter()
+                .find(|t| t.key == series.key)
+                .context("target")?;
+            let sample = load::run(
+                t.addr,
+                t.path,
+                series.conns,
+                series.mode,
+                plan.warmup,
+                plan.window,
+            )
+            .await
+            .with_context(|| format!("{} at {} conns", t.label, series.conns))?;
+            let r = Run::from(&sample);
+            println!(
+                "  run {run}/{}: {:<32} {:>3} conns {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  errors {}",
+                plan.runs,
+                t.label,
+                series.conns,
+                if series.mode == ConnMode::Close { "close" } else { "keep-alive" },
+                r.rps,
+                r.p50,
+                r.p99,
+                r.errors
+            );
+            series.runs.push(r);
+        }
+        plain.check_alive()?;
+        if let Some(m) = metered.as_mut() {
+            m.check_alive()?;
+        }
+    }
+    report.statsd_datagrams = sink.count.load(Ordering::Relaxed);
+    Ok(())
+}
+
+async fn bulk_points(plan: &Plan, work: &procs::Workdir) -> anyhow::Result<Vec<Bulk>> {
+    let files = bulk::write_files(work, &plan.bulk_sizes)?;
+    // 16 MiB is the default frame limit and the files handlers keep 1/16 of it for the rest
+    // of the frame, so both nodes get a 32 MiB limit here.
+    let mut pair = procs::pair(
+        work,
+        &procs::PairOptions {
+            name: "pipe-bulk".into(),
+            extra: vec!["--max-frame".into(), (32 * MIB).to_string()],
+            client_extra: vec![
+                "--handlers".into(),
+                "time,files".into(),
+                "--files-root".into(),
+                files.display().to_string(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (_copy, copy) = procs::rustls_copy(work).await?;
+    let mut points: Vec<Bulk> = plan
+        .bulk_sizes
+        .iter()
+        .map(|&size| Bulk {
+            size,
+            pipe: Vec::new(),
+            rustls: Vec::new(),
+        })
+        .collect();
+    for run in 1..=plan.runs {
+        for point in points.iter_mut() {
+            let size = point.size;
+            let p = bulk::pipe(pair.server_http, size, plan.bulk_window, plan.bulk_min_reps)
+                .await
+                .with_context(|| format!("bulk {size} bytes through the pipe"))?;
+            let r = bulk::rustls(work, copy, size, plan.bulk_window, plan.bulk_min_reps)
+                .await
+                .with_context(|| format!("bulk {size} bytes over rustls"))?;
+            println!(
+                "  run {run}/{}: bulk {:>2} MiB: pipe {p:>6.0} MB/s, plain rustls {r:>6.0} MB/s",
+                plan.runs,
+                size / MIB
+            );
+            point.pipe.push(p);
+            point.rustls.push(r);
+        }
+        pair.check_alive()?;
+    }
+    Ok(points)
+}

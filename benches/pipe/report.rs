@@ -1,0 +1,483 @@
+//! What the bench measured, and its markdown: the tables, the machine, and the targets.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::load::{ConnMode, Sample};
+use crate::scale;
+
+/// The markers between which the results live in an existing markdown file.
+pub const BEGIN: &str = "<!-- bench:pipe:begin -->";
+/// See [`BEGIN`].
+pub const END: &str = "<!-- bench:pipe:end -->";
+
+/// One run of one point, reduced.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    /// Requests per second.
+    pub rps: f64,
+    /// Latency quantiles, µs.
+    pub p50: f64,
+    /// 99th percentile, µs.
+    pub p99: f64,
+    /// 99.9th percentile, µs.
+    pub p999: f64,
+    /// Failed requests.
+    pub errors: u64,
+}
+
+impl From<&Sample> for Run {
+    fn from(s: &Sample) -> Run {
+        Run {
+            rps: s.rps(),
+            p50: s.micros(0.5),
+            p99: s.micros(0.99),
+            p999: s.micros(0.999),
+            errors: s.errors,
+        }
+    }
+}
+
+/// The runs of one request point: a target at a number of connections.
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// Short key of the target (`baseline`, `c2s`, `s2c`, `c2s-metrics`).
+    pub key: &'static str,
+    /// What the target is.
+    pub label: &'static str,
+    /// Concurrent connections.
+    pub conns: usize,
+    /// Keep-alive or a connection per request.
+    pub mode: ConnMode,
+    /// One entry per run.
+    pub runs: Vec<Run>,
+}
+
+/// The runs of one bulk point.
+#[derive(Clone, Debug)]
+pub struct Bulk {
+    /// Bytes per transfer.
+    pub size: usize,
+    /// MB/s through the pipe, per run.
+    pub pipe: Vec<f64>,
+    /// MB/s over plain rustls, per run.
+    pub rustls: Vec<f64>,
+}
+
+/// The machine and the moment.
+#[derive(Clone, Debug, Default)]
+pub struct Machine {
+    /// Cores.
+    pub cores: usize,
+    /// CPU model.
+    pub cpu: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// `rustc --version`.
+    pub rustc: String,
+    /// UTC date and time of the start.
+    pub date: String,
+    /// Load average (1 min) at the start and at the end.
+    pub load: (String, String),
+}
+
+/// Everything one invocation measured.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// `smoke`, `quick` or `full`.
+    pub mode: &'static str,
+    /// How each point was measured, in words.
+    pub method: String,
+    /// The machine.
+    pub machine: Machine,
+    /// Request points.
+    pub series: Vec<Series>,
+    /// Bulk points.
+    pub bulk: Vec<Bulk>,
+    /// The scale scenario.
+    pub scale: Option<scale::Outcome>,
+    /// statsd datagrams received while metrics were on.
+    pub statsd_datagrams: u64,
+    /// The command that produced it.
+    pub command: String,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+fn min_max(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+/// `12,345`
+fn thousands(x: f64) -> String {
+    if !x.is_finite() {
+        return "-".into();
+    }
+    let n = x.round() as i64;
+    let digits = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+fn pct_range(values: &[f64]) -> String {
+    let (lo, hi) = min_max(values);
+    format!("{:.0}–{:.0}%", lo * 100.0, hi * 100.0)
+}
+
+impl Series {
+    fn col(&self, f: impl Fn(&Run) -> f64) -> Vec<f64> {
+        self.runs.iter().map(f).collect()
+    }
+
+    /// Median p50, µs.
+    pub fn p50(&self) -> f64 {
+        median(&self.col(|r| r.p50))
+    }
+}
+
+impl Report {
+    fn find(&self, key: &str, conns: usize, mode: ConnMode) -> Option<&Series> {
+        self.series
+            .iter()
+            .find(|s| s.key == key && s.conns == conns && s.mode == mode)
+    }
+
+    /// Per-run ratios of `key`'s req/s to `base`'s at the same point.
+    fn ratios(&self, key: &str, base: &str, conns: usize, mode: ConnMode) -> Option<Vec<f64>> {
+        let a = self.find(key, conns, mode)?;
+        let b = self.find(base, conns, mode)?;
+        Some(
+            a.runs
+                .iter()
+                .zip(&b.runs)
+                .map(|(a, b)| a.rps / b.rps)
+                .collect(),
+        )
+    }
+
+    fn request_table(&self, out: &mut String, mode: ConnMode) {
+        out.push_str("| path | conns | req/s (median) | req/s min–max | p50 µs | p99 µs | p99.9 µs | errors | vs baseline (min–max) |\n");
+        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---|\n");
+        let mut conns: Vec<usize> = self
+            .series
+            .iter()
+            .filter(|s| s.mode == mode)
+            .map(|s| s.conns)
+            .collect();
+        conns.dedup();
+        for s in self.series.iter().filter(|s| s.mode == mode) {
+            let rps = s.col(|r| r.rps);
+            let (lo, hi) = min_max(&rps);
+            let base = if s.key == "c2s-metrics" {
+                "c2s"
+            } else {
+                "baseline"
+            };
+            let versus = match self.ratios(s.key, base, s.conns, mode) {
+                Some(r) if s.key != "baseline" => {
+                    let of = if base == "c2s" { " of metrics off" } else { "" };
+                    format!("{}{of} ({})", pct(median(&r)), pct_range(&r))
+                }
+                _ => "—".into(),
+            };
+            let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {}–{} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                s.label,
+                s.conns,
+                thousands(median(&rps)),
+                thousands(lo),
+                thousands(hi),
+                s.p50(),
+                median(&s.col(|r| r.p99)),
+                median(&s.col(|r| r.p999)),
+                errors,
+                versus
+            );
+        }
+    }
+
+    /// The whole report as markdown.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            out,
+            "Results of `{}` ({} mode), {}.\n",
+            self.command, self.mode, m.date
+        );
+        let _ = writeln!(
+            out,
+            "Machine: {} cores, {}; Linux {}; {}. Load average (1 min) {} at the start, {} at the end: the machine is shared, so ratios measured in the same run are what count.\n",
+            m.cores, m.cpu, m.kernel, m.rustc, m.load.0, m.load.1
+        );
+        let _ = writeln!(out, "{}\n", self.method);
+
+        if self.series.iter().any(|s| s.mode == ConnMode::KeepAlive) {
+            out.push_str("### `GET .../time` over keep-alive connections\n\n");
+            self.request_table(&mut out, ConnMode::KeepAlive);
+            if self.statsd_datagrams > 0 {
+                let _ = writeln!(
+                    out,
+                    "\nWith metrics on, the bench's statsd socket received {} datagrams (read and discarded).",
+                    thousands(self.statsd_datagrams as f64)
+                );
+            }
+            out.push('\n');
+        }
+        if self.series.iter().any(|s| s.mode == ConnMode::Close) {
+            out.push_str("### A new TCP connection per request (`Connection: close`)\n\n");
+            self.request_table(&mut out, ConnMode::Close);
+            out.push('\n');
+        }
+        if !self.bulk.is_empty() {
+            out.push_str("### Bulk: one file through the pipe vs a plain rustls copy\n\n");
+            out.push_str("| size | pipe MB/s (median) | min–max | plain rustls MB/s | min–max | pipe / rustls (min–max) |\n");
+            out.push_str("|---:|---:|---|---:|---|---|\n");
+            for b in &self.bulk {
+                let (plo, phi) = min_max(&b.pipe);
+                let (rlo, rhi) = min_max(&b.rustls);
+                let ratios: Vec<f64> = b.pipe.iter().zip(&b.rustls).map(|(p, r)| p / r).collect();
+                let _ = writeln!(
+                    out,
+                    "| {} MiB | {:.0} | {:.0}–{:.0} | {:.0} | {:.0}–{:.0} | {} ({}) |",
+                    b.size / (1024 * 1024),
+                    median(&b.pipe),
+                    plo,
+                    phi,
+                    median(&b.rustls),
+                    rlo,
+                    rhi,
+                    pct(median(&ratios)),
+                    pct_range(&ratios)
+                );
+            }
+            out.push('\n');
+        }
+        if let Some(sc) = &self.scale {
+            out.push_str("### Idle clients on one server\n\n");
+            let _ = writeln!(
+                out,
+                "{} client certificates issued in {:.1} s. Server with no client: RSS {:.1} MiB, CPU {:.2}% of one core.\n",
+                sc.issued.0,
+                sc.issued.1,
+                sc.rss_empty as f64 / 1048576.0,
+                sc.cpu_empty_pct
+            );
+            out.push_str("| clients | server RSS | bytes per client | server CPU (% of one core) | client nodes' CPU (bench process) | time to connect them |\n");
+            out.push_str("|---:|---:|---:|---:|---:|---:|\n");
+            for p in &sc.points {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} MiB | {} ({:.1} KiB) | {:.2}% | {:.2}% | {:.1} s |",
+                    thousands(p.clients as f64),
+                    p.rss as f64 / 1048576.0,
+                    thousands(p.bytes_per_client),
+                    p.bytes_per_client / 1024.0,
+                    p.server_cpu_pct,
+                    p.clients_cpu_pct,
+                    p.connect_secs
+                );
+            }
+            let r = &sc.restart;
+            let _ = writeln!(
+                out,
+                "\nRestart with {} clients (server killed with SIGKILL, started again on the same port; ready {:.2} s after the kill): {} back, {} missing. Reconnect time from the restart: p10 {:.2} s, p50 {:.2} s, p90 {:.2} s, p99 {:.2} s, max {:.2} s; the server's `/health` counted every client {:.1} s after the restart. Most reconnects in any 100 ms: {}. Reconnects per second after the restart: {:?}. Server RSS once all were back: {:.1} MiB.",
+                thousands(r.clients as f64),
+                r.server_ready_secs,
+                thousands(r.times.len() as f64),
+                r.missing,
+                r.quantile(0.1),
+                r.quantile(0.5),
+                r.quantile(0.9),
+                r.quantile(0.99),
+                r.quantile(1.0),
+                r.server_counted_secs,
+                r.peak_per_100ms,
+                r.per_second,
+                r.rss_after as f64 / 1048576.0
+            );
+            out.push('\n');
+        }
+        self.targets(&mut out);
+        out
+    }
+
+    fn targets(&self, out: &mut String) {
+        let mut rows: Vec<(String, String, String)> = Vec::new();
+        let verdict = |ok: bool, aim: Option<bool>| -> String {
+            match (ok, aim) {
+                (true, Some(true)) => "met (aim met too)".into(),
+                (true, Some(false)) => "met (aim missed)".into(),
+                (true, None) => "met".into(),
+                (false, _) => "**missed**".into(),
+            }
+        };
+        let ka = ConnMode::KeepAlive;
+        for (key, name) in [("c2s", "client→server"), ("s2c", "server→client")] {
+            if let Some(r) = self.ratios(key, "baseline", 32, ka) {
+                let x = median(&r);
+                rows.push((
+                    format!("32 keep-alive conns, pipe {name}: ≥ 40% of baseline req/s (aim > 50%)"),
+                    format!("{} ({})", pct(x), pct_range(&r)),
+                    verdict(x >= 0.40, Some(x > 0.50)),
+                ));
+            }
+        }
+        for (key, name) in [("c2s", "client→server"), ("s2c", "server→client")] {
+            if let (Some(a), Some(b)) = (self.find(key, 1, ka), self.find("baseline", 1, ka)) {
+                let added = a.p50() - b.p50();
+                rows.push((
+                    format!("1 conn, pipe {name}: adds ≤ 60 µs p50 over baseline (aim 30 µs)"),
+                    format!("+{added:.0} µs ({:.0} vs {:.0} µs)", a.p50(), b.p50()),
+                    verdict(added <= 60.0, Some(added <= 30.0)),
+                ));
+            }
+        }
+        if let Some(r) = self.ratios("c2s", "baseline", 8, ConnMode::Close) {
+            let x = median(&r);
+            rows.push((
+                "`Connection: close` at 8 conns: ≥ 50% of baseline".into(),
+                format!("{} ({})", pct(x), pct_range(&r)),
+                verdict(x >= 0.5, None),
+            ));
+        }
+        for conns in [1, 32, 256] {
+            if let Some(r) = self.ratios("c2s-metrics", "c2s", conns, ka) {
+                let on = self.find("c2s-metrics", conns, ka).map(|s| s.col(|r| r.rps));
+                let off = self.find("c2s", conns, ka).map(|s| s.col(|r| r.rps));
+                let overlap = match (on, off) {
+                    (Some(on), Some(off)) => {
+                        let (a0, a1) = min_max(&on);
+                        let (b0, b1) = min_max(&off);
+                        a0 <= b1 && b0 <= a1
+                    }
+                    _ => false,
+                };
+                let x = median(&r);
+                rows.push((
+                    format!("metrics on vs off, {conns} conns: no measurable slowdown"),
+                    format!(
+                        "{} of off ({}); req/s ranges {}",
+                        pct(x),
+                        pct_range(&r),
+                        if overlap { "overlap" } else { "do not overlap" }
+                    ),
+                    if x >= 0.95 {
+                        "met (within 5%)".into()
+                    } else if overlap {
+                        format!("**not shown**: {:.0}% slower, in the noise", (1.0 - x) * 100.0)
+                    } else {
+                        format!("**missed** ({:.0}% slower)", (1.0 - x) * 100.0)
+                    },
+                ));
+            }
+        }
+        if let Some(b) = self.bulk.iter().max_by_key(|b| b.size) {
+            let ratios: Vec<f64> = b.pipe.iter().zip(&b.rustls).map(|(p, r)| p / r).collect();
+            let x = median(&ratios);
+            rows.push((
+                format!(
+                    "{} MiB bulk: ≥ 50% of plain rustls",
+                    b.size / (1024 * 1024)
+                ),
+                format!("{} ({})", pct(x), pct_range(&ratios)),
+                verdict(x >= 0.5, None),
+            ));
+        }
+        if let Some(sc) = &self.scale {
+            if let Some(p) = sc.points.last() {
+                let kib = p.bytes_per_client / 1024.0;
+                rows.push((
+                    format!(
+                        "{} idle clients: ≤ 64 KiB server RSS per connection (aim 20 KiB)",
+                        thousands(p.clients as f64)
+                    ),
+                    format!("{kib:.1} KiB"),
+                    verdict(kib <= 64.0, Some(kib <= 20.0)),
+                ));
+                rows.push((
+                    format!(
+                        "{} idle clients: heartbeats < 10% of one core",
+                        thousands(p.clients as f64)
+                    ),
+                    format!("{:.2}%", p.server_cpu_pct),
+                    verdict(p.server_cpu_pct < 10.0, None),
+                ));
+            }
+            let r = &sc.restart;
+            let all = r.quantile(1.0);
+            rows.push((
+                format!(
+                    "{} clients back within 30 s of a restart, no thundering herd",
+                    thousands(r.clients as f64)
+                ),
+                format!(
+                    "all in {all:.1} s (p50 {:.2} s, p90 {:.2} s); at most {} in any 100 ms; {} missing",
+                    r.quantile(0.5),
+                    r.quantile(0.9),
+                    r.peak_per_100ms,
+                    r.missing
+                ),
+                verdict(r.missing == 0 && all <= 30.0, None),
+            ));
+        }
+        if rows.is_empty() {
+            return;
+        }
+        out.push_str("### Targets\n\n| target | measured (median, min–max over runs) | verdict |\n|---|---|---|\n");
+        for (t, m, v) in rows {
+            let _ = writeln!(out, "| {t} | {m} | {v} |");
+        }
+        out.push('\n');
+    }
+}
+
+/// Write `text` to `path`: between the markers if the file has them, else appended with them
+/// (a new file holds just the results).
+pub fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    let block = format!("{BEGIN}\n{text}{END}\n");
+    let new = match std::fs::read_to_string(path) {
+        Ok(old) => match (old.find(BEGIN), old.find(END)) {
+            (Some(b), Some(e)) if b < e => {
+                format!("{}{block}{}", &old[..b], old[e + END.len()..].trim_start_matches('\n'))
+            }
+            _ => format!("{old}\n{block}"),
+        },
+        Err(_) => format!("# Benchmarks\n\n{block}"),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, new)?;
+    Ok(())
+}

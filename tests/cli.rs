@@ -1,0 +1,524 @@
+//! The `restpipe` command as a user runs it: the demo and the curl lines it prints, start-up
+//! errors that are one clear line, and a server and a client as two real processes talking
+//! over certificate files. Each child is stopped with SIGTERM and must exit 0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{wait_until_async, within};
+use reqwest::StatusCode;
+use restpipe_certs::{write_dev_set, DevOutcome, DevPaths, DEV_CLIENT_IDENTITY};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_restpipe");
+
+/// The command with a clean environment (no `RP_*`, `DEBUG` or `RUST_LOG` from the caller)
+/// run in `dir`, so that no default `certs/` directory is found by accident.
+fn restpipe(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (a child process must bind it itself).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Send SIGTERM to `child`, as `kill -TERM <pid>` does.
+fn terminate(child: &Child) {
+    let pid = child.id().expect("the child is still running");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM {pid} failed");
+}
+
+/// Wait (at most 10 s) for `child` to exit after SIGTERM and assert it exited 0.
+async fn assert_exits_cleanly(child: &mut Child, what: &str) {
+    let status = within(Duration::from_secs(10), what, child.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "{what} exited with {status}");
+}
+
+/// Collect everything the child writes on stderr, to show it when a test fails.
+fn collect_stderr(child: &mut Child) -> tokio::task::JoinHandle<String> {
+    let mut stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    })
+}
+
+async fn get(url: &str) -> reqwest::Response {
+    within(Duration::from_secs(30), url, http().get(url).send())
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+async fn get_json(url: &str) -> Value {
+    let response = get(url).await;
+    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
+    assert_eq!(
+        response.headers()["x-event-return-code"],
+        "0",
+        "GET {url} crossed the pipe"
+    );
+    response.json().await.unwrap()
+}
+
+// ----------------------------------------------------------------------------------------
+// restpipe demo
+
+/// One `curl` line the demo printed.
+#[derive(Debug)]
+struct CurlLine {
+    line: String,
+    url: String,
+    /// `-i`: the user wants to see the status, which the comment states.
+    shows_status: bool,
+    comment: String,
+}
+
+fn parse_curl_line(line: &str) -> Option<CurlLine> {
+    let line = line.trim();
+    let rest = line.strip_prefix("curl ")?;
+    let (command, comment) = rest.split_once('#').unwrap_or((rest, ""));
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let url = words
+        .iter()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"));
+    for word in &words {
+        assert!(
+            word.starts_with("http://") || *word == "-i",
+            "option {word:?} in {line:?} is not handled by this test"
+        );
+    }
+    Some(CurlLine {
+        line: line.to_string(),
+        url: url.to_string(),
+        shows_status: words.contains(&"-i"),
+        comment: comment.trim().to_string(),
+    })
+}
+
+/// Run one curl line as the user would and check what it answers.
+async fn check_curl_line(curl: &CurlLine) {
+    let url = curl.url.as_str();
+    if curl.shows_status {
+        // The comment says what to expect: "404, X-Event-Return-Code: 255" or "400".
+        let expected: u16 = curl
+            .comment
+            .split(|c: char| !c.is_ascii_digit())
+            .find(|w| !w.is_empty())
+            .unwrap_or_else(|| panic!("no status in the comment of {:?}", curl.line))
+            .parse()
+            .unwrap();
+        let response = get(url).await;
+        assert_eq!(response.status().as_u16(), expected, "{}", curl.line);
+        let code = response
+            .headers()
+            .get("x-event-return-code")
+            .map(|v| v.to_str().unwrap().to_string());
+        match curl.comment.split_once("X-Event-Return-Code:") {
+            Some((_, promised)) => {
+                assert_eq!(code.as_deref(), Some(promised.trim()), "{}", curl.line)
+            }
+            None => assert_eq!(code, None, "{}", curl.line),
+        }
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"].is_string(), "{}: {body}", curl.line);
+        return;
+    }
+    let path = url.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+    match path.as_str() {
+        "/server/time" => {
+            let body = get_json(url).await;
+            let time = body["time_from_server"].as_f64().expect("time_from_server");
+            assert!((time - now_secs()).abs() < 60.0, "{body}");
+        }
+        "/server/cat//hello%20/world" => {
+            assert_eq!(
+                get_json(url).await,
+                json!({ "result_from_server": "hello world" })
+            );
+        }
+        "/client/dev-client/time" => {
+            let body = get_json(url).await;
+            let time = body["time_from_client"].as_f64().expect("time_from_client");
+            assert!((time - now_secs()).abs() < 60.0, "{body}");
+        }
+        "/client/dev-client/files//" => {
+            let body = get_json(url).await;
+            let names: Vec<&str> = body["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(names, ["hello.txt", "reports"], "{body}");
+        }
+        "/client/dev-client/file//reports/q3.csv" => {
+            let response = get(url).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.headers()["x-event-return-code"], "0");
+            assert_eq!(response.text().await.unwrap(), "quarter,revenue\nq3,42\n");
+        }
+        "/clients" => {
+            let response = get(url).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body[0]["identity"], DEV_CLIENT_IDENTITY, "{body}");
+        }
+        "/status" => {
+            let response = get(url).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["role"], "client", "{body}");
+            assert_eq!(body["connected"], true, "{body}");
+            assert_eq!(body["peers"][0]["identity"], "localhost", "{body}");
+        }
+        other => panic!(
+            "the demo prints {:?} ({other}), which this test does not know",
+            curl.line
+        ),
+    }
+}
+
+/// `restpipe demo` on ports chosen by the system prints curl lines with the real ports;
+/// every one of them answers what it promises; SIGTERM stops the demo with exit code 0.
+#[tokio::test]
+async fn demo_prints_curl_lines_that_work_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = restpipe(dir.path())
+        .args([
+            "demo",
+            "--client-http",
+            "127.0.0.1:0",
+            "--server-http",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = collect_stderr(&mut child);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    let mut curls = Vec::new();
+    let mut printed = String::new();
+    let finished = within(Duration::from_secs(30), "the demo's instructions", async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.trim() == "Ctrl-C stops both." {
+                return true;
+            }
+            if let Some(curl) = parse_curl_line(&line) {
+                curls.push(curl);
+            }
+        }
+        false
+    })
+    .await;
+    if !finished {
+        child.kill().await.unwrap();
+        panic!(
+            "the demo ended before its instructions:\n{printed}\nstderr:\n{}",
+            stderr.await.unwrap()
+        );
+    }
+    assert!(curls.len() >= 9, "too few curl lines:\n{printed}");
+    for curl in &curls {
+        assert!(!curl.url.contains(":0/"), "port 0 printed: {}", curl.line);
+        check_curl_line(curl).await;
+    }
+    assert!(curls
+        .iter()
+        .any(|c| c.shows_status && c.comment.contains("404")));
+    assert!(curls
+        .iter()
+        .any(|c| c.shows_status && c.comment.contains("400")));
+
+    terminate(&child);
+    assert_exits_cleanly(&mut child, "the demo").await;
+    let stderr = stderr.await.unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+// ----------------------------------------------------------------------------------------
+// Start-up errors
+
+/// Run the command to its end; returns the exit code and stderr.
+async fn run_to_end(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let output = within(
+        Duration::from_secs(20),
+        "the command to fail",
+        restpipe(dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Assert a start-up failure: exit code 1 and one line on stderr, `error: ...`, naming
+/// `needle`; never a panic.
+async fn assert_fails_with(dir: &Path, args: &[&str], needle: &str) {
+    let (code, stderr) = run_to_end(dir, args).await;
+    assert_eq!(code, Some(1), "restpipe {args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "restpipe {args:?} said more than one line:\n{stderr}"
+    );
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "expected {needle:?} in: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Missing certificate files, a config file with an unknown key, a public `--http` without a
+/// token, an unknown handler set and `files` without a root: each is one clear line and exit
+/// code 1.
+#[tokio::test]
+async fn start_up_errors_are_one_clear_line_and_exit_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let DevOutcome::Written(paths) = write_dev_set(&certs, false).unwrap() else {
+        panic!("a fresh directory already held certificates");
+    };
+    let ca = paths.ca_cert.to_str().unwrap();
+    let cert = paths.server_cert.to_str().unwrap();
+    let key = paths.server_key.to_str().unwrap();
+    let ports = [
+        "--bind-interface",
+        "127.0.0.1",
+        "--bind-port",
+        "0",
+        "--http",
+        "127.0.0.1:0",
+        "--statsd-host",
+        "",
+    ];
+
+    let mut args = vec!["server", "--ca", "/nonexistent/ca.pem"];
+    args.extend_from_slice(&ports);
+    assert_fails_with(dir.path(), &args, "/nonexistent/ca.pem").await;
+
+    let mut args = vec![
+        "server",
+        "--ca",
+        ca,
+        "--cert",
+        cert,
+        "--key",
+        "/nonexistent/k",
+    ];
+    args.extend_from_slice(&ports);
+    assert_fails_with(dir.path(), &args, "/nonexistent/k").await;
+
+    let config = dir.path().join("rp.toml");
+    std::fs::write(&config, "bind_prt = 4000\n").unwrap();
+    assert_fails_with(
+        dir.path(),
+        &["server", "--config", config.to_str().unwrap()],
+        "bind_prt",
+    )
+    .await;
+
+    assert_fails_with(
+        dir.path(),
+        &["client", "--http", "0.0.0.0:0"],
+        "--http-token",
+    )
+    .await;
+
+    let tls = ["--ca", ca, "--cert", cert, "--key", key];
+    let mut args = vec!["server", "--handlers", "nope"];
+    args.extend_from_slice(&tls);
+    args.extend_from_slice(&ports);
+    assert_fails_with(dir.path(), &args, "\"nope\"").await;
+
+    let mut args = vec!["server", "--handlers", "time,files"];
+    args.extend_from_slice(&tls);
+    args.extend_from_slice(&ports);
+    assert_fails_with(dir.path(), &args, "--files-root").await;
+}
+
+// ----------------------------------------------------------------------------------------
+// Two real processes
+
+/// Start `restpipe <args>` with stderr collected.
+fn spawn_node(dir: &Path, args: &[&str]) -> (Child, tokio::task::JoinHandle<String>) {
+    let mut child = restpipe(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = collect_stderr(&mut child);
+    (child, stderr)
+}
+
+/// `restpipe server` and `restpipe client` as two processes, with the certificate files of
+/// `restpipe_certs::write_dev_set`: requests succeed both ways, and SIGTERM stops each with
+/// exit code 0.
+#[tokio::test]
+async fn a_server_and_a_client_process_talk_both_ways_and_stop_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let DevOutcome::Written(paths) = write_dev_set(&dir.path().join("certs"), false).unwrap()
+    else {
+        panic!("a fresh directory already held certificates");
+    };
+    let DevPaths {
+        ca_cert,
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+        ..
+    } = paths;
+    let pipe_port = free_port().to_string();
+    let server_http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let client_http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (server_http_s, client_http_s) = (server_http.to_string(), client_http.to_string());
+
+    let (mut server, server_log) = spawn_node(
+        dir.path(),
+        &[
+            "server",
+            "--ca",
+            ca_cert.to_str().unwrap(),
+            "--cert",
+            server_cert.to_str().unwrap(),
+            "--key",
+            server_key.to_str().unwrap(),
+            "--bind-interface",
+            "127.0.0.1",
+            "--bind-port",
+            &pipe_port,
+            "--http",
+            &server_http_s,
+            "--statsd-host",
+            "",
+        ],
+    );
+    let (mut client, client_log) = spawn_node(
+        dir.path(),
+        &[
+            "client",
+            "--ca",
+            ca_cert.to_str().unwrap(),
+            "--cert",
+            client_cert.to_str().unwrap(),
+            "--key",
+            client_key.to_str().unwrap(),
+            "--server-host",
+            "127.0.0.1",
+            "--server-port",
+            &pipe_port,
+            "--server-name",
+            "localhost",
+            "--http",
+            &client_http_s,
+            "--statsd-host",
+            "",
+        ],
+    );
+
+    // Both front doors report a live pipe (the client reconnects if it dialled too early).
+    let up = wait_until_async(Duration::from_secs(15), || async move {
+        let healthy = |addr: SocketAddr| async move {
+            match http().get(format!("http://{addr}/health")).send().await {
+                Ok(r) => r.status() == StatusCode::OK,
+                Err(_) => false,
+            }
+        };
+        let clients = async move {
+            match http()
+                .get(format!("http://{server_http}/clients"))
+                .send()
+                .await
+            {
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v[0]["identity"] == DEV_CLIENT_IDENTITY),
+                Err(_) => false,
+            }
+        };
+        healthy(client_http).await && healthy(server_http).await && clients.await
+    })
+    .await;
+    if !up {
+        let _ = server.kill().await;
+        let _ = client.kill().await;
+        panic!(
+            "the nodes never connected\nserver:\n{}\nclient:\n{}",
+            server_log.await.unwrap(),
+            client_log.await.unwrap()
+        );
+    }
+
+    let body = get_json(&format!("http://{client_http}/server/time")).await;
+    assert!((body["time_from_server"].as_f64().unwrap() - now_secs()).abs() < 60.0);
+    let body = get_json(&format!("http://{client_http}/server/cat//hello%20/world")).await;
+    assert_eq!(body, json!({ "result_from_server": "hello world" }));
+    let body = get_json(&format!(
+        "http://{server_http}/client/{DEV_CLIENT_IDENTITY}/time"
+    ))
+    .await;
+    assert!((body["time_from_client"].as_f64().unwrap() - now_secs()).abs() < 60.0);
+    let body = get_json(&format!("http://{server_http}/client/127.0.0.1/cat//a/b")).await;
+    assert_eq!(body, json!({ "result_from_client": "ab" }));
+
+    terminate(&client);
+    terminate(&server);
+    assert_exits_cleanly(&mut client, "the client process").await;
+    assert_exits_cleanly(&mut server, "the server process").await;
+    for log in [server_log.await.unwrap(), client_log.await.unwrap()] {
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
