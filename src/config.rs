@@ -56,10 +56,15 @@ pub struct DemoArgs {
 }
 
 /// Flags of `restpipe server` and `restpipe client`. Defaults depend on the side.
-#[derive(Debug, Args, Default)]
+///
+/// The same struct reads the TOML file: every key optional (the flag's name with `_` for
+/// `-`), unknown keys refused.
+#[derive(Debug, Args, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct NodeArgs {
     /// A TOML file with any of these settings (keys as the flags, with `_` for `-`).
     #[arg(long, env = "RP_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// The CA certificate that peers must chain to [default: certs/ca.pem].
     #[arg(long, env = "RP_CA")]
@@ -157,40 +162,6 @@ fn parse_flag(s: &str) -> Result<bool, String> {
     }
 }
 
-/// The TOML file: the same settings, every key optional, unknown keys refused.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    bind_interface: Option<IpAddr>,
-    bind_port: Option<u16>,
-    max_connections: Option<usize>,
-    server_host: Option<String>,
-    server_port: Option<u16>,
-    server_name: Option<String>,
-    reconnect_max: Option<f64>,
-    http: Option<SocketAddr>,
-    http_token: Option<String>,
-    http_insecure: Option<bool>,
-    handlers: Option<Vec<String>>,
-    files_root: Option<PathBuf>,
-    forward: Option<Vec<String>>,
-    heartbeat_interval: Option<f64>,
-    heartbeat_timeout: Option<f64>,
-    handshake_timeout: Option<f64>,
-    connect_wait: Option<f64>,
-    request_timeout: Option<f64>,
-    max_frame: Option<usize>,
-    max_in_flight: Option<usize>,
-    grace: Option<f64>,
-    statsd_host: Option<String>,
-    statsd_port: Option<u16>,
-    statsd_prefix: Option<String>,
-    debug: Option<bool>,
-}
-
 /// Where metrics go.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatsdSettings {
@@ -267,7 +238,7 @@ impl Settings {
     pub fn resolve(args: NodeArgs, side: restpipe_handler::Side) -> Result<Settings, String> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
-            None => FileSettings::default(),
+            None => NodeArgs::default(),
         };
         let server_side = side == restpipe_handler::Side::Server;
         let certs = Path::new(restpipe_certs::DEFAULT_DIR);
@@ -316,7 +287,7 @@ impl Settings {
             SocketAddr::from(([127, 0, 0, 1], port))
         });
         let http_token = pick!(http_token).filter(|t| !t.is_empty());
-        let http_insecure = args.http_insecure || file.http_insecure.unwrap_or(false);
+        let http_insecure = args.http_insecure || file.http_insecure;
         if !http.ip().is_loopback() && http_token.is_none() && !http_insecure {
             return Err(format!(
                 "the HTTP endpoint {http} is not on loopback: give --http-token (every request must then carry it) or --http-insecure"
@@ -367,7 +338,7 @@ impl Settings {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileSettings, String> {
+fn read_file(path: &Path) -> Result<NodeArgs, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
     toml::from_str(&text)

@@ -227,6 +227,7 @@ async fn status(State(state): State<Shared>) -> Response {
         "uptime_s": state.started.elapsed().as_secs_f64(),
         "now": epoch_secs(std::time::SystemTime::now()),
         "peers": peers,
+        "metrics": state.options.metrics.stats(),
     });
     match pipe {
         Pipe::Server(server) => {
