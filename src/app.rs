@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use axum::serve::ListenerExt as _;
 use restpipe_handler::{Plugin, Side};
 use restpipe_handler_files::FilesPlugin;
 use restpipe_handler_forward::ForwardPlugin;
@@ -138,6 +139,11 @@ pub async fn start_http(
     let stop_http = CancellationToken::new();
     let stop = stop_http.clone();
     let http_task = tokio::spawn(async move {
+        // Replies are small writes that must not wait for an ACK (Nagle): axum 0.8 leaves
+        // TCP_NODELAY to the listener.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;

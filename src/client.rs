@@ -235,7 +235,8 @@ async fn dial_loop(inner: Arc<Inner>, mut backoff: Backoff, stable_after: Durati
                 // A shutdown that began while this connection was being made may have looked
                 // for a connection before it was published: let it go here.
                 if inner.stop.is_cancelled() {
-                    conn.drain(Duration::ZERO, "the client is shutting down").await;
+                    conn.drain(Duration::ZERO, "the client is shutting down")
+                        .await;
                 }
                 let up = Instant::now();
                 run.await;

@@ -10,9 +10,10 @@
 //!   when no byte has arrived for the heartbeat timeout (bytes, not whole frames: a large frame
 //!   crossing a slow link is progress, not silence);
 //! - the *writer* owns the write half. Every frame goes through its bounded queue, already
-//!   encoded, and it writes whatever is queued in one go (write coalescing). A write that makes
-//!   no progress for the heartbeat timeout means the peer is not reading, and ends the
-//!   connection.
+//!   encoded, and it writes whatever is queued in one go (write coalescing). Events and
+//!   replies also wait for room in a byte budget (`WRITE_BUDGET`), so a peer that stops
+//!   reading cannot make this node buffer without bound. A write that makes no progress for
+//!   the heartbeat timeout means the peer is not reading, and ends the connection.
 //!
 //! When a connection ends, for whatever reason, every request still waiting on it fails at
 //! once with [`CallError::PipeClosed`] and the reason.
@@ -21,7 +22,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,7 +32,7 @@ use futures_util::StreamExt;
 use restpipe_handler::{Context, Reply, Request, Side};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -41,13 +42,19 @@ use crate::node::NodeCore;
 use crate::proto::{self, frame::Kind, Frame};
 use crate::wire;
 
-/// Frames written in one go at most.
+/// Frame parts written in one go at most.
 const MAX_BATCH_FRAMES: usize = 128;
 /// Frames up to this size are copied into the coalescing buffer; larger ones are written
 /// directly.
 const COALESCE_LIMIT: usize = 16 * 1024;
 /// How long the writer keeps trying to flush its last frames once the connection is closing.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
+/// Bytes of frames a connection holds for its writer (queued or being written) from which an
+/// event or a reply waits for room before it is queued; control frames never wait. A peer that
+/// stops reading thus makes this node hold at most this much plus one frame for it, besides
+/// the replies of the requests in flight (`max_in_flight`), until the write stalls for the
+/// heartbeat timeout and the connection ends.
+const WRITE_BUDGET: usize = 8 * 1024 * 1024;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -143,7 +150,7 @@ struct Shared {
     info: PeerInfo,
     core: Arc<NodeCore>,
     started: Instant,
-    out: mpsc::Sender<Bytes>,
+    out: mpsc::Sender<wire::Encoded>,
     /// `None` once the connection is closed: nothing new can wait on it.
     pending: Mutex<Option<Pending>>,
     next_request: AtomicU64,
@@ -156,6 +163,10 @@ struct Shared {
     last_rtt_us: AtomicU64,
     requests_sent: AtomicU64,
     requests_received: AtomicU64,
+    /// Bytes of the frames queued for the writer or being written (see [`WRITE_BUDGET`]).
+    unwritten: AtomicUsize,
+    /// Notified each time the writer has written a batch.
+    written: Notify,
 }
 
 impl Connection {
@@ -212,7 +223,7 @@ impl Connection {
         }
         let _guard = PendingGuard { shared, id };
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let frame = wire::encode(&wire::frame(
+        let frame = wire::encode_parts(wire::frame(
             id,
             Kind::Event(wire::event_from_request(request, timeout_ms)),
         ));
@@ -267,13 +278,12 @@ impl Connection {
         if !finished {
             warn!(peer = %s.info.identity, "requests still in flight after the grace period");
         }
-        let close = wire::encode(&wire::frame(
+        s.send_now(&wire::frame(
             0,
             Kind::Close(proto::Close {
                 reason: reason.to_string(),
             }),
         ));
-        let _ = s.out.try_send(close);
         s.close(reason.to_string());
     }
 }
@@ -311,18 +321,57 @@ impl Shared {
         (max - self.outbound.available_permits()) + (max - self.inbound.available_permits())
     }
 
-    /// Queue an encoded frame, waiting for room; fails once the connection is closed.
-    async fn send(&self, frame: Bytes) -> Result<(), CallError> {
+    /// Queue an encoded frame, waiting for room in the write budget and the queue; fails once
+    /// the connection is closed.
+    async fn send(&self, frame: wire::Encoded) -> Result<(), CallError> {
+        let queue = async {
+            self.reserve(frame.len()).await;
+            self.out.send(frame).await
+        };
         tokio::select! {
-            r = self.out.send(frame) => r.map_err(|_| self.closed_error()),
+            r = queue => r.map_err(|_| self.closed_error()),
             _ = self.closed.cancelled() => Err(self.closed_error()),
         }
+    }
+
+    /// Wait until less than [`WRITE_BUDGET`] is held for the writer, and count `len` more
+    /// bytes held.
+    async fn reserve(&self, len: usize) {
+        loop {
+            let written = self.written.notified();
+            tokio::pin!(written);
+            // Registered before the check, so that a batch written in between wakes it.
+            written.as_mut().enable();
+            let room = |held: usize| (held < WRITE_BUDGET).then_some(held + len);
+            if self
+                .unwritten
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, room)
+                .is_ok()
+            {
+                return;
+            }
+            written.await;
+        }
+    }
+
+    /// The writer wrote `bytes`: room for the senders waiting.
+    fn wrote(&self, bytes: usize) {
+        let _ = self
+            .unwritten
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some(held.saturating_sub(bytes))
+            });
+        self.written.notify_waiters();
     }
 
     /// Queue a control frame without waiting. A full queue drops it: the peer's own timeout
     /// covers what it would have answered.
     fn send_now(&self, frame: &Frame) {
-        if self.out.try_send(wire::encode(frame)).is_err() {
+        let frame = wire::encode(frame);
+        let len = frame.len();
+        self.unwritten.fetch_add(len, Ordering::AcqRel);
+        if self.out.try_send(frame.into()).is_err() {
+            self.wrote(len);
             debug!(peer = %self.info.identity, "write queue full; control frame dropped");
         }
     }
@@ -455,7 +504,7 @@ impl Shared {
         } else {
             reply
         };
-        let frame = wire::encode(&wire::frame(id, Kind::Reply(wire::reply_to_wire(reply))));
+        let frame = wire::encode_parts(wire::frame(id, Kind::Reply(wire::reply_to_wire(reply))));
         let _ = self.send(frame).await;
     }
 }
@@ -625,6 +674,8 @@ where
         last_rtt_us: AtomicU64::new(0),
         requests_sent: AtomicU64::new(0),
         requests_received: AtomicU64::new(0),
+        unwritten: AtomicUsize::new(0),
+        written: Notify::new(),
     });
     let conn = Connection {
         shared: shared.clone(),
@@ -690,7 +741,7 @@ async fn read_loop<S: AsyncRead>(shared: &Arc<Shared>, mut reader: Reader<S>) ->
 /// Write queued frames until the connection ends, then flush what is left and say goodbye.
 async fn write_loop<S: AsyncWrite>(
     shared: Arc<Shared>,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<wire::Encoded>,
     mut io: WriteHalf<S>,
 ) {
     let stall = shared.core.pipe.heartbeat_timeout;
@@ -705,7 +756,7 @@ async fn write_loop<S: AsyncWrite>(
             },
             _ = shared.closed.cancelled() => break,
         };
-        batch.push(first);
+        batch.extend(first.parts());
         take_queued(&mut rx, &mut batch);
         // While other requests are in flight, more frames are likely on their way from tasks
         // that are ready to run: yield once so that they join this write. One write (and one
@@ -714,8 +765,9 @@ async fn write_loop<S: AsyncWrite>(
             tokio::task::yield_now().await;
             take_queued(&mut rx, &mut batch);
         }
+        let bytes = batch.iter().map(Bytes::len).sum();
         match write_batch(&mut io, &mut batch, &mut buf, stall).await {
-            Ok(()) => {}
+            Ok(()) => shared.wrote(bytes),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 warn!(peer = %shared.info.identity, "peer is not reading; closing");
                 shared.close(format!(
@@ -735,7 +787,7 @@ async fn write_loop<S: AsyncWrite>(
     // Closing: flush what is queued (a Close frame among it), then end TLS cleanly.
     rx.close();
     while let Ok(frame) = rx.try_recv() {
-        batch.push(frame);
+        batch.extend(frame.parts());
     }
     let _ = tokio::time::timeout(FINAL_FLUSH, async {
         write_batch(&mut io, &mut batch, &mut buf, FINAL_FLUSH).await?;
@@ -744,11 +796,11 @@ async fn write_loop<S: AsyncWrite>(
     .await;
 }
 
-/// Move the frames already queued into `batch`, up to [`MAX_BATCH_FRAMES`].
-fn take_queued(rx: &mut mpsc::Receiver<Bytes>, batch: &mut Vec<Bytes>) {
+/// Move the parts of the frames already queued into `batch`, up to [`MAX_BATCH_FRAMES`].
+fn take_queued(rx: &mut mpsc::Receiver<wire::Encoded>, batch: &mut Vec<Bytes>) {
     while batch.len() < MAX_BATCH_FRAMES {
         match rx.try_recv() {
-            Ok(frame) => batch.push(frame),
+            Ok(frame) => batch.extend(frame.parts()),
             Err(_) => break,
         }
     }

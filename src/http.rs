@@ -398,7 +398,17 @@ async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
     }
     let body: Bytes = match to_bytes(request.into_body(), limit).await {
         Ok(body) => body,
-        Err(_) => return too_large(&format!("more than {limit}")),
+        Err(e) if over_limit(&e) => return too_large(&format!("more than {limit}")),
+        // A malformed chunked encoding, say: the client's fault, but not a body too large.
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the request body could not be read ({}); nothing was sent",
+                    causes(&e)
+                ),
+            )
+        }
     };
     let event = restpipe_handler::Request {
         verb: method.as_str().to_string(),
@@ -419,6 +429,33 @@ async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
         Ok(reply) => reply_response(reply),
         Err(err) => call_error_response(&err),
     }
+}
+
+/// Whether reading a body failed because it went over the limit, rather than because it was
+/// malformed or cut short.
+fn over_limit(err: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// An error and its causes, joined by `: `.
+fn causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = e.source();
+    }
+    text
 }
 
 fn requested_timeout(

@@ -144,7 +144,10 @@ pub async fn run(
         sample.hist.add(&hist)?;
     }
     if sample.requests == 0 {
-        bail!("no request to {addr}{path} completed ({} errors)", sample.errors);
+        bail!(
+            "no request to {addr}{path} completed ({} errors)",
+            sample.errors
+        );
     }
     Ok(sample)
 }
@@ -194,7 +197,10 @@ async fn worker(
             _ => {
                 errors += 1;
                 if errors > 1000 && requests == 0 {
-                    bail!("{addr}{path}: every request fails ({outcome:?})", outcome = outcome.err());
+                    bail!(
+                        "{addr}{path}: every request fails ({outcome:?})",
+                        outcome = outcome.err()
+                    );
                 }
             }
         }

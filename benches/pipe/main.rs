@@ -149,7 +149,10 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
                 options.only = list.split(',').map(|s| s.trim().to_string()).collect();
                 for s in &options.only {
                     if !SCENARIOS.contains(&s.as_str()) {
-                        bail!("unknown scenario {s:?}; scenarios: {}", SCENARIOS.join(", "));
+                        bail!(
+                            "unknown scenario {s:?}; scenarios: {}",
+                            SCENARIOS.join(", ")
+                        );
                     }
                 }
             }
@@ -177,6 +180,7 @@ fn main() -> ExitCode {
             servers::rustls_copy(p, std::path::Path::new(dir))
         }),
         Some("--load") => load_only(&args),
+        Some("--load-bulk") => load_bulk(&args),
         _ => parse(&args).and_then(bench),
     };
     match result {
@@ -215,6 +219,29 @@ fn load_only(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--load-bulk ADDR PATH SECS`: fetch `PATH` again and again on one connection for `SECS`,
+/// and print MB/s (for profiling a node by hand).
+fn load_bulk(args: &[String]) -> anyhow::Result<()> {
+    let usage = "--load-bulk ADDR PATH SECS";
+    let addr: std::net::SocketAddr = args.get(1).context(usage)?.parse()?;
+    let path = args.get(2).context(usage)?;
+    let secs: f64 = args.get(3).context(usage)?.parse()?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut sender = load::connect(addr).await?;
+        load::get(&mut sender, path, false).await?;
+        let started = std::time::Instant::now();
+        let mut bytes = 0;
+        while started.elapsed().as_secs_f64() < secs {
+            bytes += load::get(&mut sender, path, false).await?.1;
+        }
+        println!(
+            "{:.0} MB/s",
+            bytes as f64 / started.elapsed().as_secs_f64() / 1e6
+        );
+        anyhow::Ok(())
+    })
+}
+
 fn port(args: &[String]) -> anyhow::Result<u16> {
     args.get(1)
         .context("a port is needed")?
@@ -235,7 +262,9 @@ fn bench(options: Options) -> anyhow::Result<()> {
     println!("\n{text}");
     let out = match (&options.out, plan.mode) {
         (Some(path), _) => Some(path.clone()),
-        (None, "full") => Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md")),
+        (None, "full") => {
+            Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md"))
+        }
         (None, _) => None,
     };
     if let Some(path) = out {
@@ -270,13 +299,14 @@ fn machine() -> report::Machine {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "rustc (unknown version)".into());
+    let rustc =
+        std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| "rustc (unknown version)".into());
     report::Machine {
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu,

@@ -152,9 +152,13 @@ pub async fn baseline(work: &Workdir) -> anyhow::Result<(Proc, SocketAddr)> {
         &exe,
         &["--serve-baseline".into(), addr.port().to_string()],
     )?;
-    wait_for(&mut proc, addr, "/server/time", Duration::from_secs(10), |s, _| {
-        s == StatusCode::OK
-    })
+    wait_for(
+        &mut proc,
+        addr,
+        "/server/time",
+        Duration::from_secs(10),
+        |s, _| s == StatusCode::OK,
+    )
     .await?;
     Ok((proc, addr))
 }
@@ -177,7 +181,10 @@ pub async fn rustls_copy(work: &Workdir) -> anyhow::Result<(Proc, SocketAddr)> {
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         proc.check_alive()?;
         if Instant::now() >= until {
-            bail!("the rustls copy server did not listen:\n{}", proc.log_tail());
+            bail!(
+                "the rustls copy server did not listen:\n{}",
+                proc.log_tail()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -218,7 +225,11 @@ impl Pair {
 }
 
 /// Flags shared by every node: TLS files and metrics.
-fn common_flags(certs: &restpipe_certs::DevPaths, server: bool, statsd: Option<u16>) -> Vec<String> {
+fn common_flags(
+    certs: &restpipe_certs::DevPaths,
+    server: bool,
+    statsd: Option<u16>,
+) -> Vec<String> {
     let (cert, key) = if server {
         (&certs.server_cert, &certs.server_key)
     } else {
@@ -265,9 +276,13 @@ pub async fn server_node(
     args.extend(common_flags(&work.certs, true, statsd));
     args.extend_from_slice(extra);
     let mut proc = Proc::spawn(&work.dir, name, Path::new(RESTPIPE), &args)?;
-    wait_for(&mut proc, http, "/health", Duration::from_secs(20), |s, _| {
-        s == StatusCode::OK
-    })
+    wait_for(
+        &mut proc,
+        http,
+        "/health",
+        Duration::from_secs(20),
+        |s, _| s == StatusCode::OK,
+    )
     .await?;
     Ok(proc)
 }
@@ -307,9 +322,13 @@ pub async fn pair(work: &Workdir, options: &PairOptions) -> anyhow::Result<Pair>
         Path::new(RESTPIPE),
         &args,
     )?;
-    wait_for(&mut client, client_http, "/health", Duration::from_secs(20), |s, _| {
-        s == StatusCode::OK
-    })
+    wait_for(
+        &mut client,
+        client_http,
+        "/health",
+        Duration::from_secs(20),
+        |s, _| s == StatusCode::OK,
+    )
     .await?;
     Ok(Pair {
         server,
@@ -343,7 +362,9 @@ pub fn cpu_time(pid: u32, ticks_per_s: f64) -> anyhow::Result<Duration> {
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
     let utime: u64 = fields.get(11).context("no utime")?.parse()?;
     let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(Duration::from_secs_f64((utime + stime) as f64 / ticks_per_s))
+    Ok(Duration::from_secs_f64(
+        (utime + stime) as f64 / ticks_per_s,
+    ))
 }
 
 /// Clock ticks per second of `/proc` CPU times (`getconf CLK_TCK`, 100 if that fails).

@@ -107,7 +107,11 @@ fn issue(ca: &CertificateAuthority, n: usize) -> anyhow::Result<Vec<TlsMaterial>
                     ids.iter()
                         .map(|i| {
                             let cert = ca.issue_client(&format!("idle-{i:05}"), opts)?;
-                            Ok(TlsMaterial::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem)?)
+                            Ok(TlsMaterial::from_pem(
+                                ca.cert_pem(),
+                                &cert.cert_pem,
+                                &cert.key_pem,
+                            )?)
                         })
                         .collect::<anyhow::Result<Vec<_>>>()
                 })
@@ -165,14 +169,19 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
     let started = Instant::now();
     let mut materials = issue(&ca, max)?.into_iter();
     let issued = (max, started.elapsed().as_secs_f64());
-    println!("  scale: issued {max} client certificates in {:.1} s", issued.1);
+    println!(
+        "  scale: issued {max} client certificates in {:.1} s",
+        issued.1
+    );
 
     let pipe_port = procs::free_port()?;
     let http = procs::free_addr()?;
-    let mut server: Proc = procs::server_node(work, "scale-server", pipe_port, http, None, &[]).await?;
+    let mut server: Proc =
+        procs::server_node(work, "scale-server", pipe_port, http, None, &[]).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_empty = procs::rss_bytes(server.pid())?;
-    let (cpu_empty_pct, _) = cpu_over(server.pid(), plan.window.min(Duration::from_secs(5)), ticks).await?;
+    let (cpu_empty_pct, _) =
+        cpu_over(server.pid(), plan.window.min(Duration::from_secs(5)), ticks).await?;
 
     let server_addr = format!("127.0.0.1:{pipe_port}");
     let mut clients: Vec<ClientNode> = Vec::with_capacity(max);
@@ -187,7 +196,9 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
                 options.server_name = Some("localhost".into());
                 fresh.push(ClientNode::start(options)?);
             }
-            let waits = fresh.iter().map(|c| c.wait_connected(Duration::from_secs(60)));
+            let waits = fresh
+                .iter()
+                .map(|c| c.wait_connected(Duration::from_secs(60)));
             for result in futures_util::future::join_all(waits).await {
                 result.map_err(|e| anyhow::anyhow!("a scale client did not connect: {e}"))?;
             }
@@ -237,7 +248,8 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
     let killed = Instant::now();
     server.kill();
     let restarted = Instant::now();
-    let mut server = procs::server_node(work, "scale-server-restarted", pipe_port, http, None, &[]).await?;
+    let mut server =
+        procs::server_node(work, "scale-server-restarted", pipe_port, http, None, &[]).await?;
     let server_ready_secs = killed.elapsed().as_secs_f64();
     let mut times = Vec::with_capacity(max);
     let mut missing = 0;

@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use axum::{Json, Router};
 use restpipe::tls::{TlsFiles, TlsMaterial};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,7 +39,12 @@ pub fn baseline(port: u16) -> anyhow::Result<()> {
                 Json(BTreeMap::from([("time_from_server", now)]))
             }),
         );
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+        // The nodes' front door sets TCP_NODELAY on every connection; so does the baseline.
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await?
+            .tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
         axum::serve(listener, app).await?;
         anyhow::Ok(())
     })
