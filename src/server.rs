@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use restpipe_handler::{Lifecycle, Reply, Request, Side};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,11 @@ use crate::error::{CallError, NodeError};
 use crate::node::{NodeCore, NodeOptions};
 use crate::registry::Registry;
 use crate::tls;
+
+/// Connections the kernel queues for `accept`, at most (it caps this at
+/// `net.core.somaxconn`). After a server restart every client dials at once; with tokio's
+/// default of 128 the kernel drops their SYNs and they try again a second or more later.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// How often the idle hook runs while no client is connected.
 const IDLE_EVERY: Duration = Duration::from_secs(60);
@@ -68,12 +73,10 @@ impl ServerNode {
     pub async fn start(options: ServerOptions) -> Result<ServerNode, NodeError> {
         let core = Arc::new(NodeCore::new(Side::Server, &options.node)?);
         let acceptor = options.node.tls.acceptor()?;
-        let listener = TcpListener::bind(options.bind)
-            .await
-            .map_err(|source| NodeError::Bind {
-                addr: options.bind.to_string(),
-                source,
-            })?;
+        let listener = listen(options.bind).map_err(|source| NodeError::Bind {
+            addr: options.bind.to_string(),
+            source,
+        })?;
         let local_addr = listener.local_addr().map_err(|source| NodeError::Bind {
             addr: options.bind.to_string(),
             source,
@@ -170,6 +173,18 @@ impl ServerNode {
         }
         info!("pipe closed");
     }
+}
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio sets it).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {

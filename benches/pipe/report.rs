@@ -293,7 +293,7 @@ impl Report {
                 sc.rss_empty as f64 / 1048576.0,
                 sc.cpu_empty_pct
             );
-            out.push_str("| clients | server RSS | bytes per client | server CPU (% of one core) | client nodes' CPU (bench process) | time to connect them |\n");
+            out.push_str("| clients | server RSS | bytes per client | server CPU (% of one core) | client nodes' CPU (bench process) | time to connect the clients added |\n");
             out.push_str("|---:|---:|---:|---:|---:|---:|\n");
             for p in &sc.points {
                 let _ = writeln!(
