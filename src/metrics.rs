@@ -28,6 +28,9 @@ use serde::Serialize;
 const QUEUE_CAPACITY: usize = 16 * 1024;
 /// The longest a metric waits in the UDP buffer before it is sent.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Bytes of metrics packed into one datagram at most: what fits an Ethernet frame, the usual
+/// statsd choice (cadence's default is 512).
+const DATAGRAM_BYTES: usize = 1432;
 /// How often the background thread moves queued metrics into the UDP buffer.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(20);
 
@@ -142,7 +145,7 @@ impl Metrics {
         socket
             .set_nonblocking(true)
             .map_err(|e| format!("cannot make the statsd socket non-blocking: {e}"))?;
-        let udp = BufferedUdpMetricSink::from(addr, socket)
+        let udp = BufferedUdpMetricSink::with_capacity(addr, socket, DATAGRAM_BYTES)
             .map_err(|e| format!("cannot set up the statsd sink: {e}"))?;
         Self::with_sink(udp, QUEUE_CAPACITY, prefix)
     }
