@@ -452,7 +452,7 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
                 proc_args.clone(),
             )
             .await;
-            let up = eventually_async(Duration::from_secs(10), || {
+            let up = common::wait_until_async(Duration::from_secs(10), || {
                 let (http, url) = (http.clone(), node.url("/health"));
                 async move { get(&http, &url).await.0 == 200 }
             })
@@ -501,24 +501,6 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
         tally.sent,
         "the steady client was not always served: {tally}"
     );
-}
-
-/// Poll the async `condition` every 50 ms until it holds (true) or `limit` passes (false).
-async fn eventually_async<F, Fut>(limit: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 // ----------------------------------------------------------------------------------------

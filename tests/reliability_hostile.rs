@@ -69,7 +69,7 @@ impl Scene {
         )
         .await;
         let http = http_client();
-        let up = eventually_async(Duration::from_secs(20), || {
+        let up = common::wait_until_async(Duration::from_secs(20), || {
             let (http, url) = (http.clone(), server.url("/clients"));
             async move { get(&http, &url).await.1.contains("\"good\"") }
         })
@@ -130,24 +130,6 @@ impl Scene {
             tally.sent,
             "the good client was not always served: {tally}"
         );
-    }
-}
-
-/// Poll the async `condition` every 50 ms until it holds (true) or `limit` passes (false).
-async fn eventually_async<F, Fut>(limit: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -436,7 +418,7 @@ async fn a_client_that_never_reads_is_dropped_and_costs_bounded_memory() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let dropped_after = started.elapsed();
-    let gone = eventually_async(Duration::from_secs(10), || {
+    let gone = common::wait_until_async(Duration::from_secs(10), || {
         let (http, server) = (scene.http.clone(), &scene.server);
         async move {
             !listed_clients(&http, server)
