@@ -481,7 +481,7 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
         settled(http.clone(), server.url("/clients")).await,
         "the server still lists a flapper"
     );
-    let back = eventually(Duration::from_secs(15), || server.fds() <= fds_before + 2).await;
+    let back = common::wait_until(Duration::from_secs(15), || server.fds() <= fds_before + 2).await;
     let fds_after = server.fds();
     let rss_after = server.rss_kib();
     let (tally, _) = load.finish().await;
@@ -610,7 +610,7 @@ async fn a_flood_beyond_the_in_flight_bound_is_refused_at_once_and_heartbeats_go
         })
         .collect();
     assert!(
-        eventually(Duration::from_secs(10), || upstream
+        common::wait_until(Duration::from_secs(10), || upstream
             .now
             .load(Ordering::SeqCst)
             == MAX_IN_FLIGHT)

@@ -111,7 +111,7 @@ impl Scene {
     /// Wait (at most 10 s; metrics are sent at least every second) until the refusals counted
     /// for `reason` reach `n`.
     async fn wait_rejected(&self, reason: &str, n: u64) -> u64 {
-        eventually(Duration::from_secs(10), || self.rejected(reason) >= n).await;
+        common::wait_until(Duration::from_secs(10), || self.rejected(reason) >= n).await;
         self.rejected(reason)
     }
 
@@ -135,7 +135,7 @@ impl Scene {
 
 /// Wait (at most 15 s) until the server holds no more file descriptors than `baseline + 2`.
 async fn fds_settle(server: &Node, baseline: usize) -> (bool, usize) {
-    let back = eventually(Duration::from_secs(15), || server.fds() <= baseline + 2).await;
+    let back = common::wait_until(Duration::from_secs(15), || server.fds() <= baseline + 2).await;
     (back, server.fds())
 }
 
@@ -164,7 +164,7 @@ async fn handshakes_that_never_finish_are_freed_by_the_handshake_timeout() {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
     // All accepted and held: the server takes each in turn (a busy machine may lag a little).
-    let holding = eventually(Duration::from_secs(2), || {
+    let holding = common::wait_until(Duration::from_secs(2), || {
         scene.server.fds() >= baseline + SILENT * 9 / 10
     })
     .await;
@@ -558,7 +558,7 @@ async fn openssl_s_client_is_refused_for_each_bad_certificate_and_old_tls() {
             println!("skipped {what}: this OpenSSL cannot offer it ({OPENSSL})");
             continue;
         }
-        let seen = eventually(Duration::from_secs(10), || {
+        let seen = common::wait_until(Duration::from_secs(10), || {
             scene.refused_logged(reason) > logged
         })
         .await;
