@@ -43,13 +43,6 @@ fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// A server process with `extra` flags.
-async fn server(certs: &Certs, extra: &[&str]) -> Node {
-    let (pipe, http) = (free_port(), free_port());
-    let args = server_args(certs, pipe, http, extra);
-    Node::start(certs.dir(), "server", loopback(http), args).await
-}
-
 /// A client process `identity` dialling `target`, with `extra` flags.
 async fn client(
     certs: &Certs,
@@ -119,14 +112,7 @@ async fn timed_get(http: &reqwest::Client, url: &str, timeout_ms: u64) -> (u16, 
 async fn the_server_killed_under_load_loses_no_request_and_every_client_returns() {
     let certs = Certs::new();
     let http = http_client();
-    let (pipe_port, server_http) = (free_port(), free_port());
-    let mut server = Node::start(
-        certs.dir(),
-        "server",
-        loopback(server_http),
-        server_args(&certs, pipe_port, server_http, &TIMINGS),
-    )
-    .await;
+    let (mut server, pipe_port) = start_server(&certs, &TIMINGS).await;
     let client_flags = with(&TIMINGS, &["--reconnect-max", "1"]);
     let mut clients = Vec::new();
     for i in 1..=3 {
@@ -222,14 +208,7 @@ async fn a_silent_network_is_detected_and_requests_fail_fast_until_it_heals() {
     ];
     let heartbeat_timeout = Duration::from_millis(1500);
     let connect_wait = Duration::from_secs(1);
-    let (pipe_port, server_http) = (free_port(), free_port());
-    let server = Node::start(
-        certs.dir(),
-        "server",
-        loopback(server_http),
-        server_args(&certs, pipe_port, server_http, &timings),
-    )
-    .await;
+    let (server, pipe_port) = start_server(&certs, &timings).await;
     let relay = Relay::start(loopback(pipe_port)).await;
     let client_flags = with(&timings, &["--reconnect-max", "0.5"]);
     let edge = client(&certs, "edge-1", relay.addr(), &refs(&client_flags)).await;
@@ -388,14 +367,7 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
     const FLAP: Duration = Duration::from_secs(10);
     let certs = Certs::new();
     let http = http_client();
-    let (pipe_port, server_http) = (free_port(), free_port());
-    let server = Node::start(
-        certs.dir(),
-        "server",
-        loopback(server_http),
-        server_args(&certs, pipe_port, server_http, &TIMINGS),
-    )
-    .await;
+    let (server, pipe_port) = start_server(&certs, &TIMINGS).await;
     let pipe = loopback(pipe_port);
     let steady = client(&certs, "steady", pipe, &TIMINGS).await;
     let connector = certs.connector("flapper");
@@ -592,7 +564,7 @@ async fn a_flood_beyond_the_in_flight_bound_is_refused_at_once_and_heartbeats_go
         ],
     );
     server_flags.extend(statsd.flags());
-    let server = server(&certs, &refs(&server_flags)).await;
+    let (server, _) = start_server(&certs, &refs(&server_flags)).await;
     let pipe = server.pipe_addr();
     let edge = client(&certs, "edge-1", pipe, &timings).await;
     let clients = [edge];

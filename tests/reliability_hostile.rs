@@ -51,14 +51,7 @@ impl Scene {
         flags.extend(statsd.flags());
         flags.extend(extra.iter().map(|s| s.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let (pipe, http_port) = (free_port(), free_port());
-        let server = Node::start(
-            certs.dir(),
-            "server",
-            loopback(http_port),
-            server_args(&certs, pipe, http_port, &flags),
-        )
-        .await;
+        let (server, pipe) = start_server(&certs, &flags).await;
         let cert = certs.client("good");
         let good_http = free_port();
         let good = Node::start(

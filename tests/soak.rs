@@ -123,14 +123,7 @@ async fn soak() {
     let mut server_flags: Vec<String> = timings.iter().map(|s| s.to_string()).collect();
     server_flags.extend(statsd.flags());
     let server_flags: Vec<&str> = server_flags.iter().map(String::as_str).collect();
-    let (pipe_port, server_http) = (free_port(), free_port());
-    let mut server = Node::start(
-        certs.dir(),
-        "server",
-        loopback(server_http),
-        server_args(&certs, pipe_port, server_http, &server_flags),
-    )
-    .await;
+    let (mut server, pipe_port) = start_server(&certs, &server_flags).await;
     let mut client_flags: Vec<&str> = timings.to_vec();
     client_flags.extend(["--reconnect-max", "2"]);
     let mut clients = Vec::new();

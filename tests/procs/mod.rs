@@ -145,6 +145,15 @@ pub fn expired_options() -> IssueOptions {
 // ----------------------------------------------------------------------------------------
 // Nodes
 
+/// A `restpipe server` process on free loopback ports, with `extra` flags. Returns the node and
+/// its pipe port.
+pub async fn start_server(certs: &Certs, extra: &[&str]) -> (Node, u16) {
+    let (pipe_port, http_port) = (free_port(), free_port());
+    let args = server_args(certs, pipe_port, http_port, extra);
+    let node = Node::start(certs.dir(), "server", loopback(http_port), args).await;
+    (node, pipe_port)
+}
+
 /// The flags of a server node on `127.0.0.1:pipe_port`, HTTP on `127.0.0.1:http_port`, with
 /// the dev set's server certificate and metrics off unless `extra` holds `--statsd-host`.
 /// `extra` is appended; clap refuses a flag given twice, so it must not repeat one set here.
