@@ -40,6 +40,7 @@ use tracing::{debug, info, warn};
 use crate::error::CallError;
 use crate::node::NodeCore;
 use crate::proto::{self, frame::Kind, Frame};
+use crate::util::{epoch_secs, lock};
 use crate::wire;
 
 /// Frame parts written in one go at most.
@@ -521,19 +522,6 @@ impl Drop for PendingGuard<'_> {
             map.remove(&self.id);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the map inconsistent (single operations),
-    // so a poisoned lock is used as it is.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Seconds since the epoch, as a float.
-pub(crate) fn epoch_secs(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// Why the hello exchange failed.

@@ -22,10 +22,10 @@ use restpipe_handler::{Reply, Side};
 use serde_json::json;
 
 use crate::client::ClientNode;
-use crate::connection::epoch_secs;
 use crate::error::CallError;
 use crate::metrics::Metrics;
 use crate::server::ServerNode;
+use crate::util::epoch_secs;
 
 /// The header that carries a reply's return code.
 pub const RETURN_CODE_HEADER: &str = "x-event-return-code";

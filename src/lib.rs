@@ -35,6 +35,7 @@ pub mod proto;
 pub mod registry;
 pub mod server;
 pub mod tls;
+mod util;
 pub mod wire;
 
 pub use restpipe_handler as handler;

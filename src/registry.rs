@@ -32,7 +32,7 @@ impl Default for Registry {
 
 impl Registry {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connection>> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::lock(&self.clients)
     }
 
     fn notify(&self) {

@@ -50,6 +50,8 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub mod grammar;
+
 /// Return codes carried in the `X-Event-Return-Code` header, as RestPipe defined them.
 pub mod codes {
     /// The handler replied normally.
