@@ -32,6 +32,10 @@ pub enum CallError {
         /// The limit.
         limit: usize,
     },
+    /// The event breaks the protocol's grammar or bounds, so no peer would take it (HTTP 400);
+    /// nothing was sent.
+    #[error("the event cannot cross the pipe: {0}")]
+    BadRequest(String),
     /// An IP address names more than one connected client (HTTP 409).
     #[error("{0}")]
     Ambiguous(String),

@@ -2,10 +2,10 @@
 //!
 //! On a client node `ANY /server/{noun...}` calls the server; on a server node
 //! `ANY /client/{identity}/{noun...}` calls that client. Both serve `GET /health` and
-//! `GET /status`; the server also serves `GET /clients`. The path maps to an event as SPEC
-//! section 5 says: the noun's segments are checked, the parameters after `//` are
+//! `GET /status`; the server also serves `GET /clients`. The path maps to an event as docs/HTTP.md
+//! says: the noun's segments are checked, the parameters after `//` are
 //! percent-decoded, and the query string travels with the event. Every failure is a JSON
-//! `{"error": ...}` with the status of SPEC section 6; no request waits past its deadline.
+//! `{"error": ...}` with the status docs/HTTP.md gives; no request waits past its deadline.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -511,6 +511,7 @@ pub fn call_error_response(err: &CallError) -> Response {
         }
         CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         CallError::Ambiguous(_) => StatusCode::CONFLICT,
+        CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
     };
     let mut response = error_response(status, err.to_string());
     if status == StatusCode::SERVICE_UNAVAILABLE {

@@ -7,8 +7,8 @@
 //!
 //! The modules, from the wire up:
 //!
-//! - [`proto`]: the protobuf types generated from `proto/restpipe.proto`;
-//! - [`wire`]: framing (length prefix, size limit) and conversion to domain types;
+//! - [`wire`]: framing (length prefix, size limit) and the checked [`wire::Message`] type;
+//!   the protobuf types generated from `proto/restpipe.proto` are private to it;
 //! - [`tls`]: PEM loading, rustls configurations, handshakes with a timeout;
 //! - [`connection`]: one live connection, many requests in flight both ways, heartbeats;
 //! - [`node`]: what both sides share: settings, handlers, dispatch;
@@ -31,7 +31,6 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod node;
-pub mod proto;
 pub mod registry;
 pub mod server;
 pub mod tls;

@@ -9,7 +9,7 @@
 //! buffer when it fills and at least every [`FLUSH_EVERY`], so a metric never sits long on a
 //! quiet node. With no statsd host configured every call is a no-op.
 //!
-//! The names are RestPipe's (SPEC section 8); the README's "Metrics" section lists them.
+//! The names are RestPipe's (the README's Metrics table); the README's "Metrics" section lists them.
 
 use std::collections::HashMap;
 use std::io;

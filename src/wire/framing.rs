@@ -1,33 +1,23 @@
-//! Framing: how frames are encoded onto a stream and read back, within a size limit.
+//! Framing: how frames are laid onto a stream and read back, within a size limit.
 //!
-//! A frame is a 4-byte big-endian length followed by the protobuf [`Frame`]. The reading side
+//! A frame is a 4-byte big-endian length followed by the protobuf `Frame`. The reading side
 //! uses tokio-util's `LengthDelimitedCodec`, which checks the announced length against the
-//! limit before it reserves any memory. Conversions between the wire types and the handler
-//! API's [`Request`] and [`Reply`] live here, so that the rest of the crate sees domain types.
+//! limit before it reserves any memory. The writing side encodes a frame in one buffer, or in
+//! three parts when its body is large, so that a large body is never copied.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
-use restpipe_handler::{Reply, Request};
 use tokio::io::AsyncRead;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
-use crate::proto::{self, frame::Kind, Frame};
-
-/// The version of the wire protocol this build speaks. A peer with another one is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
-
-/// The default limit on an event's or a reply's body: 16 MiB.
-pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
-
-/// Room allowed on top of the body limit for the rest of a frame (verb, noun, parameters,
-/// query, content type), so that a body of exactly the limit still fits.
-pub const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
+use super::proto::{self, frame::Kind, Frame};
+use super::ENVELOPE_ALLOWANCE;
 
 /// Bytes of the length prefix.
-const PREFIX: usize = 4;
+pub const PREFIX: usize = 4;
 
 /// Encode a frame with its length prefix, in one allocation.
-pub fn encode(frame: &Frame) -> Bytes {
+fn encode_whole(frame: &Frame) -> Bytes {
     let len = frame.encoded_len();
     let mut buf = BytesMut::with_capacity(PREFIX + len);
     // A frame longer than u32::MAX cannot be built: bodies are bounded far below that before
@@ -38,8 +28,8 @@ pub fn encode(frame: &Frame) -> Bytes {
     buf.freeze()
 }
 
-/// Bodies larger than this are not copied into their frame: [`encode_parts`] hands them to
-/// the writer as a part of their own.
+/// Bodies larger than this are not copied into their frame: they are handed to the writer as
+/// a part of their own.
 pub const SPLIT_BODY: usize = 16 * 1024;
 
 /// An encoded frame, prefix included, as the writer takes it: whole, or in three parts that
@@ -83,10 +73,10 @@ impl From<Bytes> for Encoded {
     }
 }
 
-/// Encode a frame like [`encode`], except that an event's or a reply's body over
-/// [`SPLIT_BODY`] is not copied: it becomes the middle part of the result. The three parts
-/// written in order are byte for byte what [`encode`] gives.
-pub fn encode_parts(mut frame: Frame) -> Encoded {
+/// Encode a frame with its length prefix. An event's or a reply's body over [`SPLIT_BODY`] is
+/// not copied: it becomes the middle part of the result. The three parts written in order are
+/// byte for byte the frame's plain encoding.
+pub(super) fn encode_frame(mut frame: Frame) -> Encoded {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
     // The body's field number, and the encoding of the fields that follow it (the messages
     // declare their fields in tag order, and prost writes them in that order).
@@ -107,7 +97,7 @@ pub fn encode_parts(mut frame: Frame) -> Encoded {
             .encode_to_vec();
             (4, 3, std::mem::take(&mut r.body), r.encode_to_vec(), tail)
         }
-        _ => return encode(&frame).into(),
+        _ => return encode_whole(&frame).into(),
     };
     // `inner` is the message without its body: the fields before the body, then `tail`.
     inner.truncate(inner.len() - tail.len());
@@ -134,11 +124,6 @@ pub fn encode_parts(mut frame: Frame) -> Encoded {
     Encoded::Split(Box::new([head.freeze(), body, tail.into()]))
 }
 
-/// The size on the wire of an encoded frame without its prefix.
-pub fn payload_len(encoded: &Bytes) -> usize {
-    encoded.len().saturating_sub(PREFIX)
-}
-
 /// A stream of raw frames (without prefix) read from `io`, refusing any frame whose announced
 /// length exceeds `max_frame + ENVELOPE_ALLOWANCE` before allocating it.
 pub fn frame_reader<R: AsyncRead>(io: R, max_frame: usize) -> FramedRead<R, LengthDelimitedCodec> {
@@ -157,88 +142,28 @@ pub fn codec(limit: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// Decode one frame's payload.
-pub fn decode(payload: Bytes) -> Result<Frame, prost::DecodeError> {
-    Frame::decode(payload)
-}
-
-/// A frame of `kind` with request id `id`.
-pub fn frame(id: u64, kind: Kind) -> Frame {
-    Frame {
-        id,
-        kind: Some(kind),
-    }
-}
-
-/// The wire event for a request, with the caller's timeout.
-pub fn event_from_request(request: Request, timeout_ms: u64) -> proto::Event {
-    proto::Event {
-        verb: request.verb,
-        noun: request.noun,
-        parameters: request.parameters,
-        query: request.query,
-        content_type: request.content_type,
-        body: request.body,
-        timeout_ms,
-    }
-}
-
-/// The request a wire event carries, or why it is not one.
-pub fn request_from_event(event: proto::Event) -> Result<(Request, u64), &'static str> {
-    if event.verb.is_empty() || event.noun.is_empty() {
-        return Err("event without a verb or a noun");
-    }
-    let timeout_ms = event.timeout_ms;
-    Ok((
-        Request {
-            verb: event.verb,
-            noun: event.noun,
-            parameters: event.parameters,
-            query: event.query,
-            content_type: event.content_type,
-            body: event.body,
-        },
-        timeout_ms,
-    ))
-}
-
-/// The wire reply for a handler's reply.
-pub fn reply_to_wire(reply: Reply) -> proto::Reply {
-    proto::Reply {
-        content_type: reply.content_type,
-        code: reply.code,
-        body: reply.body,
-        http_status: reply.status.map(u32::from).unwrap_or(0),
-    }
-}
-
-/// The handler's reply that a wire reply carries. An HTTP status outside 100..=599 is dropped.
-pub fn reply_from_wire(reply: proto::Reply) -> Reply {
-    let status = u16::try_from(reply.http_status)
-        .ok()
-        .filter(|s| (100..=599).contains(s));
-    Reply {
-        content_type: reply.content_type,
-        code: reply.code,
-        body: reply.body,
-        status,
-    }
-}
-
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use futures_util::StreamExt;
 
+    fn frame(id: u64, kind: Kind) -> Frame {
+        Frame {
+            id,
+            kind: Some(kind),
+        }
+    }
+
     #[tokio::test]
     async fn round_trip_and_limit() {
         let f = frame(7, Kind::Ping(proto::Ping { nonce: 42 }));
-        let mut bytes = encode(&f).to_vec();
+        let mut bytes = encode_whole(&f).to_vec();
         // A second frame that announces more than the limit.
         bytes.extend_from_slice(&(u32::MAX).to_be_bytes());
-        let mut reader = frame_reader(&bytes[..], 1024);
+        let mut reader = FramedRead::new(&bytes[..], codec(1024));
         let first = reader.next().await.unwrap().unwrap();
-        assert_eq!(decode(first.freeze()).unwrap(), f);
+        assert_eq!(Frame::decode(first.freeze()).unwrap(), f);
         let err = reader.next().await.unwrap().unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
@@ -272,25 +197,16 @@ mod tests {
             frame(1, reply(0)),
             frame(3, Kind::Ping(proto::Ping { nonce: 9 })),
         ] {
-            let whole = encode(&f);
-            let parts = encode_parts(f.clone());
+            let whole = encode_whole(&f);
+            let parts = encode_frame(f.clone());
             assert_eq!(parts.len(), whole.len());
             let joined: Vec<u8> = parts.parts().flat_map(|p| p.to_vec()).collect();
             assert_eq!(joined, whole.to_vec());
         }
         // The large body is shared, not copied.
-        let parts: Vec<Bytes> = encode_parts(frame(1, reply(0))).parts().collect();
+        let parts: Vec<Bytes> = encode_frame(frame(1, reply(0))).parts().collect();
         assert_eq!(parts[1].as_ptr(), body.as_ptr());
         // A write queue slot is no larger than a `Bytes` and a tag.
         assert!(std::mem::size_of::<Encoded>() <= 40);
-    }
-
-    #[test]
-    fn bad_status_is_dropped() {
-        let r = reply_from_wire(proto::Reply {
-            http_status: 70000,
-            ..Default::default()
-        });
-        assert_eq!(r.status, None);
     }
 }

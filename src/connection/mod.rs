@@ -1,0 +1,311 @@
+//! One live pipe connection: many requests in flight both ways, heartbeats, and a clean end.
+//!
+//! A [`Connection`] is a cheap handle onto a connection's shared state. The work is split
+//! along the connection's seams, one file each:
+//!
+//! - this file: the handle, calls to the peer and their pending replies, status, close and
+//!   drain;
+//! - `hello`: the hello exchange that opens a connection (version range and features
+//!   negotiated, role checked) and the start of its tasks;
+//! - `inbound`: the *reader*, which decodes frames, completes the replies this side waits
+//!   for, answers pings, and spawns one task per incoming event (bounded by `max_in_flight`;
+//!   the excess is answered `OVERLOADED` at once). It never waits on the writer, and it
+//!   declares the peer dead when no byte has arrived for the heartbeat timeout;
+//! - `writer`: the *writer*, which owns the write half, coalesces queued frames into few
+//!   writes, and holds the byte budget that keeps a peer that stops reading from making this
+//!   node buffer without bound.
+//!
+//! Every connection runs inside a `conn` tracing span (peer identity and address), and every
+//! incoming request inside a `request` span (id and handler), so log lines carry them.
+//!
+//! When a connection ends, for whatever reason, every request still waiting on it fails at
+//! once with [`CallError::PipeClosed`] and the reason.
+
+mod hello;
+mod inbound;
+mod writer;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use restpipe_handler::{Reply, Request};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::CallError;
+use crate::node::NodeCore;
+use crate::util::{epoch_secs, lock};
+use crate::wire::{self, Message};
+
+pub(crate) use hello::open;
+pub use hello::HelloError;
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+type Pending = HashMap<u64, oneshot::Sender<Result<Reply, CallError>>>;
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The peer's identity, from its certificate.
+    pub identity: String,
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// The software version the peer announced.
+    pub software_version: String,
+    /// The protocol version both sides speak on this connection.
+    pub protocol_version: u32,
+    /// The optional features both sides support.
+    pub features: Vec<String>,
+    /// When the connection was established.
+    pub connected_at: SystemTime,
+}
+
+/// A snapshot of one connection, as `/status` and `/clients` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionStatus {
+    /// The peer's identity.
+    pub identity: String,
+    /// The peer's address.
+    pub address: String,
+    /// The peer's software version.
+    pub software_version: String,
+    /// The protocol version in use.
+    pub protocol_version: u32,
+    /// Seconds since the epoch when the connection was established.
+    pub connected_since: f64,
+    /// The last heartbeat round trip in milliseconds, once one was measured.
+    pub last_heartbeat_rtt_ms: Option<f64>,
+    /// Requests this node sent that wait for a reply.
+    pub requests_in_flight_out: u64,
+    /// Requests from the peer that are being handled.
+    pub requests_in_flight_in: u64,
+    /// Requests sent to the peer.
+    pub requests_sent: u64,
+    /// Requests received from the peer.
+    pub requests_received: u64,
+}
+
+/// A handle onto a live connection. Clones share it.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.shared.id)
+            .field("peer", &self.shared.info.identity)
+            .field("addr", &self.shared.info.addr)
+            .finish()
+    }
+}
+
+/// The state a connection's handle, reader and writer share.
+struct Shared {
+    id: u64,
+    info: PeerInfo,
+    core: Arc<NodeCore>,
+    /// The connection's span: every task of the connection runs inside it.
+    span: tracing::Span,
+    started: Instant,
+    out: mpsc::Sender<wire::Encoded>,
+    /// `None` once the connection is closed: nothing new can wait on it.
+    pending: Mutex<Option<Pending>>,
+    next_request: AtomicU64,
+    closed: CancellationToken,
+    close_reason: OnceLock<String>,
+    draining: AtomicBool,
+    inbound: Arc<Semaphore>,
+    outbound: Arc<Semaphore>,
+    peer_max_frame: usize,
+    last_rtt_us: AtomicU64,
+    requests_sent: AtomicU64,
+    requests_received: AtomicU64,
+    /// Bytes of the frames queued for the writer or being written (see `writer`).
+    unwritten: AtomicUsize,
+    /// Notified each time the writer has written a batch.
+    written: Notify,
+}
+
+impl Connection {
+    /// The peer at the other end.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.shared.info
+    }
+
+    /// A number unique to this connection within the process.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.is_cancelled()
+    }
+
+    /// Resolves when the connection has ended.
+    pub async fn closed(&self) {
+        self.shared.closed.cancelled().await
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.shared.close_reason.get().cloned()
+    }
+
+    /// Send `request` to the peer and wait for its reply, at most `timeout`.
+    ///
+    /// The request is checked as the peer will check it (grammar and bounds) before anything
+    /// is sent.
+    pub async fn call(&self, request: Request, timeout: Duration) -> Result<Reply, CallError> {
+        let shared = &self.shared;
+        let limit = shared.peer_max_frame;
+        if request.body.len() > limit {
+            return Err(CallError::TooLarge {
+                size: request.body.len(),
+                limit,
+            });
+        }
+        wire::check_request(&request).map_err(CallError::BadRequest)?;
+        let Ok(_permit) = shared.outbound.clone().try_acquire_owned() else {
+            return Err(CallError::Overloaded(format!(
+                "{} requests are already in flight to {}",
+                shared.core.pipe.max_in_flight, shared.info.identity
+            )));
+        };
+        let started = Instant::now();
+        let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = lock(&shared.pending);
+            match pending.as_mut() {
+                Some(map) => map.insert(id, tx),
+                None => return Err(shared.closed_error()),
+            };
+        }
+        let _guard = PendingGuard { shared, id };
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let frame = wire::encode(Message::Event {
+            id,
+            request,
+            timeout_ms,
+        });
+        shared.requests_sent.fetch_add(1, Ordering::Relaxed);
+        let metrics = &shared.core.metrics;
+        metrics.tick("message.send.tick");
+        let exchange = async {
+            shared.send(frame).await?;
+            rx.await.map_err(|_| shared.closed_error())?
+        };
+        let result = match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout(timeout)),
+        };
+        metrics.timing("message.send.timing", started.elapsed());
+        result
+    }
+
+    /// A snapshot for `/status`.
+    pub fn status(&self) -> ConnectionStatus {
+        let s = &self.shared;
+        let rtt = s.last_rtt_us.load(Ordering::Relaxed);
+        let max = s.core.pipe.max_in_flight as u64;
+        ConnectionStatus {
+            identity: s.info.identity.clone(),
+            address: s.info.addr.to_string(),
+            software_version: s.info.software_version.clone(),
+            protocol_version: s.info.protocol_version,
+            connected_since: epoch_secs(s.info.connected_at),
+            last_heartbeat_rtt_ms: (rtt != 0).then(|| rtt as f64 / 1000.0),
+            requests_in_flight_out: max - s.outbound.available_permits() as u64,
+            requests_in_flight_in: max - s.inbound.available_permits() as u64,
+            requests_sent: s.requests_sent.load(Ordering::Relaxed),
+            requests_received: s.requests_received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// End the connection now: in-flight requests fail with `reason`.
+    pub fn close(&self, reason: impl Into<String>) {
+        self.shared.close(reason.into());
+    }
+
+    /// End the connection gracefully: take no new requests from the peer, let the ones being
+    /// handled finish (at most `grace`), tell the peer why, then close.
+    pub async fn drain(&self, grace: Duration, reason: &str) {
+        let s = &self.shared;
+        s.draining.store(true, Ordering::Release);
+        let all = u32::try_from(s.core.pipe.max_in_flight).unwrap_or(u32::MAX);
+        let finished = tokio::select! {
+            r = tokio::time::timeout(grace, s.inbound.acquire_many(all)) => r.is_ok(),
+            _ = s.closed.cancelled() => true,
+        };
+        if !finished {
+            warn!(parent: &s.span, "requests still in flight after the grace period");
+        }
+        s.send_now(Message::Close(reason.to_string()));
+        s.close(reason.to_string());
+    }
+}
+
+impl Shared {
+    fn closed_error(&self) -> CallError {
+        CallError::PipeClosed(
+            self.close_reason
+                .get()
+                .cloned()
+                .unwrap_or_else(|| "connection closed".into()),
+        )
+    }
+
+    fn close(&self, reason: String) {
+        if self.close_reason.set(reason).is_ok() {
+            let reason = self.close_reason.get().cloned().unwrap_or_default();
+            debug!(parent: &self.span, %reason, "connection closing");
+        }
+        let pending = lock(&self.pending).take();
+        self.closed.cancel();
+        if let Some(pending) = pending {
+            for (_, tx) in pending {
+                let _ = tx.send(Err(self.closed_error()));
+            }
+        }
+    }
+
+    /// Requests in flight on this connection, both ways.
+    fn in_flight(&self) -> usize {
+        let max = self.core.pipe.max_in_flight;
+        (max - self.outbound.available_permits()) + (max - self.inbound.available_permits())
+    }
+
+    /// Hand the answer to request `id` to whoever waits for it.
+    fn complete(&self, id: u64, result: Result<Reply, CallError>) {
+        let tx = lock(&self.pending).as_mut().and_then(|m| m.remove(&id));
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(result);
+            }
+            None => debug!(parent: &self.span, id, "reply for a request nobody waits for"),
+        }
+    }
+}
+
+/// Removes a request from the pending map when its caller stops waiting, for whatever reason.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(map) = lock(&self.shared.pending).as_mut() {
+            map.remove(&self.id);
+        }
+    }
+}

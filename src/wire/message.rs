@@ -1,0 +1,499 @@
+//! The messages of the pipe as the rest of the crate sees them, and their checked conversion
+//! from and to the generated protobuf types.
+//!
+//! Decoding validates on the way in: an event from a peer is held to the same grammar as one
+//! made at the HTTP front door (verb list, noun rule, non-zero id), and every string a peer
+//! controls is bounded (see [`limits`](super::limits)). A frame that parses as protobuf but
+//! breaks a rule is a [`DecodeError::Invalid`] that still names its request id, so that the
+//! receiver can answer or fail exactly that request and keep the connection.
+
+use std::ops::RangeInclusive;
+
+use bytes::Bytes;
+use prost::Message as _;
+use restpipe_handler::grammar;
+use restpipe_handler::{Reply, Request, Side};
+
+use super::framing::{self, Encoded};
+use super::limits;
+use super::proto::{self, frame::Kind};
+
+/// The first frame each side sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The protocol versions the sender speaks, lowest to highest.
+    pub versions: RangeInclusive<u32>,
+    /// The sender's side.
+    pub role: Side,
+    /// The sender's software version, for logs and `/status`.
+    pub software_version: String,
+    /// The sender's identity, as its certificate says it (informational: the receiver takes
+    /// the identity from the certificate itself).
+    pub identity: String,
+    /// The largest body the sender accepts, in bytes.
+    pub max_frame_bytes: u64,
+    /// The optional features the sender supports.
+    pub features: Vec<String>,
+}
+
+/// Why a peer could not answer a request with a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The frame's kind is one the peer does not know.
+    UnknownMessage,
+    /// Too many requests are in flight on the connection.
+    Overloaded,
+    /// The event was malformed or broke the grammar.
+    BadRequest,
+    /// The peer is shutting down and takes no new requests.
+    ShuttingDown,
+    /// A kind this build does not know (a newer peer's), or none.
+    Other,
+}
+
+/// One message on the pipe.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    /// The opening of a connection.
+    Hello(Hello),
+    /// A request, with the id its answer will carry and the caller's timeout.
+    Event {
+        /// The request id, never 0.
+        id: u64,
+        /// The request.
+        request: Request,
+        /// How long the caller waits, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// A handler's answer to the event `id`.
+    Reply {
+        /// The id of the event answered.
+        id: u64,
+        /// The reply.
+        reply: Reply,
+    },
+    /// Why the event `id` (or, with id 0, no particular event) got no reply.
+    Error {
+        /// The event concerned, or 0.
+        id: u64,
+        /// What went wrong.
+        kind: ErrorKind,
+        /// A message for a person.
+        message: String,
+    },
+    /// A keep-alive; its nonce comes back in a [`Message::Pong`].
+    Ping(u64),
+    /// The answer to a ping.
+    Pong(u64),
+    /// The sender is about to hang up, and says why.
+    Close(String),
+    /// A frame whose kind this build does not know (a newer peer's); answered with
+    /// [`ErrorKind::UnknownMessage`].
+    Unknown {
+        /// Its id.
+        id: u64,
+    },
+}
+
+/// Why a frame's payload is not a message this node takes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not protobuf, or not a `Frame`.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// Protobuf, but it breaks a rule of the protocol.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// The frame's request id (0 when it has none).
+        id: u64,
+        /// Which kind of frame it was: `hello`, `event`, `reply`, `error`, `close`.
+        what: &'static str,
+        /// What rule it breaks.
+        reason: String,
+    },
+}
+
+/// Decode one frame's payload (without its length prefix) into a checked message.
+pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
+    let frame = proto::Frame::decode(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let id = frame.id;
+    let invalid =
+        |what: &'static str| move |reason: String| DecodeError::Invalid { id, what, reason };
+    Ok(match frame.kind {
+        None => Message::Unknown { id },
+        Some(Kind::Hello(h)) => Message::Hello(hello_from_wire(h).map_err(invalid("hello"))?),
+        Some(Kind::Event(e)) => {
+            if id == 0 {
+                return Err(invalid("event")("request id 0".into()));
+            }
+            let timeout_ms = e.timeout_ms;
+            let request = request_from_wire(e).map_err(invalid("event"))?;
+            Message::Event {
+                id,
+                request,
+                timeout_ms,
+            }
+        }
+        Some(Kind::Reply(r)) => Message::Reply {
+            id,
+            reply: reply_from_wire(r).map_err(invalid("reply"))?,
+        },
+        Some(Kind::Error(e)) => {
+            bounded("error message", &e.message, limits::MESSAGE).map_err(invalid("error"))?;
+            Message::Error {
+                id,
+                kind: match proto::error::Kind::try_from(e.kind) {
+                    Ok(proto::error::Kind::UnknownMessage) => ErrorKind::UnknownMessage,
+                    Ok(proto::error::Kind::Overloaded) => ErrorKind::Overloaded,
+                    Ok(proto::error::Kind::BadRequest) => ErrorKind::BadRequest,
+                    Ok(proto::error::Kind::ShuttingDown) => ErrorKind::ShuttingDown,
+                    _ => ErrorKind::Other,
+                },
+                message: e.message,
+            }
+        }
+        Some(Kind::Ping(p)) => Message::Ping(p.nonce),
+        Some(Kind::Pong(p)) => Message::Pong(p.nonce),
+        Some(Kind::Close(c)) => {
+            bounded("close reason", &c.reason, limits::MESSAGE).map_err(invalid("close"))?;
+            Message::Close(c.reason)
+        }
+    })
+}
+
+/// Encode a message with its length prefix. A large event or reply body is not copied: it
+/// becomes a part of its own (see [`Encoded`]).
+pub fn encode(message: Message) -> Encoded {
+    let (id, kind) = match message {
+        Message::Hello(h) => (0, Kind::Hello(hello_to_wire(h))),
+        Message::Event {
+            id,
+            request,
+            timeout_ms,
+        } => (id, Kind::Event(request_to_wire(request, timeout_ms))),
+        Message::Reply { id, reply } => (id, Kind::Reply(reply_to_wire(reply))),
+        Message::Error { id, kind, message } => (
+            id,
+            Kind::Error(proto::Error {
+                kind: error_kind_to_wire(kind) as i32,
+                message: truncate(message, limits::MESSAGE),
+            }),
+        ),
+        Message::Ping(nonce) => (0, Kind::Ping(proto::Ping { nonce })),
+        Message::Pong(nonce) => (0, Kind::Pong(proto::Pong { nonce })),
+        Message::Close(reason) => (
+            0,
+            Kind::Close(proto::Close {
+                reason: truncate(reason, limits::MESSAGE),
+            }),
+        ),
+        Message::Unknown { id } => return framing::encode_frame(proto::Frame { id, kind: None }),
+    };
+    framing::encode_frame(proto::Frame {
+        id,
+        kind: Some(kind),
+    })
+}
+
+/// Check a request against the grammar and the bounds, as a receiver will: the front door
+/// runs this before anything is sent, so that a peer never has to refuse what this node made.
+pub fn check_request(request: &Request) -> Result<(), String> {
+    if !grammar::is_verb(&request.verb) {
+        return Err(format!(
+            "verb {:?} is not one of {}",
+            truncate(request.verb.clone(), 16),
+            grammar::ALLOW
+        ));
+    }
+    grammar::check_noun(&request.noun).map_err(|e| format!("bad noun: {e}"))?;
+    if request.parameters.len() > limits::PARAMETERS {
+        return Err(format!(
+            "{} parameters, more than {}",
+            request.parameters.len(),
+            limits::PARAMETERS
+        ));
+    }
+    bounded("query string", &request.query, limits::QUERY)?;
+    bounded("content type", &request.content_type, limits::CONTENT_TYPE)
+}
+
+fn bounded(what: &str, value: &str, limit: usize) -> Result<(), String> {
+    if value.len() > limit {
+        return Err(format!(
+            "the {what} is {} bytes, longer than {limit}",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `s` cut to at most `limit` bytes, on a character boundary.
+fn truncate(mut s: String, limit: usize) -> String {
+    if s.len() > limit {
+        let mut end = limit;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+fn side_to_wire(side: Side) -> proto::Role {
+    match side {
+        Side::Server => proto::Role::Server,
+        Side::Client => proto::Role::Client,
+    }
+}
+
+fn hello_to_wire(h: Hello) -> proto::Hello {
+    proto::Hello {
+        protocol_version: *h.versions.end(),
+        min_protocol_version: *h.versions.start(),
+        role: side_to_wire(h.role) as i32,
+        software_version: h.software_version,
+        identity: h.identity,
+        max_frame_bytes: h.max_frame_bytes,
+        features: h.features,
+    }
+}
+
+fn hello_from_wire(h: proto::Hello) -> Result<Hello, String> {
+    let role = match proto::Role::try_from(h.role) {
+        Ok(proto::Role::Server) => Side::Server,
+        Ok(proto::Role::Client) => Side::Client,
+        _ => return Err(format!("role {} is neither server nor client", h.role)),
+    };
+    bounded(
+        "software version",
+        &h.software_version,
+        limits::SOFTWARE_VERSION,
+    )?;
+    bounded("identity", &h.identity, limits::IDENTITY)?;
+    if h.features.len() > limits::FEATURES {
+        return Err(format!(
+            "{} features, more than {}",
+            h.features.len(),
+            limits::FEATURES
+        ));
+    }
+    for feature in &h.features {
+        bounded("feature name", feature, limits::FEATURE_NAME)?;
+    }
+    // A release-1 peer has no minimum: it speaks exactly its version.
+    let min = match h.min_protocol_version {
+        0 => h.protocol_version,
+        min => min,
+    };
+    if min > h.protocol_version {
+        return Err(format!(
+            "protocol versions {min}..={} are an empty range",
+            h.protocol_version
+        ));
+    }
+    Ok(Hello {
+        versions: min..=h.protocol_version,
+        role,
+        software_version: h.software_version,
+        identity: h.identity,
+        max_frame_bytes: h.max_frame_bytes,
+        features: h.features,
+    })
+}
+
+fn request_to_wire(request: Request, timeout_ms: u64) -> proto::Event {
+    proto::Event {
+        verb: request.verb,
+        noun: request.noun,
+        parameters: request.parameters,
+        query: request.query,
+        content_type: request.content_type,
+        body: request.body,
+        timeout_ms,
+    }
+}
+
+fn request_from_wire(event: proto::Event) -> Result<Request, String> {
+    let request = Request {
+        verb: event.verb,
+        noun: event.noun,
+        parameters: event.parameters,
+        query: event.query,
+        content_type: event.content_type,
+        body: event.body,
+    };
+    check_request(&request)?;
+    Ok(request)
+}
+
+fn reply_to_wire(reply: Reply) -> proto::Reply {
+    proto::Reply {
+        content_type: reply.content_type,
+        code: reply.code,
+        body: reply.body,
+        http_status: reply.status.map(u32::from).unwrap_or(0),
+    }
+}
+
+/// A reply from the wire; an HTTP status outside 100..=599 is dropped.
+fn reply_from_wire(reply: proto::Reply) -> Result<Reply, String> {
+    bounded("content type", &reply.content_type, limits::CONTENT_TYPE)?;
+    let status = u16::try_from(reply.http_status)
+        .ok()
+        .filter(|s| (100..=599).contains(s));
+    Ok(Reply {
+        content_type: reply.content_type,
+        code: reply.code,
+        body: reply.body,
+        status,
+    })
+}
+
+fn error_kind_to_wire(kind: ErrorKind) -> proto::error::Kind {
+    match kind {
+        ErrorKind::UnknownMessage => proto::error::Kind::UnknownMessage,
+        ErrorKind::Overloaded => proto::error::Kind::Overloaded,
+        ErrorKind::BadRequest => proto::error::Kind::BadRequest,
+        ErrorKind::ShuttingDown => proto::error::Kind::ShuttingDown,
+        ErrorKind::Other => proto::error::Kind::Unspecified,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn round_trip(message: Message) -> Result<Message, DecodeError> {
+        let encoded: Vec<u8> = encode(message).parts().flat_map(|p| p.to_vec()).collect();
+        decode(Bytes::from(encoded).slice(4..))
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            versions: 1..=3,
+            role: Side::Client,
+            software_version: "0.1.0".into(),
+            identity: "web-1".into(),
+            max_frame_bytes: 1 << 20,
+            features: vec!["streams".into()],
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let body = Bytes::from(vec![0u8, 255, 1, 2].repeat(10_000));
+        let messages = [
+            Message::Hello(hello()),
+            Message::Event {
+                id: 7,
+                request: Request::new("POST", "jobs/42")
+                    .with_parameters(vec!["a b".into()])
+                    .with_body("application/octet-stream", body.clone()),
+                timeout_ms: 30_000,
+            },
+            Message::Reply {
+                id: 7,
+                reply: Reply::bytes("text/csv", body).with_status(201),
+            },
+            Message::Error {
+                id: 9,
+                kind: ErrorKind::Overloaded,
+                message: "busy".into(),
+            },
+            Message::Ping(1),
+            Message::Pong(2),
+            Message::Close("bye".into()),
+            Message::Unknown { id: 3 },
+        ];
+        for m in messages {
+            assert_eq!(round_trip(m.clone()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn a_release_1_hello_speaks_exactly_its_version() {
+        let old = proto::Hello {
+            protocol_version: 1,
+            role: proto::Role::Server as i32,
+            ..Default::default()
+        };
+        assert_eq!(hello_from_wire(old).unwrap().versions, 1..=1);
+    }
+
+    #[test]
+    fn events_from_a_peer_follow_the_grammar() {
+        let event = |verb: &str, noun: &str| {
+            encode(Message::Event {
+                id: 5,
+                request: Request::new(verb, noun),
+                timeout_ms: 1,
+            })
+        };
+        for (verb, noun) in [
+            ("GET", "a/../b"),
+            ("GET", ""),
+            ("OPTIONS", "time"),
+            ("GET", "a b"),
+        ] {
+            let bytes: Vec<u8> = event(verb, noun).parts().flat_map(|p| p.to_vec()).collect();
+            match decode(Bytes::from(bytes).slice(4..)) {
+                Err(DecodeError::Invalid {
+                    id: 5,
+                    what: "event",
+                    ..
+                }) => {}
+                other => panic!("{verb} {noun}: {other:?}"),
+            }
+        }
+        let zero = Message::Event {
+            id: 0,
+            request: Request::new("GET", "time"),
+            timeout_ms: 1,
+        };
+        assert!(matches!(
+            round_trip(zero),
+            Err(DecodeError::Invalid { id: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn peer_strings_are_bounded() {
+        let mut long = hello();
+        long.software_version = "x".repeat(limits::SOFTWARE_VERSION + 1);
+        let err = round_trip(Message::Hello(long)).unwrap_err();
+        assert!(err.to_string().contains("software version"), "{err}");
+        let mut long = hello();
+        long.identity = "x".repeat(limits::IDENTITY + 1);
+        assert!(round_trip(Message::Hello(long)).is_err());
+        let mut query = Request::new("GET", "time");
+        query.query = "q".repeat(limits::QUERY + 1);
+        assert!(check_request(&query).unwrap_err().contains("query"));
+        let params = Request::new("GET", "t").with_parameters(vec![String::new(); 257]);
+        assert!(check_request(&params).is_err());
+        // What this node sends is cut to the bound rather than refused by the peer.
+        let close = round_trip(Message::Close("é".repeat(limits::MESSAGE))).unwrap();
+        let Message::Close(reason) = close else {
+            panic!()
+        };
+        assert!(reason.len() <= limits::MESSAGE);
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        assert!(matches!(
+            decode(Bytes::from_static(&[0xff, 0xff, 0xff])),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn bad_status_is_dropped() {
+        let r = reply_from_wire(proto::Reply {
+            http_status: 70000,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.status, None);
+    }
+}

@@ -1,0 +1,56 @@
+//! The wire: what crosses a pipe connection, and nothing else of the crate knows its format.
+//!
+//! - `framing`: the length prefix, the size limit checked before allocation, and encoding
+//!   that never copies a large body;
+//! - `message`: [`Message`], the domain type the rest of the crate speaks, decoded with
+//!   validation on the way in (the noun grammar of [`restpipe_handler::grammar`], the verb
+//!   list, non-zero request ids, and the bounds of [`limits`] on every peer string);
+//! - `proto` (private): the types prost generates from `proto/restpipe.proto`.
+//!
+//! The protocol is described in `docs/PROTOCOL.md`.
+
+mod framing;
+mod message;
+mod proto;
+
+pub use framing::{codec, frame_reader, Encoded, PREFIX, SPLIT_BODY};
+pub use message::{check_request, decode, encode, DecodeError, ErrorKind, Hello, Message};
+
+/// The highest version of the wire protocol this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The lowest version of the wire protocol this build speaks. A peer whose range of versions
+/// does not meet `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` is refused.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// The optional features this build offers in its hello. Those the peer offers too are in use.
+pub const FEATURES: &[&str] = &[];
+
+/// The default limit on an event's or a reply's body: 16 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Room allowed on top of the body limit for the rest of a frame (verb, noun, parameters,
+/// query, content type), so that a body of exactly the limit still fits.
+pub const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
+
+/// Bounds on the strings and lists a peer controls, in bytes or items. A received frame past
+/// one is refused (see [`DecodeError::Invalid`]); what this node sends is checked or cut to
+/// them first.
+pub mod limits {
+    /// The software version in a hello.
+    pub const SOFTWARE_VERSION: usize = 64;
+    /// The identity in a hello (a DNS name is at most 253 bytes).
+    pub const IDENTITY: usize = 255;
+    /// Features listed in a hello.
+    pub const FEATURES: usize = 32;
+    /// The name of one feature.
+    pub const FEATURE_NAME: usize = 64;
+    /// Parameters of one event.
+    pub const PARAMETERS: usize = 256;
+    /// The query string of an event.
+    pub const QUERY: usize = 8 * 1024;
+    /// The content type of an event or a reply.
+    pub const CONTENT_TYPE: usize = 256;
+    /// The message of an error frame, and the reason of a close frame.
+    pub const MESSAGE: usize = 1024;
+}
