@@ -34,8 +34,23 @@ pub enum CallError {
     },
     /// The event breaks the protocol's grammar or bounds, so no peer would take it (HTTP 400);
     /// nothing was sent.
-    #[error("the event cannot cross the pipe: {0}")]
+    #[error("the event cannot cross the pipe: {0}; nothing was sent")]
     BadRequest(String),
+    /// The query string is over the protocol's bound (HTTP 414); nothing was sent.
+    #[error("the event cannot cross the pipe: {0}; nothing was sent")]
+    UriTooLong(String),
+    /// A header carried with the event is over the protocol's bound (HTTP 431); nothing was
+    /// sent.
+    #[error("the event cannot cross the pipe: {0}; nothing was sent")]
+    HeaderTooLarge(String),
+    /// The encoded event would be over the peer's frame limit (HTTP 413); nothing was sent.
+    #[error("the event would be a frame of {size} bytes, over the peer's limit of {limit} bytes; nothing was sent")]
+    FrameTooLarge {
+        /// The encoded frame's size.
+        size: usize,
+        /// The peer's limit.
+        limit: usize,
+    },
     /// An IP address names more than one connected client (HTTP 409).
     #[error("{0}")]
     Ambiguous(String),

@@ -232,6 +232,7 @@ async fn status(State(state): State<Shared>) -> Response {
     match pipe {
         Pipe::Server(server) => {
             body["listening"] = json!(server.local_addr().to_string());
+            body["pending_handshakes"] = json!(server.pending_handshakes());
         }
         Pipe::Client(client) => {
             body["server"] = json!(client.server());
@@ -509,7 +510,11 @@ pub fn call_error_response(err: &CallError) -> Response {
         CallError::NotConnected(_) | CallError::Overloaded(_) | CallError::ShuttingDown(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        CallError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        CallError::TooLarge { .. } | CallError::FrameTooLarge { .. } => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        CallError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+        CallError::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         CallError::Ambiguous(_) => StatusCode::CONFLICT,
         CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
     };

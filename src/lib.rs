@@ -13,6 +13,7 @@
 //! - [`connection`]: one live connection, many requests in flight both ways, heartbeats;
 //! - [`node`]: what both sides share: settings, handlers, dispatch;
 //! - [`server`] and [`registry`]: the server's accept loop and its clients by identity;
+//!   `admission` caps pending handshakes (in total and per source) and rate-limits their log;
 //! - [`client`] and [`backoff`]: the client's dial loop and its reconnect delays;
 //! - [`metrics`]: statsd through cadence, never blocking;
 //! - [`http`]: the local HTTP front door (axum);
@@ -22,6 +23,7 @@
 //!
 //! Handlers are written against the [`restpipe_handler`] crate, re-exported as [`handler`].
 
+mod admission;
 pub mod app;
 pub mod backoff;
 pub mod client;
@@ -34,7 +36,7 @@ pub mod node;
 pub mod registry;
 pub mod server;
 pub mod tls;
-mod util;
+pub mod util;
 pub mod wire;
 
 pub use restpipe_handler as handler;

@@ -17,6 +17,7 @@ fn init_logs(debug: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    restpipe::util::raise_open_files_limit();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

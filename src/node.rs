@@ -29,6 +29,9 @@ pub struct PipeConfig {
     pub max_frame: usize,
     /// Requests in flight per connection and per direction.
     pub max_in_flight: usize,
+    /// Bytes of requests and replies a connection may hold, per direction (see
+    /// [`PipeConfig::byte_budget`]).
+    pub max_in_flight_bytes: usize,
     /// Frames queued for the writer of one connection.
     pub write_queue: usize,
     /// How long a request waits for the peer to be connected.
@@ -47,6 +50,7 @@ impl Default for PipeConfig {
             handshake_timeout: Duration::from_secs(10),
             max_frame: wire::DEFAULT_MAX_FRAME,
             max_in_flight: 1024,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             write_queue: 1024,
             connect_wait: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
@@ -55,7 +59,18 @@ impl Default for PipeConfig {
     }
 }
 
+/// The default of [`PipeConfig::max_in_flight_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+
 impl PipeConfig {
+    /// The byte budget of a connection, per direction: `max_in_flight_bytes`, and never less
+    /// than one frame of the largest size, so that a body of the limit always fits alone.
+    pub fn byte_budget(&self) -> usize {
+        self.max_in_flight_bytes
+            .max(self.max_frame + wire::ENVELOPE_ALLOWANCE + wire::PREFIX)
+            .min(u32::MAX as usize)
+    }
+
     /// Refuse settings that cannot work, with a message that says which and why.
     pub fn validate(&self) -> Result<(), NodeError> {
         let bad = |m: String| Err(NodeError::Config(m));

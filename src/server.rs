@@ -11,12 +11,13 @@ use std::time::{Duration, SystemTime};
 
 use restpipe_handler::{Lifecycle, Reply, Request, Side};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admission::{self, Handshakes, LogLimiter, Slot};
 use crate::connection::{self, Connection, ConnectionStatus};
 use crate::error::{CallError, NodeError};
 use crate::node::{NodeCore, NodeOptions};
@@ -28,6 +29,11 @@ use crate::tls;
 /// default of 128 the kernel drops their SYNs and they try again a second or more later.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// The default cap on pending handshakes.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
+/// The default cap on pending handshakes from one source address.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+
 /// How often the idle hook runs while no client is connected.
 const IDLE_EVERY: Duration = Duration::from_secs(60);
 
@@ -37,17 +43,25 @@ pub struct ServerOptions {
     pub node: NodeOptions,
     /// Where the pipe listens.
     pub bind: SocketAddr,
-    /// Connections held at once, handshakes included; more are refused at accept.
+    /// Established connections held at once; a client past it is refused after its TLS
+    /// handshake.
     pub max_connections: usize,
+    /// Handshakes pending at once (TCP accepted, TLS and hello not finished), in total.
+    pub max_handshakes: usize,
+    /// Handshakes pending at once from one source address.
+    pub max_handshakes_per_source: usize,
 }
 
 impl ServerOptions {
-    /// Options for a server listening on `bind`, with at most 16384 connections.
+    /// Options for a server listening on `bind`, with at most 16384 connections, 1024 pending
+    /// handshakes, and 64 pending handshakes from one address.
     pub fn new(node: NodeOptions, bind: SocketAddr) -> Self {
         ServerOptions {
             node,
             bind,
             max_connections: 16384,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
         }
     }
 }
@@ -66,6 +80,8 @@ struct Inner {
     stop_accepting: CancellationToken,
     tracker: TaskTracker,
     limit: Arc<Semaphore>,
+    handshakes: Arc<Handshakes>,
+    refusal_log: LogLimiter,
 }
 
 impl ServerNode {
@@ -89,6 +105,8 @@ impl ServerNode {
             stop_accepting: CancellationToken::new(),
             tracker: TaskTracker::new(),
             limit: Arc::new(Semaphore::new(options.max_connections.max(1))),
+            handshakes: Handshakes::new(options.max_handshakes, options.max_handshakes_per_source),
+            refusal_log: LogLimiter::new(admission::LOG_BURST, admission::LOG_PER_SECOND),
         });
         inner.core.metrics.gauge("server.clients.connected", 0);
         // Tracked, so that `shutdown` returns only once the listener is closed and the port
@@ -127,6 +145,11 @@ impl ServerNode {
             .iter()
             .map(Connection::status)
             .collect()
+    }
+
+    /// Handshakes pending now (TCP accepted, TLS and hello not finished).
+    pub fn pending_handshakes(&self) -> usize {
+        self.inner.handshakes.pending()
     }
 
     /// The pipe's settings.
@@ -197,13 +220,15 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         match accepted {
             Ok((tcp, addr)) => {
                 failures = 0;
-                let Ok(permit) = inner.limit.clone().try_acquire_owned() else {
-                    warn!(peer = %addr, "connection limit reached; refused");
-                    inner.core.metrics.tick("tls.handshake.rejected.limit.tick");
-                    continue;
+                let slot = match inner.handshakes.admit(addr.ip()) {
+                    Ok(slot) => slot,
+                    Err(refused) => {
+                        inner.refused(addr, refused.reason(), &"too many pending handshakes");
+                        continue;
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
-                inner.tracker.spawn(serve(inner.clone(), tcp, addr, permit));
+                inner.tracker.spawn(serve(inner.clone(), tcp, addr, slot));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -217,20 +242,39 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     debug!("accept loop stopped");
 }
 
-async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, _permit: OwnedSemaphorePermit) {
+impl Inner {
+    /// Count a refused handshake, and log it within the log's rate.
+    fn refused(&self, addr: SocketAddr, reason: &str, cause: &dyn std::fmt::Display) {
+        self.core
+            .metrics
+            .tick(&format!("tls.handshake.rejected.{reason}.tick"));
+        match self.refusal_log.allow() {
+            Some(0) => info!(peer = %addr, %reason, %cause, "handshake refused"),
+            Some(held_back) => {
+                info!(peer = %addr, %reason, %cause, held_back, "handshake refused (and {held_back} more, not logged)")
+            }
+            None => self.core.metrics.tick("tls.handshake.log_held_back.tick"),
+        }
+    }
+}
+
+async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, slot: Slot) {
     let core = &inner.core;
     let (stream, identity) =
         match tls::accept(&inner.acceptor, tcp, core.pipe.handshake_timeout).await {
             Ok(accepted) => accepted,
-            Err(e) => {
-                let reason = tls::refusal_reason(&e);
-                info!(peer = %addr, %reason, cause = %e, "handshake refused");
-                core.metrics
-                    .tick(&format!("tls.handshake.rejected.{reason}.tick"));
-                return;
-            }
+            Err(e) => return inner.refused(addr, tls::refusal_reason(&e), &e),
         };
-    let (conn, run) = match connection::open(core.clone(), stream, identity.clone(), addr).await {
+    let Ok(_permit) = inner.limit.clone().try_acquire_owned() else {
+        return inner.refused(
+            addr,
+            "limit",
+            &"the server holds its maximum of connections",
+        );
+    };
+    let opened = connection::open(core.clone(), stream, identity.clone(), addr).await;
+    drop(slot);
+    let (conn, run) = match opened {
         Ok(opened) => opened,
         Err(e) => {
             warn!(peer = %addr, %identity, cause = %e, "hello refused");

@@ -1,5 +1,5 @@
-//! Small helpers that several modules share: a lock that shrugs off poisoning, and wall-clock
-//! time as the JSON endpoints show it.
+//! Small helpers that several modules share: a lock that shrugs off poisoning, wall-clock
+//! time as the JSON endpoints show it, and the process's open-files limit.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -15,4 +15,14 @@ pub(crate) fn epoch_secs(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// Raise this process's open-files soft limit to its hard limit, where the system allows it,
+/// and log the figure: every pipe connection and HTTP connection is a descriptor, and many
+/// systems start processes at a soft limit of 1024.
+pub fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(open_files = limit, "open-files limit"),
+        Err(e) => tracing::warn!(cause = %e, "cannot raise the open-files limit"),
+    }
 }

@@ -1,8 +1,8 @@
 //! Arbitrary bytes as they would arrive on a connection, through restpipe's frame reading:
 //! the length-delimited codec of `wire::codec` with a small limit (fed in chunks, straight to
 //! `Decoder::decode`), and the reader of `wire::frame_reader` that connections use (polled by
-//! hand: no runtime). Each frame then goes through `wire::decode` and the conversions
-//! (`request_from_event`, `reply_from_wire`, ...).
+//! hand: no runtime). Each frame then goes through `wire::decode`, with its checks, and what
+//! decoded is checked as `check_message` says.
 //!
 //! Properties: no panic; no frame longer than the limit is returned; a frame announced longer
 //! than the limit is refused with `InvalidData`, and nothing is reserved for it; no single

@@ -1,13 +1,13 @@
 //! What the fuzz targets in `fuzz_targets/` share: an allocator that records the largest
-//! single allocation, and the checks every decoded frame goes through (docs/FUZZING.md).
+//! single allocation, and the checks every decoded message goes through (docs/FUZZING.md).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use libfuzzer_sys::arbitrary::{self, Unstructured};
-use restpipe::proto::{self, frame::Kind, Frame};
-use restpipe::wire;
+use restpipe::wire::{self, ErrorKind, Hello, Message};
+use restpipe_handler::{Reply, Request, Side};
 
 /// The system allocator, recording the largest single allocation made while armed.
 pub struct Tracking;
@@ -56,61 +56,47 @@ pub fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
     (out, PEAK.load(Ordering::Relaxed))
 }
 
-/// Check a frame that decoded: it re-encodes (whole and in parts) to bytes that decode to the
-/// same frame, and its kind converts the way `connection::on_frame` converts it, without a
-/// panic and with the documented results.
-pub fn check_frame(frame: &Frame) {
-    let encoded = wire::encode(frame);
-    let announced = u32::from_be_bytes([encoded[0], encoded[1], encoded[2], encoded[3]]);
-    assert_eq!(
-        announced as usize,
-        encoded.len() - 4,
-        "prefix is the payload length"
-    );
-    assert_eq!(wire::payload_len(&encoded), encoded.len() - 4);
-    let again = wire::decode(encoded.slice(4..)).expect("a re-encoded frame decodes");
-    assert_eq!(&again, frame, "decode(encode(frame)) == frame");
-    let parts: Vec<u8> = wire::encode_parts(frame.clone())
+/// Check a message that decoded: it re-encodes (in one buffer or in parts) to bytes whose
+/// prefix is their length and that decode to the same message, and what the node does with
+/// it (the handler name, the query, the HTTP response of a reply) runs without a panic and
+/// with the documented results.
+pub fn check_message(message: &Message) {
+    let encoded: Vec<u8> = wire::encode(message.clone())
         .parts()
         .flat_map(|p| p.to_vec())
         .collect();
+    let announced = u32::from_be_bytes([encoded[0], encoded[1], encoded[2], encoded[3]]);
     assert_eq!(
-        &parts[..],
-        &encoded[..],
-        "encode_parts gives the bytes of encode"
+        announced as usize,
+        encoded.len() - wire::PREFIX,
+        "prefix is the payload length"
     );
+    let again = wire::decode(Bytes::from(encoded).slice(wire::PREFIX..))
+        .expect("a re-encoded message decodes");
+    assert_eq!(&again, message, "decode(encode(message)) == message");
 
-    match &frame.kind {
-        Some(Kind::Event(event)) => match wire::request_from_event(event.clone()) {
-            Ok((request, timeout_ms)) => {
-                assert!(!event.verb.is_empty() && !event.noun.is_empty());
-                assert_eq!(timeout_ms, event.timeout_ms);
-                let _ = request.handler_name();
-                let _ = request.query_pairs();
-                let _ = request.is_json();
-                assert_eq!(&wire::event_from_request(request, timeout_ms), event);
+    match message {
+        Message::Event { id, request, .. } => {
+            assert_ne!(*id, 0, "an event with id 0 never decodes");
+            assert!(
+                wire::check_request(request).is_ok(),
+                "a decoded event obeys the grammar"
+            );
+            let _ = request.handler_name();
+            let _ = request.query_pairs();
+            let _ = request.is_json();
+        }
+        Message::Reply { reply, .. } => {
+            if let Some(status) = reply.status {
+                assert!(
+                    (100..=599).contains(&status),
+                    "a decoded status is in range"
+                );
             }
-            Err(_) => assert!(event.verb.is_empty() || event.noun.is_empty()),
-        },
-        Some(Kind::Reply(reply)) => {
-            let domain = wire::reply_from_wire(reply.clone());
-            let in_range = (100..=599).contains(&reply.http_status);
-            assert_eq!(
-                domain.status.map(u32::from),
-                in_range.then_some(reply.http_status)
-            );
-            let back = wire::reply_to_wire(domain.clone());
-            let expected = proto::Reply {
-                http_status: if in_range { reply.http_status } else { 0 },
-                ..reply.clone()
-            };
-            assert_eq!(
-                back, expected,
-                "reply_to_wire(reply_from_wire(r)) keeps all but a bad status"
-            );
+            assert!(reply.content_type.len() <= wire::limits::CONTENT_TYPE);
             // The HTTP response the front door makes of it.
-            let response = restpipe::http::reply_response(domain.clone());
-            if let Some(status) = domain.status {
+            let response = restpipe::http::reply_response(reply.clone());
+            if let Some(status) = reply.status {
                 assert_eq!(response.status().as_u16(), status);
             }
             let code = response
@@ -119,28 +105,55 @@ pub fn check_frame(frame: &Frame) {
                 .expect("the return code header is set");
             assert_eq!(code.to_str().ok(), Some(reply.code.to_string().as_str()));
         }
-        Some(Kind::Error(err)) => {
-            let _ = proto::error::Kind::try_from(err.kind);
+        Message::Hello(hello) => {
+            assert!(hello.versions.start() <= hello.versions.end());
+            assert!(hello.software_version.len() <= wire::limits::SOFTWARE_VERSION);
+            assert!(hello.identity.len() <= wire::limits::IDENTITY);
         }
-        Some(Kind::Hello(hello)) => {
-            let _ = proto::Role::try_from(hello.role);
-            let _ = usize::try_from(hello.max_frame_bytes)
-                .unwrap_or(usize::MAX)
-                .max(1024);
+        Message::Error { message, .. } | Message::Close(message) => {
+            assert!(message.len() <= wire::limits::MESSAGE);
         }
-        Some(Kind::Ping(_) | Kind::Pong(_) | Kind::Close(_)) | None => {}
+        Message::Ping(_) | Message::Pong(_) | Message::Unknown { .. } => {}
     }
 }
 
 /// Decode a payload as the connection does and check what decoded.
 pub fn check_payload(payload: Bytes) {
-    if let Ok(frame) = wire::decode(payload) {
-        check_frame(&frame);
+    if let Ok(message) = wire::decode(payload) {
+        check_message(&message);
+    }
+}
+
+/// Check a message built by [`arbitrary_message`]: it decodes back to itself exactly when it
+/// obeys the protocol's rules, and is refused as invalid, with its id, when it breaks one.
+pub fn check_built(message: &Message) {
+    let encoded: Vec<u8> = wire::encode(message.clone())
+        .parts()
+        .flat_map(|p| p.to_vec())
+        .collect();
+    match wire::decode(Bytes::from(encoded).slice(wire::PREFIX..)) {
+        Ok(again) => check_message(&again),
+        Err(wire::DecodeError::Invalid { id, .. }) => {
+            let expected = match message {
+                Message::Event { id, .. }
+                | Message::Reply { id, .. }
+                | Message::Error { id, .. } => *id,
+                _ => 0,
+            };
+            assert_eq!(id, expected, "an invalid frame names its own id");
+            if let Message::Event { id, request, .. } = message {
+                assert!(
+                    *id == 0 || wire::check_request(request).is_err(),
+                    "only a rule breaker is refused"
+                );
+            }
+        }
+        Err(e) => panic!("a message this node encoded is malformed: {e}"),
     }
 }
 
 /// A body: usually a few arbitrary bytes, sometimes a large one around
-/// [`wire::SPLIT_BODY`], where [`wire::encode_parts`] starts to split.
+/// [`wire::SPLIT_BODY`], where encoding starts to split.
 fn body(u: &mut Unstructured) -> arbitrary::Result<Bytes> {
     if u.ratio(1, 8)? {
         let len = u.int_in_range(wire::SPLIT_BODY - 2..=wire::SPLIT_BODY * 3)?;
@@ -154,46 +167,70 @@ fn body(u: &mut Unstructured) -> arbitrary::Result<Bytes> {
     }
 }
 
-/// An arbitrary valid frame of any kind, built field by field.
-pub fn arbitrary_frame(u: &mut Unstructured) -> arbitrary::Result<Frame> {
-    let id = u.arbitrary()?;
-    let kind = match u.int_in_range(0..=7u8)? {
-        0 => None,
-        1 => Some(Kind::Hello(proto::Hello {
-            protocol_version: u.arbitrary()?,
-            role: u.arbitrary()?,
-            software_version: u.arbitrary()?,
-            identity: u.arbitrary()?,
-            max_frame_bytes: u.arbitrary()?,
-        })),
-        2 => Some(Kind::Event(proto::Event {
-            verb: u.arbitrary()?,
-            noun: u.arbitrary()?,
-            parameters: u.arbitrary()?,
-            query: u.arbitrary()?,
-            content_type: u.arbitrary()?,
-            body: body(u)?,
-            timeout_ms: u.arbitrary()?,
-        })),
-        3 => Some(Kind::Reply(proto::Reply {
-            content_type: u.arbitrary()?,
-            code: u.arbitrary()?,
-            body: body(u)?,
-            http_status: u.arbitrary()?,
-        })),
-        4 => Some(Kind::Ping(proto::Ping {
-            nonce: u.arbitrary()?,
-        })),
-        5 => Some(Kind::Pong(proto::Pong {
-            nonce: u.arbitrary()?,
-        })),
-        6 => Some(Kind::Error(proto::Error {
-            kind: u.arbitrary()?,
+/// A verb: usually one of the list, sometimes anything.
+fn verb(u: &mut Unstructured) -> arbitrary::Result<String> {
+    if u.ratio(1, 8)? {
+        u.arbitrary()
+    } else {
+        Ok(u.choose(&restpipe_handler::grammar::VERBS)?.to_string())
+    }
+}
+
+/// An arbitrary message of any kind, built field by field; it may break the rules.
+pub fn arbitrary_message(u: &mut Unstructured) -> arbitrary::Result<Message> {
+    Ok(match u.int_in_range(0..=7u8)? {
+        0 => Message::Unknown { id: u.arbitrary()? },
+        1 => {
+            let a: u32 = u.arbitrary()?;
+            let b: u32 = u.arbitrary()?;
+            Message::Hello(Hello {
+                versions: a.min(b).max(1)..=a.max(b).max(1),
+                role: if u.arbitrary()? {
+                    Side::Server
+                } else {
+                    Side::Client
+                },
+                software_version: u.arbitrary()?,
+                identity: u.arbitrary()?,
+                max_frame_bytes: u.arbitrary()?,
+                features: u.arbitrary()?,
+            })
+        }
+        2 => {
+            let mut request = Request::new(verb(u)?, u.arbitrary::<String>()?);
+            request.parameters = u.arbitrary()?;
+            request.query = u.arbitrary()?;
+            request.content_type = u.arbitrary()?;
+            request.body = body(u)?;
+            Message::Event {
+                id: u.arbitrary()?,
+                request,
+                timeout_ms: u.arbitrary()?,
+            }
+        }
+        3 => {
+            let status: u16 = u.arbitrary()?;
+            let mut reply =
+                Reply::bytes(u.arbitrary::<String>()?, body(u)?).with_code(u.arbitrary()?);
+            reply.status = (100..=599).contains(&status).then_some(status);
+            Message::Reply {
+                id: u.arbitrary()?,
+                reply,
+            }
+        }
+        4 => Message::Ping(u.arbitrary()?),
+        5 => Message::Pong(u.arbitrary()?),
+        6 => Message::Error {
+            id: u.arbitrary()?,
+            kind: *u.choose(&[
+                ErrorKind::UnknownMessage,
+                ErrorKind::Overloaded,
+                ErrorKind::BadRequest,
+                ErrorKind::ShuttingDown,
+                ErrorKind::Other,
+            ])?,
             message: u.arbitrary()?,
-        })),
-        _ => Some(Kind::Close(proto::Close {
-            reason: u.arbitrary()?,
-        })),
-    };
-    Ok(Frame { id, kind })
+        },
+        _ => Message::Close(u.arbitrary()?),
+    })
 }

@@ -135,6 +135,7 @@ where
         .max(1024);
     let (out, rx) = mpsc::channel(core.pipe.write_queue);
     let max_in_flight = core.pipe.max_in_flight;
+    let budgets = core.pipe.byte_budget();
     let span = info_span!("conn", peer = %peer_identity, addr = %peer_addr);
     let shared = Arc::new(Shared {
         id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
@@ -157,6 +158,8 @@ where
         draining: AtomicBool::new(false),
         inbound: Arc::new(Semaphore::new(max_in_flight)),
         outbound: Arc::new(Semaphore::new(max_in_flight)),
+        inbound_bytes: Arc::new(Semaphore::new(budgets)),
+        outbound_bytes: Arc::new(Semaphore::new(budgets)),
         peer_max_frame,
         last_rtt_us: AtomicU64::new(0),
         requests_sent: AtomicU64::new(0),

@@ -21,7 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tracing::{info, info_span, warn, Instrument};
 
-use super::Shared;
+use super::{budget_permit, Shared};
 use crate::error::CallError;
 use crate::wire::{self, DecodeError, ErrorKind, Message};
 
@@ -110,6 +110,7 @@ pub(super) async fn read_loop<S: AsyncRead>(
 
 impl Shared {
     fn on_frame(self: &Arc<Self>, payload: Bytes) {
+        let size = payload.len();
         let message = match wire::decode(payload) {
             Ok(message) => message,
             Err(e) => return self.on_bad_frame(e),
@@ -119,7 +120,7 @@ impl Shared {
                 id,
                 request,
                 timeout_ms,
-            } => self.on_event(id, request, timeout_ms),
+            } => self.on_event(id, request, timeout_ms, size),
             Message::Reply { id, reply } => self.complete(id, Ok(reply)),
             Message::Error { id, kind, message } => {
                 let result = match kind {
@@ -186,7 +187,7 @@ impl Shared {
         }
     }
 
-    fn on_event(self: &Arc<Self>, id: u64, request: Request, timeout_ms: u64) {
+    fn on_event(self: &Arc<Self>, id: u64, request: Request, timeout_ms: u64, size: usize) {
         self.requests_received.fetch_add(1, Ordering::Relaxed);
         self.core.metrics.tick("message.receive.tick");
         if self.draining.load(Ordering::Acquire) {
@@ -202,6 +203,16 @@ impl Shared {
                 ),
             );
         };
+        let Some(bytes) = budget_permit(&self.inbound_bytes, size) else {
+            return self.send_error(
+                id,
+                ErrorKind::Overloaded,
+                format!(
+                    "the requests in flight on this connection already hold {} bytes, its budget",
+                    self.core.pipe.byte_budget()
+                ),
+            );
+        };
         let timeout = Duration::from_millis(timeout_ms).min(self.core.pipe.max_request_timeout);
         let ctx = Context {
             side: self.core.side,
@@ -212,14 +223,21 @@ impl Shared {
         };
         let span = info_span!(parent: &self.span, "request", id, handler = %request.handler_name());
         let shared = Arc::clone(self);
-        tokio::spawn(shared.handle(ctx, request, permit).instrument(span));
+        tokio::spawn(
+            shared
+                .handle(ctx, request, (permit, bytes))
+                .instrument(span),
+        );
     }
 
+    /// Run the handler and send its reply. The reply is held against the connection's byte
+    /// budget until it is queued for the writer; one that does not fit (the peer reads too
+    /// slowly to drain the replies before it) is answered 503 instead of being held.
     async fn handle(
         self: Arc<Self>,
         ctx: Context,
         request: Request,
-        _permit: OwnedSemaphorePermit,
+        mut permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     ) {
         let id = ctx.request_id;
         let reply = tokio::select! {
@@ -244,6 +262,20 @@ impl Shared {
             .into_reply()
         } else {
             reply
+        };
+        let held = reply.body.len() + reply.content_type.len();
+        let reply = match budget_permit(&self.inbound_bytes, held) {
+            Some(more) => {
+                permits.1.merge(more);
+                reply
+            }
+            None => HandlerError::new(format!(
+                "the reply of {held} bytes does not fit in the {} bytes this connection may hold for a peer that reads slowly",
+                self.core.pipe.byte_budget()
+            ))
+            .with_class("Overloaded")
+            .with_status(503)
+            .into_reply(),
         };
         let _ = self.send(wire::encode(Message::Reply { id, reply })).await;
     }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use restpipe_handler::{Reply, Request};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -124,6 +124,11 @@ struct Shared {
     draining: AtomicBool,
     inbound: Arc<Semaphore>,
     outbound: Arc<Semaphore>,
+    /// Bytes of incoming events and of their replies held by this node (see
+    /// [`budget_permit`]).
+    inbound_bytes: Arc<Semaphore>,
+    /// Bytes of outgoing events that wait for their reply.
+    outbound_bytes: Arc<Semaphore>,
     peer_max_frame: usize,
     last_rtt_us: AtomicU64,
     requests_sent: AtomicU64,
@@ -173,7 +178,11 @@ impl Connection {
                 limit,
             });
         }
-        wire::check_request(&request).map_err(CallError::BadRequest)?;
+        wire::check_request(&request).map_err(|e| match e {
+            wire::RequestError::Grammar(m) => CallError::BadRequest(m),
+            wire::RequestError::UriTooLong(m) => CallError::UriTooLong(m),
+            wire::RequestError::HeaderTooLarge(m) => CallError::HeaderTooLarge(m),
+        })?;
         let Ok(_permit) = shared.outbound.clone().try_acquire_owned() else {
             return Err(CallError::Overloaded(format!(
                 "{} requests are already in flight to {}",
@@ -197,6 +206,21 @@ impl Connection {
             request,
             timeout_ms,
         });
+        // The peer refuses a frame over its limit by closing the connection: refuse it here
+        // instead, so that one request never drops the pipe for every other.
+        let size = frame.len() - wire::PREFIX;
+        let limit = shared.peer_max_frame + wire::ENVELOPE_ALLOWANCE;
+        if size > limit {
+            return Err(CallError::FrameTooLarge { size, limit });
+        }
+        let Some(_bytes) = budget_permit(&shared.outbound_bytes, frame.len()) else {
+            return Err(CallError::Overloaded(format!(
+                "the requests in flight to {} already hold {} bytes, the connection's budget; this one needs {}",
+                shared.info.identity,
+                shared.core.pipe.byte_budget(),
+                frame.len()
+            )));
+        };
         shared.requests_sent.fetch_add(1, Ordering::Relaxed);
         let metrics = &shared.core.metrics;
         metrics.tick("message.send.tick");
@@ -294,6 +318,16 @@ impl Shared {
             None => debug!(parent: &self.span, id, "reply for a request nobody waits for"),
         }
     }
+}
+
+/// Take `bytes` from a connection's byte budget at once, or `None` when it does not hold that
+/// much. Each connection has two budgets, one per direction, of
+/// [`PipeConfig::byte_budget`](crate::node::PipeConfig::byte_budget) bytes: what this node
+/// holds for its peer, requests and replies together, is bounded by bytes as well as by count,
+/// whatever the peer reads or sends.
+fn budget_permit(budget: &Arc<Semaphore>, bytes: usize) -> Option<OwnedSemaphorePermit> {
+    let bytes = u32::try_from(bytes).ok()?;
+    budget.clone().try_acquire_many_owned(bytes).ok()
 }
 
 /// Removes a request from the pending map when its caller stops waiting, for whatever reason.

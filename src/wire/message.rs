@@ -195,26 +195,42 @@ pub fn encode(message: Message) -> Encoded {
     })
 }
 
-/// Check a request against the grammar and the bounds, as a receiver will: the front door
-/// runs this before anything is sent, so that a peer never has to refuse what this node made.
-pub fn check_request(request: &Request) -> Result<(), String> {
+/// Why a request breaks the protocol's rules, by the part of an HTTP request it comes from.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The verb, the noun or the parameters break the grammar or a bound.
+    #[error("{0}")]
+    Grammar(String),
+    /// The query string is too long.
+    #[error("{0}")]
+    UriTooLong(String),
+    /// A header carried with the event (the content type) is too long.
+    #[error("{0}")]
+    HeaderTooLarge(String),
+}
+
+/// Check a request against the grammar and the bounds, as a receiver will: a node runs this
+/// before anything is sent, so that a peer never has to refuse what this node made.
+pub fn check_request(request: &Request) -> Result<(), RequestError> {
     if !grammar::is_verb(&request.verb) {
-        return Err(format!(
+        return Err(RequestError::Grammar(format!(
             "verb {:?} is not one of {}",
             truncate(request.verb.clone(), 16),
             grammar::ALLOW
-        ));
+        )));
     }
-    grammar::check_noun(&request.noun).map_err(|e| format!("bad noun: {e}"))?;
+    grammar::check_noun(&request.noun)
+        .map_err(|e| RequestError::Grammar(format!("bad noun: {e}")))?;
     if request.parameters.len() > limits::PARAMETERS {
-        return Err(format!(
+        return Err(RequestError::Grammar(format!(
             "{} parameters, more than {}",
             request.parameters.len(),
             limits::PARAMETERS
-        ));
+        )));
     }
-    bounded("query string", &request.query, limits::QUERY)?;
+    bounded("query string", &request.query, limits::QUERY).map_err(RequestError::UriTooLong)?;
     bounded("content type", &request.content_type, limits::CONTENT_TYPE)
+        .map_err(RequestError::HeaderTooLarge)
 }
 
 fn bounded(what: &str, value: &str, limit: usize) -> Result<(), String> {
@@ -322,7 +338,7 @@ fn request_from_wire(event: proto::Event) -> Result<Request, String> {
         content_type: event.content_type,
         body: event.body,
     };
-    check_request(&request)?;
+    check_request(&request).map_err(|e| e.to_string())?;
     Ok(request)
 }
 
@@ -468,7 +484,15 @@ mod tests {
         assert!(round_trip(Message::Hello(long)).is_err());
         let mut query = Request::new("GET", "time");
         query.query = "q".repeat(limits::QUERY + 1);
-        assert!(check_request(&query).unwrap_err().contains("query"));
+        assert!(
+            matches!(check_request(&query), Err(RequestError::UriTooLong(m)) if m.contains("query"))
+        );
+        let mut content_type = Request::new("GET", "time");
+        content_type.content_type = "t".repeat(limits::CONTENT_TYPE + 1);
+        assert!(matches!(
+            check_request(&content_type),
+            Err(RequestError::HeaderTooLarge(_))
+        ));
         let params = Request::new("GET", "t").with_parameters(vec![String::new(); 257]);
         assert!(check_request(&params).is_err());
         // What this node sends is cut to the bound rather than refused by the peer.

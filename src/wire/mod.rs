@@ -14,7 +14,9 @@ mod message;
 mod proto;
 
 pub use framing::{codec, frame_reader, Encoded, PREFIX, SPLIT_BODY};
-pub use message::{check_request, decode, encode, DecodeError, ErrorKind, Hello, Message};
+pub use message::{
+    check_request, decode, encode, DecodeError, ErrorKind, Hello, Message, RequestError,
+};
 
 /// The highest version of the wire protocol this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
