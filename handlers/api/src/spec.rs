@@ -376,7 +376,9 @@ impl<'de> Deserializer<'de> for ValueDeserializer<'_> {
             return self.deserialize_seq(visitor);
         }
         let text = self.text()?.to_string();
-        visitor.visit_string(text).map_err(|e: DeError| self.fail(e))
+        visitor
+            .visit_string(text)
+            .map_err(|e: DeError| self.fail(e))
     }
 
     parsed! {
@@ -532,7 +534,10 @@ mod tests {
         let err = setup(&[("limit", "lots".into())])
             .settings::<Settings>()
             .unwrap_err();
-        assert!(err.contains("--nothing-limit") && err.contains("lots"), "{err}");
+        assert!(
+            err.contains("--nothing-limit") && err.contains("lots"),
+            "{err}"
+        );
         let err = setup(&[("root", vec!["a".to_string()].into())])
             .settings::<Settings>()
             .unwrap_err();
@@ -546,7 +551,10 @@ mod tests {
     #[test]
     fn specs_describe_themselves() {
         assert_eq!(SPEC.name(), "nothing");
-        assert_eq!(SPEC.setting("root").unwrap().env_var(), Some("RP_NOTHING_ROOT"));
+        assert_eq!(
+            SPEC.setting("root").unwrap().env_var(),
+            Some("RP_NOTHING_ROOT")
+        );
         assert!(SPEC.setting("routes").unwrap().is_repeatable());
         assert!(SPEC.setting("nope").is_none());
         let setup = setup(&[]);

@@ -81,7 +81,7 @@ pub const SPEC: PluginSpec = PluginSpec::new(
 .settings(&[SettingSpec::new(
     "root",
     "files-root",
-    "The directory the `files` handlers serve.",
+    "The directory the `files` handlers serve",
 )
 .env("RP_FILES_ROOT")
 .value_name("DIRECTORY")]);
@@ -473,7 +473,10 @@ mod tests {
             err.starts_with("--files-root /nonexistent/files is not a readable directory: "),
             "{err}"
         );
-        assert_eq!(SPEC.setting("root").unwrap().env_var(), Some("RP_FILES_ROOT"));
+        assert_eq!(
+            SPEC.setting("root").unwrap().env_var(),
+            Some("RP_FILES_ROOT")
+        );
 
         // A frame of 1600 bytes carries files of at most 1500: 1501 bytes is 413.
         let dir = tempfile::tempdir().unwrap();

@@ -79,7 +79,7 @@ pub const SPEC: PluginSpec = PluginSpec::new(
 .settings(&[SettingSpec::new(
     "routes",
     "forward",
-    "A `forward` route, `noun=http://127.0.0.1:9000/base` (repeatable).",
+    "A `forward` route, `noun=http://127.0.0.1:9000/base` (repeatable)",
 )
 .env("RP_FORWARD")
 .value_name("NOUN=URL")
@@ -572,12 +572,18 @@ mod tests {
             "the forward handlers need at least one --forward noun=http://host:port/base"
         );
         let err = SPEC.build(&setup(&["jobs"])).err().unwrap();
-        assert!(err.starts_with("--forward: ") && err.contains("NOUN=URL"), "{err}");
+        assert!(
+            err.starts_with("--forward: ") && err.contains("NOUN=URL"),
+            "{err}"
+        );
         let err = SPEC
             .build(&setup(&["a/b=http://h/1", "a_b=http://h/2"]))
             .err()
             .unwrap();
-        assert!(err.starts_with("--forward: ") && err.contains("get_a_b"), "{err}");
+        assert!(
+            err.starts_with("--forward: ") && err.contains("get_a_b"),
+            "{err}"
+        );
         let plugin = SPEC
             .build(&setup(&["jobs=http://127.0.0.1:9000/api", "x=http://h/"]))
             .unwrap();
@@ -585,7 +591,10 @@ mod tests {
         assert_eq!(plugin.handlers(Side::Client).len(), 10);
         let spec = SPEC.setting("routes").unwrap();
         assert!(spec.is_repeatable());
-        assert_eq!((spec.flag(), spec.env_var()), ("forward", Some("RP_FORWARD")));
+        assert_eq!(
+            (spec.flag(), spec.env_var()),
+            ("forward", Some("RP_FORWARD"))
+        );
     }
 
     #[test]
