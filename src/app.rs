@@ -9,10 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use axum::serve::ListenerExt as _;
-use restpipe_handler::{Plugin, Side};
-use restpipe_handler_files::FilesPlugin;
-use restpipe_handler_forward::ForwardPlugin;
-use restpipe_handler_time::TimePlugin;
+use restpipe_handler::{NodeFacts, Plugin, PluginSetup, Side};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -25,50 +22,25 @@ use crate::node::NodeOptions;
 use crate::server::{ServerNode, ServerOptions};
 use crate::tls::TlsMaterial;
 
-/// The handler sets this build knows, by the name `--handlers` takes.
-pub const HANDLER_SETS: [&str; 3] = ["time", "files", "forward"];
-
-/// The plug-ins named in `settings.handlers`, configured from the settings.
-pub fn plugins(settings: &Settings) -> anyhow::Result<Vec<Arc<dyn Plugin>>> {
-    let mut plugins: Vec<Arc<dyn Plugin>> = Vec::new();
-    for name in &settings.handlers {
-        let plugin: Arc<dyn Plugin> = match name.as_str() {
-            "time" => Arc::new(TimePlugin),
-            "files" => {
-                let root = settings
-                    .files_root
-                    .as_deref()
-                    .context("the files handlers need --files-root <directory>")?;
-                let files = FilesPlugin::new(root).with_context(|| {
-                    format!(
-                        "--files-root {} is not a readable directory",
-                        root.display()
-                    )
-                })?;
-                // A file is one reply frame: its limit follows --max-frame, less a
-                // sixteenth for the rest of the frame (15 MiB at the default 16 MiB).
-                Arc::new(files.with_max_file_bytes(settings.pipe.max_frame as u64 / 16 * 15))
-            }
-            "forward" => {
-                if settings.forward.is_empty() {
-                    bail!("the forward handlers need at least one --forward noun=http://host:port/base");
-                }
-                let routes = settings
-                    .forward
-                    .iter()
-                    .map(|r| ForwardPlugin::parse_route(r))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| anyhow::anyhow!("--forward: {e}"))?;
-                Arc::new(ForwardPlugin::new(routes).map_err(|e| anyhow::anyhow!("--forward: {e}"))?)
-            }
-            other => bail!(
-                "unknown handler set {other:?}; this build has: {}",
-                HANDLER_SETS.join(", ")
-            ),
-        };
-        plugins.push(plugin);
-    }
-    Ok(plugins)
+/// The plug-ins named in `settings.handlers`, each built by its constructor from the values
+/// given to its settings, for a node of `side`. A name this build does not register is refused
+/// with the list of those it does ([`crate::plugins::REGISTERED`]).
+pub fn plugins(settings: &Settings, side: Side) -> anyhow::Result<Vec<Arc<dyn Plugin>>> {
+    let node = NodeFacts::new(side, settings.pipe.max_frame);
+    settings
+        .handlers
+        .iter()
+        .map(|name| {
+            let Some(spec) = crate::plugins::find(name) else {
+                bail!(
+                    "unknown handler set {name:?}; this build has: {}",
+                    crate::plugins::names()
+                );
+            };
+            let setup = PluginSetup::new(spec, settings.plugins.of(name), node);
+            spec.build(&setup).map_err(anyhow::Error::msg)
+        })
+        .collect()
 }
 
 /// Metrics as the settings say: off with an empty host; a host that does not resolve is
@@ -161,13 +133,14 @@ pub async fn start_http(
 }
 
 fn node_options(
+    side: Side,
     settings: &Settings,
     tls: TlsMaterial,
     metrics: Metrics,
 ) -> anyhow::Result<NodeOptions> {
     let mut node = NodeOptions::new(tls);
     node.pipe = settings.pipe.clone();
-    node.plugins = plugins(settings)?;
+    node.plugins = plugins(settings, side)?;
     node.metrics = metrics;
     Ok(node)
 }
@@ -193,7 +166,7 @@ pub async fn start_with_tls(
     tls: TlsMaterial,
 ) -> anyhow::Result<RunningNode> {
     let metrics = metrics(settings);
-    let node = node_options(settings, tls, metrics.clone())?;
+    let node = node_options(side, settings, tls, metrics.clone())?;
     let pipe = match side {
         Side::Server => {
             let mut options = ServerOptions::new(node, settings.bind);
@@ -276,13 +249,14 @@ pub async fn demo(
         "quarter,revenue\nq3,42\n",
     )?;
 
+    let plugin_values = crate::plugins::demo_values(&files).map_err(anyhow::Error::msg)?;
     let base = |side: Side, http: SocketAddr| -> anyhow::Result<Settings> {
         let mut s = Settings::resolve(crate::config::NodeArgs::default(), side)
             .map_err(anyhow::Error::msg)?;
         s.http = http;
         s.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         s.handlers = args.handlers.clone();
-        s.files_root = Some(files.clone());
+        s.plugins = plugin_values.clone();
         s.statsd.host = None;
         s.grace = Duration::from_secs(2);
         Ok(s)

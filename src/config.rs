@@ -5,15 +5,25 @@
 //! its environment variable (clap does that), which beats the file, which beats the default.
 //! Unknown keys in the file are refused; every setting is checked at start-up and a problem
 //! is one clear line.
+//!
+//! The settings of the handler plug-ins are declared by the plug-ins themselves
+//! ([`restpipe_handler::SettingSpec`]); [`PluginValues`] turns those of the plug-ins this build
+//! registers ([`crate::plugins::REGISTERED`]) into flags and environment variables, and reads
+//! them from the file, where each plug-in has a table named after it (`[files] root = "..."`)
+//! and each setting may also be a top-level key named as its flag, `_` for `-`
+//! (`files_root = "..."`), like the node's own settings.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
+use restpipe_handler::{PluginSpec, SettingSpec, SettingValue};
 use serde::Deserialize;
 
 use crate::node::PipeConfig;
+use crate::plugins::{self, REGISTERED};
 use crate::tls::TlsFiles;
 
 /// restpipe: a durable mutual-TLS pipe that carries REST calls between client nodes and a
@@ -48,7 +58,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub server_http: SocketAddr,
     /// Handler sets both nodes run.
-    #[arg(long, value_delimiter = ',', default_value = "time,files")]
+    #[arg(long, value_delimiter = ',', default_value = plugins::DEMO_HANDLERS)]
     pub handlers: Vec<String>,
     /// Debug logs.
     #[arg(long, env = "DEBUG", value_parser = parse_flag, default_value = "false")]
@@ -106,15 +116,15 @@ pub struct NodeArgs {
     /// Allow a non-loopback HTTP address without a token.
     #[arg(long)]
     pub http_insecure: bool,
-    /// Handler sets to run, comma separated: time, files, forward [default: time].
-    #[arg(long, env = "RP_HANDLERS", value_delimiter = ',')]
+    /// Handler sets to run, comma separated, among the plug-ins of this build (the help
+    /// lists them).
+    #[arg(long, env = "RP_HANDLERS", value_delimiter = ',', help = handlers_help())]
     pub handlers: Option<Vec<String>>,
-    /// The directory the `files` handlers serve.
-    #[arg(long, env = "RP_FILES_ROOT")]
-    pub files_root: Option<PathBuf>,
-    /// A `forward` route, `noun=http://127.0.0.1:9000/base` (repeatable).
-    #[arg(long = "forward", env = "RP_FORWARD", value_delimiter = ',')]
-    pub forward: Option<Vec<String>>,
+    /// The settings of the registered plug-ins: flags and environment variables they
+    /// declare. In the file, the tables and keys of [`PluginValues`].
+    #[command(flatten)]
+    #[serde(skip)]
+    pub plugins: PluginValues,
     /// Seconds between heartbeats [default: 5].
     #[arg(long, env = "RP_CLIENT_HEARTBEAT_INTERVAL_S")]
     pub heartbeat_interval: Option<f64>,
@@ -151,6 +161,114 @@ pub struct NodeArgs {
     /// Debug logs.
     #[arg(long, env = "DEBUG", value_parser = parse_flag)]
     pub debug: Option<bool>,
+}
+
+/// The help of `--handlers`: the plug-ins of this build and the default.
+fn handlers_help() -> String {
+    format!(
+        "Handler sets to run, comma separated: {} [default: {}]",
+        plugins::names(),
+        plugins::DEFAULT_HANDLERS.join(",")
+    )
+}
+
+/// The values given to the settings of the registered plug-ins, by plug-in name then key.
+///
+/// As a part of [`NodeArgs`] it adds each declared setting as a flag (with its environment
+/// variable) and reads it back; repeatable settings take many flags and commas. The file's
+/// tables and keys are in the module documentation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PluginValues(BTreeMap<String, BTreeMap<String, SettingValue>>);
+
+impl PluginValues {
+    /// Give `value` to the setting `key` of the plug-in `plugin`, replacing any earlier one.
+    pub fn set(&mut self, plugin: &str, key: &str, value: impl Into<SettingValue>) {
+        self.0
+            .entry(plugin.to_string())
+            .or_default()
+            .insert(key.to_string(), value.into());
+    }
+
+    /// The value given to the setting `key` of `plugin`.
+    pub fn get(&self, plugin: &str, key: &str) -> Option<&SettingValue> {
+        self.0.get(plugin)?.get(key)
+    }
+
+    /// The values given to the settings of `plugin`, by key.
+    pub fn of(&self, plugin: &str) -> BTreeMap<String, SettingValue> {
+        self.0.get(plugin).cloned().unwrap_or_default()
+    }
+
+    /// These values, and those of `lower` for the settings these do not give.
+    fn or(mut self, lower: PluginValues) -> PluginValues {
+        for (plugin, values) in lower.0 {
+            let mine = self.0.entry(plugin).or_default();
+            for (key, value) in values {
+                mine.entry(key).or_insert(value);
+            }
+        }
+        self
+    }
+}
+
+/// The flag of one declared setting, with its environment variable.
+fn plugin_arg(setting: &SettingSpec) -> Arg {
+    let mut arg = Arg::new(setting.flag())
+        .long(setting.flag())
+        .help(setting.help())
+        .value_name(setting.value_placeholder());
+    if let Some(env) = setting.env_var() {
+        arg = arg.env(env);
+    }
+    if setting.is_repeatable() {
+        arg.action(ArgAction::Append).value_delimiter(',')
+    } else {
+        arg.action(ArgAction::Set)
+    }
+}
+
+impl Args for PluginValues {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        REGISTERED
+            .iter()
+            .flat_map(PluginSpec::setting_specs)
+            .fold(cmd, |cmd, setting| cmd.arg(plugin_arg(setting)))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for PluginValues {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut values = PluginValues::default();
+        values.update_from_arg_matches(matches)?;
+        Ok(values)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for spec in REGISTERED {
+            for setting in spec.setting_specs() {
+                let given = matches
+                    .try_get_many::<String>(setting.flag())
+                    .ok()
+                    .flatten()
+                    .map(|values| values.cloned().collect::<Vec<_>>());
+                let Some(mut given) = given else { continue };
+                let value = if setting.is_repeatable() {
+                    SettingValue::List(given)
+                } else {
+                    match given.pop() {
+                        Some(one) => SettingValue::Text(one),
+                        None => continue,
+                    }
+                };
+                self.set(spec.name(), setting.key(), value);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `DEBUG=1`, `true`, `yes`, `on` mean yes; `0`, `false`, `no`, `off`, empty mean no.
@@ -194,10 +312,8 @@ pub struct Settings {
     pub http_token: Option<String>,
     /// Handler sets to run.
     pub handlers: Vec<String>,
-    /// Root of the `files` handlers.
-    pub files_root: Option<PathBuf>,
-    /// Routes of the `forward` handlers.
-    pub forward: Vec<String>,
+    /// The values given to the plug-ins' settings (flag, then environment, then file).
+    pub plugins: PluginValues,
     /// Pipe settings.
     pub pipe: PipeConfig,
     /// Shutdown grace period.
@@ -236,9 +352,9 @@ impl Settings {
     /// Merge flags (with their env vars), the config file and the defaults for `side`, and
     /// check the result.
     pub fn resolve(args: NodeArgs, side: restpipe_handler::Side) -> Result<Settings, String> {
-        let file = match &args.config {
+        let (file, file_plugins) = match &args.config {
             Some(path) => read_file(path)?,
-            None => NodeArgs::default(),
+            None => (NodeArgs::default(), PluginValues::default()),
         };
         let server_side = side == restpipe_handler::Side::Server;
         let certs = Path::new(restpipe_certs::DEFAULT_DIR);
@@ -302,7 +418,12 @@ impl Settings {
         };
         let statsd_host = pick!(statsd_host).unwrap_or_else(|| "localhost".into());
         let handlers: Vec<String> = pick!(handlers)
-            .unwrap_or_else(|| vec!["time".into()])
+            .unwrap_or_else(|| {
+                plugins::DEFAULT_HANDLERS
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect()
+            })
             .into_iter()
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
@@ -324,8 +445,7 @@ impl Settings {
             http,
             http_token,
             handlers,
-            files_root: pick!(files_root),
-            forward: pick!(forward).unwrap_or_default(),
+            plugins: args.plugins.or(file_plugins),
             pipe,
             grace: seconds("grace", pick!(grace), Duration::from_secs(10))?,
             statsd: StatsdSettings {
@@ -338,11 +458,104 @@ impl Settings {
     }
 }
 
-fn read_file(path: &Path) -> Result<NodeArgs, String> {
+/// The node's settings and the plug-ins' settings in the TOML file at `path`.
+fn read_file(path: &Path) -> Result<(NodeArgs, PluginValues), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
-    toml::from_str(&text)
-        .map_err(|e| format!("config file {}: {}", path.display(), e.message().trim_end()))
+    let in_file = |e: &dyn std::fmt::Display| format!("config file {}: {e}", path.display());
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| in_file(&e.message().trim_end()))?;
+    let plugins = take_plugin_values(&mut table).map_err(|e| in_file(&e))?;
+    let args = table
+        .try_into()
+        .map_err(|e: toml::de::Error| in_file(&e.message().trim_end()))?;
+    Ok((args, plugins))
+}
+
+/// Take the registered plug-ins' settings out of the file's top-level table: the table
+/// `[name]` of each plug-in, and the top-level keys named as the flags (`files_root`).
+fn take_plugin_values(table: &mut toml::Table) -> Result<PluginValues, String> {
+    let mut values = PluginValues::default();
+    for spec in REGISTERED {
+        let name = spec.name();
+        // `[forward]` is the plug-in's table; `forward = [...]`, not a table, is the setting
+        // of the flag `--forward`.
+        let section = match table.remove(name) {
+            Some(toml::Value::Table(section)) => Some(section),
+            Some(other) => {
+                table.insert(name.to_string(), other);
+                None
+            }
+            None => None,
+        };
+        if let Some(section) = section {
+            for (key, value) in section {
+                let Some(setting) = spec.setting(&key) else {
+                    let keys: Vec<&str> = spec.setting_specs().iter().map(|s| s.key()).collect();
+                    return Err(format!(
+                        "unknown key `{key}` in [{name}]; the {name} handlers take: {}",
+                        if keys.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            keys.join(", ")
+                        }
+                    ));
+                };
+                let value = file_value(setting, &format!("{name}.{key}"), value)?;
+                values.set(name, &key, value);
+            }
+        }
+        for setting in spec.setting_specs() {
+            let alias = setting.flag().replace('-', "_");
+            let Some(value) = table.remove(&alias) else {
+                continue;
+            };
+            if values.get(name, setting.key()).is_some() {
+                return Err(format!(
+                    "`{alias}` and `{name}.{key}` are the same setting; give one of them",
+                    key = setting.key()
+                ));
+            }
+            values.set(name, setting.key(), file_value(setting, &alias, value)?);
+        }
+        if table.contains_key(name) {
+            return Err(format!(
+                "`{name}` is the table of the {name} handlers' settings, [{name}]"
+            ));
+        }
+    }
+    Ok(values)
+}
+
+/// A value of the file as a plug-in setting takes it: text (numbers and booleans written as
+/// they read), or for a repeatable setting an array, or a string of comma-separated values.
+fn file_value(
+    setting: &SettingSpec,
+    shown: &str,
+    value: toml::Value,
+) -> Result<SettingValue, String> {
+    let text = |value: toml::Value| match value {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        toml::Value::Datetime(d) => Ok(d.to_string()),
+        toml::Value::Array(_) | toml::Value::Table(_) => {
+            Err(format!("`{shown}` takes a string, a number or a boolean"))
+        }
+    };
+    match value {
+        toml::Value::Array(items) if setting.is_repeatable() => items
+            .into_iter()
+            .map(text)
+            .collect::<Result<_, _>>()
+            .map(SettingValue::List),
+        toml::Value::Array(_) => Err(format!("`{shown}` takes one value, not an array")),
+        value if setting.is_repeatable() => Ok(SettingValue::List(
+            text(value)?.split(',').map(str::to_string).collect(),
+        )),
+        value => text(value).map(SettingValue::Text),
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +612,87 @@ mod tests {
             ..NodeArgs::default()
         };
         assert!(Settings::resolve(args, Side::Client).is_ok());
+    }
+
+    fn parse(args: &[&str]) -> NodeArgs {
+        let cli = Cli::try_parse_from(["restpipe", "server"].iter().chain(args)).unwrap();
+        let Command::Server(args) = cli.command else {
+            panic!("not the server command");
+        };
+        args
+    }
+
+    fn list(values: &[&str]) -> SettingValue {
+        SettingValue::List(values.iter().map(|v| v.to_string()).collect())
+    }
+
+    #[test]
+    fn plugin_settings_are_flags_and_file_keys() {
+        let s = Settings::resolve(
+            parse(&[
+                "--files-root",
+                "/srv",
+                "--forward",
+                "a=http://h/1,b=http://h/2",
+            ]),
+            Side::Server,
+        )
+        .unwrap();
+        assert_eq!(s.plugins.get("files", "root"), Some(&"/srv".into()));
+        assert_eq!(
+            s.plugins.get("forward", "routes"),
+            Some(&list(&["a=http://h/1", "b=http://h/2"]))
+        );
+        let s = Settings::resolve(
+            parse(&["--forward", "a=http://h/1", "--forward", "b=http://h/2"]),
+            Side::Server,
+        )
+        .unwrap();
+        assert_eq!(
+            s.plugins.get("forward", "routes"),
+            Some(&list(&["a=http://h/1", "b=http://h/2"]))
+        );
+        assert_eq!(s.plugins.get("files", "root"), None);
+
+        // The plug-in's table, or the flag's name at the top level; a flag beats the file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rp.toml");
+        let config = path.to_str().unwrap();
+        let resolve = |toml: &str, flags: &[&str]| {
+            std::fs::write(&path, toml).unwrap();
+            let mut args = vec!["--config", config];
+            args.extend_from_slice(flags);
+            Settings::resolve(parse(&args), Side::Client)
+        };
+        let s = resolve(
+            "[files]\nroot = \"/a\"\n[forward]\nroutes = [\"x=http://h\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.plugins.get("files", "root"), Some(&"/a".into()));
+        assert_eq!(
+            s.plugins.get("forward", "routes"),
+            Some(&list(&["x=http://h"]))
+        );
+        let s = resolve("files_root = \"/b\"\nforward = [\"y=http://h\"]\n", &[]).unwrap();
+        assert_eq!(s.plugins.get("files", "root"), Some(&"/b".into()));
+        assert_eq!(
+            s.plugins.get("forward", "routes"),
+            Some(&list(&["y=http://h"]))
+        );
+        let s = resolve("files_root = \"/b\"\n", &["--files-root", "/c"]).unwrap();
+        assert_eq!(s.plugins.get("files", "root"), Some(&"/c".into()));
+
+        for (toml, says) in [
+            ("[files]\nrot = \"/a\"\n", "rot"),
+            ("[time]\nx = 1\n", "take: nothing"),
+            ("files = 3\n", "[files]"),
+            ("[files]\nroot = [\"/a\"]\n", "files.root"),
+            ("files_root = \"/a\"\n[files]\nroot = \"/b\"\n", "give one"),
+        ] {
+            let err = resolve(toml, &[]).unwrap_err();
+            assert!(err.contains(says) && !err.contains('\n'), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
 use bytes::Bytes;
+use restpipe_handler::grammar::{self, GrammarError};
 use restpipe_handler::{Reply, Side};
 use serde_json::json;
 
@@ -31,16 +32,6 @@ use crate::util::epoch_secs;
 pub const RETURN_CODE_HEADER: &str = "x-event-return-code";
 /// The header with which a request sets its own deadline, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-event-timeout-ms";
-/// The verbs that cross the pipe.
-pub const VERBS: [Method; 5] = [
-    Method::GET,
-    Method::POST,
-    Method::PUT,
-    Method::PATCH,
-    Method::DELETE,
-];
-/// Longest noun, in bytes.
-const MAX_NOUN: usize = 1024;
 
 /// The pipe a front door talks to.
 #[derive(Clone)]
@@ -278,7 +269,8 @@ pub fn parse_path(side: Side, path: &str) -> Result<Target, String> {
             let (identity, rest) = rest.split_once('/').unwrap_or((rest, ""));
             // A client may be named by its IP address, and an IPv6 address holds `:`.
             if identity.parse::<std::net::IpAddr>().is_err() {
-                check_segment(identity).map_err(|e| format!("bad client identity: {e}"))?;
+                grammar::check_segment(identity)
+                    .map_err(|e| format!("bad client identity: {e}"))?;
             }
             (Some(identity.to_string()), rest)
         }
@@ -290,12 +282,11 @@ pub fn parse_path(side: Side, path: &str) -> Result<Target, String> {
     if noun.is_empty() {
         return Err("name a noun after the prefix, for example .../time".into());
     }
-    if noun.len() > MAX_NOUN {
-        return Err(format!("the noun is longer than {MAX_NOUN} bytes"));
-    }
-    for segment in noun.split('/') {
-        check_segment(segment).map_err(|e| format!("bad noun {noun:?}: {e}"))?;
-    }
+    grammar::check_noun(noun).map_err(|e| match e {
+        // Not the noun itself: it is long.
+        GrammarError::TooLong(_) => e.to_string(),
+        e => format!("bad noun {noun:?}: {e}"),
+    })?;
     let parameters = match params {
         None | Some("") => Vec::new(),
         Some(params) => params
@@ -309,24 +300,6 @@ pub fn parse_path(side: Side, path: &str) -> Result<Target, String> {
         noun: noun.to_string(),
         parameters,
     })
-}
-
-fn check_segment(segment: &str) -> Result<(), String> {
-    if segment.is_empty() {
-        return Err("an empty path segment".into());
-    }
-    if segment == "." || segment == ".." {
-        return Err(format!("{segment:?} is not allowed as a segment"));
-    }
-    if let Some(c) = segment
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-    {
-        return Err(format!(
-            "{c:?} is not allowed (segments use A-Z a-z 0-9 _ - . only)"
-        ));
-    }
-    Ok(())
 }
 
 /// Percent-decode one parameter; malformed escapes and invalid UTF-8 are refused.
@@ -354,15 +327,14 @@ fn decode_parameter(raw: &str) -> Result<String, String> {
 
 async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
     let method = request.method().clone();
-    if !VERBS.contains(&method) {
+    if !grammar::is_verb(method.as_str()) {
         let mut response = error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} does not cross the pipe; use GET, POST, PUT, PATCH or DELETE"),
         );
-        response.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE"),
-        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(grammar::ALLOW));
         return response;
     }
     let side = state.pipe.side();

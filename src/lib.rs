@@ -18,6 +18,7 @@
 //! - [`metrics`]: statsd through cadence, never blocking;
 //! - [`http`]: the local HTTP front door (axum);
 //! - [`config`]: flags, environment variables and the TOML file;
+//! - [`plugins`]: the handler plug-ins this build registers, one line each;
 //! - [`app`]: whole nodes (pipe plus front door), the demo, graceful shutdown;
 //! - [`error`]: why a call or a start failed.
 //!
@@ -33,6 +34,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod plugins;
 pub mod registry;
 pub mod server;
 pub mod tls;

@@ -1034,7 +1034,8 @@ async fn the_files_handler_refuses_every_escape() {
     let server = app_server(&pki, settings(Side::Server)).await;
     let mut s = settings(Side::Client);
     s.handlers = vec!["time".into(), "files".into()];
-    s.files_root = Some(root.path().to_path_buf());
+    s.plugins
+        .set("files", "root", root.path().to_str().unwrap());
     let _client = app_client(&pki, "fileserver-1", &server, s).await;
 
     let answer = get(url(&server, "/client/fileserver-1/file//reports/q3.csv")).await;

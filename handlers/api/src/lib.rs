@@ -11,7 +11,11 @@
 //!   (see [`IntoReply`]);
 //! - [`HandlerError`] is a failure, answered as HTTP 500 with return code 251;
 //! - [`Handlers`] is the registry by name, and [`Plugin`] is what a plug-in crate exports:
-//!   its handlers for one side, and the lifecycle hooks of [`Lifecycle`].
+//!   its handlers for one side, and the lifecycle hooks of [`Lifecycle`];
+//! - [`PluginSpec`] is how a plug-in crate declares itself to a node: its name, its settings
+//!   ([`SettingSpec`]: a flag, an environment variable, a key of the TOML file) and the
+//!   constructor that builds its [`Plugin`] from them (see [`spec`]);
+//! - [`grammar`] is the rule for verbs and nouns, shared by the node and the plug-ins.
 //!
 //! Writing a handler takes a few lines:
 //!
@@ -51,6 +55,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub mod grammar;
+pub mod spec;
+
+pub use spec::{BuildPlugin, NodeFacts, PluginSetup, PluginSpec, SettingSpec, SettingValue};
 
 /// Return codes carried in the `X-Event-Return-Code` header, as RestPipe defined them.
 pub mod codes {

@@ -65,8 +65,50 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use restpipe_handler::{Context, HandlerError, Handlers, Plugin, Reply, Request, Side};
-use serde::Serialize;
+use restpipe_handler::{
+    Context, HandlerError, Handlers, Plugin, PluginSetup, PluginSpec, Reply, Request, SettingSpec,
+    Side,
+};
+use serde::{Deserialize, Serialize};
+
+/// How a node registers this plug-in: the name `files` and one setting, `root`
+/// (`--files-root`, `RP_FILES_ROOT`, `[files] root`).
+pub const SPEC: PluginSpec = PluginSpec::new(
+    "files",
+    "get_file and get_files: the files under one directory",
+    build,
+)
+.settings(&[SettingSpec::new(
+    "root",
+    "files-root",
+    "The directory the `files` handlers serve",
+)
+.env("RP_FILES_ROOT")
+.value_name("DIRECTORY")]);
+
+/// The settings of the plug-in, as [`SPEC`] declares them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilesSettings {
+    root: Option<PathBuf>,
+}
+
+fn build(setup: &PluginSetup) -> Result<Arc<dyn Plugin>, String> {
+    let settings: FilesSettings = setup.settings()?;
+    let root = settings
+        .root
+        .ok_or("the files handlers need --files-root <directory>")?;
+    let files = FilesPlugin::new(&root).map_err(|e| {
+        format!(
+            "--files-root {} is not a readable directory: {e}",
+            root.display()
+        )
+    })?;
+    // A file is one reply frame: its limit follows --max-frame, less a sixteenth for the
+    // rest of the frame (15 MiB at the default 16 MiB).
+    let max_file_bytes = setup.node().max_frame as u64 / 16 * 15;
+    Ok(Arc::new(files.with_max_file_bytes(max_file_bytes)))
+}
 
 /// Serves `get_file` and `get_files` for the files under one root directory.
 ///
@@ -405,6 +447,51 @@ mod tests {
             root,
             _dir: dir,
         }
+    }
+
+    fn setup(values: &[(&str, &str)], max_frame: usize) -> PluginSetup {
+        let values = values
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        PluginSetup::new(
+            &SPEC,
+            values,
+            restpipe_handler::NodeFacts::new(Side::Client, max_frame),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_spec_needs_a_root_and_follows_the_frame_limit() {
+        let err = SPEC.build(&setup(&[], 1024)).err().unwrap();
+        assert_eq!(err, "the files handlers need --files-root <directory>");
+        let err = SPEC
+            .build(&setup(&[("root", "/nonexistent/files")], 1024))
+            .err()
+            .unwrap();
+        assert!(
+            err.starts_with("--files-root /nonexistent/files is not a readable directory: "),
+            "{err}"
+        );
+        assert_eq!(
+            SPEC.setting("root").unwrap().env_var(),
+            Some("RP_FILES_ROOT")
+        );
+
+        // A frame of 1600 bytes carries files of at most 1500: 1501 bytes is 413.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fits"), vec![b'x'; 1500]).unwrap();
+        std::fs::write(dir.path().join("too-big"), vec![b'x'; 1501]).unwrap();
+        let root = dir.path().to_str().unwrap();
+        let plugin = SPEC.build(&setup(&[("root", root)], 1600)).unwrap();
+        assert_eq!(plugin.name(), "files");
+        let handlers = plugin.handlers(Side::Client);
+        let call = |name: &str| {
+            let request = Request::new("GET", "file").with_parameters(params(&[name]));
+            handlers.call(Context::for_test(Side::Client), request)
+        };
+        assert_eq!(call("fits").await.unwrap().body.len(), 1500);
+        assert_eq!(call("too-big").await.unwrap_err().status, Some(413));
     }
 
     fn all_bytes() -> Vec<u8> {

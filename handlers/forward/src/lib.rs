@@ -64,8 +64,51 @@ use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use reqwest::redirect::Policy;
 use reqwest::{Client, Method, Url};
 use restpipe_handler::{
-    handler_name, Context, HandlerError, Handlers, Plugin, Reply, Request, Side,
+    grammar, handler_name, Context, HandlerError, Handlers, Plugin, PluginSetup, PluginSpec, Reply,
+    Request, SettingSpec, Side,
 };
+use serde::Deserialize;
+
+/// How a node registers this plug-in: the name `forward` and one repeatable setting, `routes`
+/// (`--forward`, `RP_FORWARD`, `[forward] routes`).
+pub const SPEC: PluginSpec = PluginSpec::new(
+    "forward",
+    "hands events to local HTTP upstreams, one route per noun",
+    build,
+)
+.settings(&[SettingSpec::new(
+    "routes",
+    "forward",
+    "A `forward` route, `noun=http://127.0.0.1:9000/base` (repeatable)",
+)
+.env("RP_FORWARD")
+.value_name("NOUN=URL")
+.repeatable()]);
+
+/// The settings of the plug-in, as [`SPEC`] declares them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardSettings {
+    #[serde(default)]
+    routes: Vec<String>,
+}
+
+fn build(setup: &PluginSetup) -> Result<Arc<dyn Plugin>, String> {
+    let settings: ForwardSettings = setup.settings()?;
+    if settings.routes.is_empty() {
+        return Err(
+            "the forward handlers need at least one --forward noun=http://host:port/base".into(),
+        );
+    }
+    let routes = settings
+        .routes
+        .iter()
+        .map(|r| ForwardPlugin::parse_route(r))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("--forward: {e}"))?;
+    let plugin = ForwardPlugin::new(routes).map_err(|e| format!("--forward: {e}"))?;
+    Ok(Arc::new(plugin))
+}
 
 /// Forwards events to local HTTP upstreams, one route per noun.
 ///
@@ -79,8 +122,8 @@ pub struct ForwardPlugin {
 }
 
 impl ForwardPlugin {
-    /// The verbs every route serves.
-    pub const VERBS: [&'static str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+    /// The verbs every route serves: all that cross the pipe ([`grammar::VERBS`]).
+    pub const VERBS: [&'static str; 5] = grammar::VERBS;
 
     /// The default of [`ForwardPlugin::timeout`]: 60 s. The caller's deadline, usually
     /// shorter, applies first.
@@ -288,7 +331,7 @@ impl Route {
         }
         if !rest.is_empty() || !req.parameters.is_empty() {
             // `check_base` made sure the base has a path that segments can be added to.
-            // Noun segments were checked by the node (A-Z a-z 0-9 _ - ., never . or ..).
+            // Noun segments were checked by the node (`grammar::check_noun`: never . or ..).
             if let Ok(mut segments) = url.path_segments_mut() {
                 segments
                     .pop_if_empty()
@@ -342,26 +385,13 @@ fn too_large(url: &Url, size: u64, max: u64) -> HandlerError {
     .with_status(502)
 }
 
-/// The noun with slashes at its ends dropped, if every segment is non-empty, made of
-/// `A-Z a-z 0-9 _ - .`, and not `.` or `..`.
+/// The noun with slashes at its ends dropped, if it is a noun by the pipe's rule
+/// ([`grammar::check_noun`]).
 fn check_noun(noun: &str) -> Result<String, String> {
     let trimmed = noun.trim_matches('/');
-    let valid = !trimmed.is_empty()
-        && trimmed.split('/').all(|segment| {
-            !segment.is_empty()
-                && segment != "."
-                && segment != ".."
-                && segment
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        });
-    if valid {
-        Ok(trimmed.to_string())
-    } else {
-        Err(format!(
-            "forward route noun {noun:?} is not a noun: segments of A-Z a-z 0-9 _ - . joined by /"
-        ))
-    }
+    grammar::check_noun(trimmed)
+        .map(|()| trimmed.to_string())
+        .map_err(|e| format!("forward route noun {noun:?} is not a noun: {e}"))
 }
 
 /// A base URL the plug-in can forward to.
@@ -523,6 +553,48 @@ mod tests {
             let err = ForwardPlugin::parse_route(spec).unwrap_err();
             assert!(err.contains(says), "{spec:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_spec_builds_from_routes() {
+        use restpipe_handler::{NodeFacts, SettingValue};
+        let setup = |routes: &[&str]| {
+            let mut values = std::collections::BTreeMap::new();
+            if !routes.is_empty() {
+                let list = routes.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+                values.insert("routes".to_string(), SettingValue::List(list));
+            }
+            PluginSetup::new(&SPEC, values, NodeFacts::new(Side::Server, 1 << 24))
+        };
+        let err = SPEC.build(&setup(&[])).err().unwrap();
+        assert_eq!(
+            err,
+            "the forward handlers need at least one --forward noun=http://host:port/base"
+        );
+        let err = SPEC.build(&setup(&["jobs"])).err().unwrap();
+        assert!(
+            err.starts_with("--forward: ") && err.contains("NOUN=URL"),
+            "{err}"
+        );
+        let err = SPEC
+            .build(&setup(&["a/b=http://h/1", "a_b=http://h/2"]))
+            .err()
+            .unwrap();
+        assert!(
+            err.starts_with("--forward: ") && err.contains("get_a_b"),
+            "{err}"
+        );
+        let plugin = SPEC
+            .build(&setup(&["jobs=http://127.0.0.1:9000/api", "x=http://h/"]))
+            .unwrap();
+        assert_eq!(plugin.name(), "forward");
+        assert_eq!(plugin.handlers(Side::Client).len(), 10);
+        let spec = SPEC.setting("routes").unwrap();
+        assert!(spec.is_repeatable());
+        assert_eq!(
+            (spec.flag(), spec.env_var()),
+            ("forward", Some("RP_FORWARD"))
+        );
     }
 
     #[test]

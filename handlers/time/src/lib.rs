@@ -30,9 +30,23 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use restpipe_handler::{Context, HandlerError, Handlers, Plugin, Request, Side};
+use restpipe_handler::{
+    Context, HandlerError, Handlers, Plugin, PluginSetup, PluginSpec, Request, Side,
+};
+
+/// How a node registers this plug-in: the name `time`, no settings.
+pub const SPEC: PluginSpec = PluginSpec::new(
+    "time",
+    "get_time and get_cat, RestPipe's example handlers",
+    build,
+);
+
+fn build(_setup: &PluginSetup) -> Result<Arc<dyn Plugin>, String> {
+    Ok(Arc::new(TimePlugin))
+}
 
 /// RestPipe's example handlers, `get_time` and `get_cat`, for either side.
 ///
@@ -101,6 +115,16 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs_f64()
+    }
+
+    #[test]
+    fn the_spec_builds_the_plugin() {
+        use restpipe_handler::NodeFacts;
+        assert_eq!(SPEC.name(), "time");
+        assert!(SPEC.setting_specs().is_empty());
+        let setup = PluginSetup::new(&SPEC, Default::default(), NodeFacts::new(Side::Server, 1));
+        let plugin = SPEC.build(&setup).unwrap();
+        assert_eq!(plugin.name(), "time");
     }
 
     #[test]
