@@ -171,6 +171,8 @@ pub async fn start_with_tls(
         Side::Server => {
             let mut options = ServerOptions::new(node, settings.bind);
             options.max_connections = settings.max_connections;
+            options.max_handshakes = settings.max_handshakes;
+            options.max_handshakes_per_source = settings.max_handshakes_per_source;
             Pipe::Server(ServerNode::start(options).await?)
         }
         Side::Client => {

@@ -94,6 +94,12 @@ pub struct NodeArgs {
     /// Server: connections held at once [default: 16384].
     #[arg(long, env = "RP_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Server: TLS handshakes pending at once, in total [default: 1024].
+    #[arg(long, env = "RP_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<usize>,
+    /// Server: TLS handshakes pending at once from one source address [default: 64].
+    #[arg(long, env = "RP_MAX_HANDSHAKES_PER_SOURCE")]
+    pub max_handshakes_per_source: Option<usize>,
     /// Client: the server's host name or address [default: localhost].
     #[arg(long, env = "RP_CLIENT_TARGET_HOSTNAME")]
     pub server_host: Option<String>,
@@ -146,6 +152,10 @@ pub struct NodeArgs {
     /// Requests in flight per connection and direction [default: 1024].
     #[arg(long, env = "RP_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
+    /// Bytes of requests and replies held per connection and direction, at least one frame
+    /// [default: 67108864].
+    #[arg(long, env = "RP_MAX_IN_FLIGHT_BYTES")]
+    pub max_in_flight_bytes: Option<usize>,
     /// Seconds given to in-flight requests at shutdown [default: 10].
     #[arg(long, env = "RP_SHUTDOWN_GRACE_S")]
     pub grace: Option<f64>,
@@ -300,6 +310,10 @@ pub struct Settings {
     pub bind: SocketAddr,
     /// Server: connections held at once.
     pub max_connections: usize,
+    /// Server: handshakes pending at once, in total.
+    pub max_handshakes: usize,
+    /// Server: handshakes pending at once from one source address.
+    pub max_handshakes_per_source: usize,
     /// Client: `host:port` of the server.
     pub server: String,
     /// Client: the name the server's certificate must carry.
@@ -394,6 +408,7 @@ impl Settings {
             )?,
             max_frame: pick!(max_frame).unwrap_or(defaults.max_frame),
             max_in_flight: pick!(max_in_flight).unwrap_or(defaults.max_in_flight),
+            max_in_flight_bytes: pick!(max_in_flight_bytes).unwrap_or(defaults.max_in_flight_bytes),
             ..defaults
         };
         pipe.validate().map_err(|e| e.to_string())?;
@@ -435,6 +450,12 @@ impl Settings {
                 pick!(bind_port).unwrap_or(1234),
             ),
             max_connections: pick!(max_connections).unwrap_or(16384).max(1),
+            max_handshakes: pick!(max_handshakes)
+                .unwrap_or(crate::server::DEFAULT_MAX_HANDSHAKES)
+                .max(1),
+            max_handshakes_per_source: pick!(max_handshakes_per_source)
+                .unwrap_or(crate::server::DEFAULT_MAX_HANDSHAKES_PER_SOURCE)
+                .max(1),
             server,
             server_name: pick!(server_name),
             reconnect_max: seconds(
