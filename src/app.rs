@@ -183,7 +183,12 @@ pub async fn start_with_tls(
         }
     };
     let running = start_http(pipe, http_options(settings, metrics), settings.http).await?;
-    info!(role = %side, http = %running.http_addr, "HTTP endpoint ready");
+    info!(
+        role = %side,
+        http = %running.http_addr,
+        open_files = crate::util::open_files_limit().unwrap_or(0),
+        "HTTP endpoint ready"
+    );
     Ok(running)
 }
 

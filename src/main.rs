@@ -17,7 +17,9 @@ fn init_logs(debug: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    restpipe::util::raise_open_files_limit();
+    if let Err(e) = restpipe::util::raise_open_files_limit() {
+        tracing::warn!(cause = %e, "cannot raise the open-files limit");
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -18,11 +18,16 @@ pub(crate) fn epoch_secs(t: SystemTime) -> f64 {
 }
 
 /// Raise this process's open-files soft limit to its hard limit, where the system allows it,
-/// and log the figure: every pipe connection and HTTP connection is a descriptor, and many
-/// systems start processes at a soft limit of 1024.
-pub fn raise_open_files_limit() {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::info!(open_files = limit, "open-files limit"),
-        Err(e) => tracing::warn!(cause = %e, "cannot raise the open-files limit"),
-    }
+/// and return the limit now in force: every pipe connection and HTTP connection is a
+/// descriptor, and many systems start processes at a soft limit of 1024. The node logs the
+/// figure in its ready line.
+pub fn raise_open_files_limit() -> Result<u64, String> {
+    rlimit::increase_nofile_limit(u64::MAX).map_err(|e| e.to_string())
+}
+
+/// The open-files soft limit in force, if the system says.
+pub fn open_files_limit() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
 }

@@ -398,7 +398,7 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        let body = Bytes::from(vec![0u8, 255, 1, 2].repeat(10_000));
+        let body = Bytes::from([0u8, 255, 1, 2].repeat(10_000));
         let messages = [
             Message::Hello(hello()),
             Message::Event {
