@@ -208,7 +208,17 @@ pub async fn start_with_tls(
         }
     };
     let running = start_http(pipe, http_options(settings, metrics), settings.http).await?;
-    info!(role = %side, http = %running.http_addr, "HTTP endpoint ready");
+    // The addresses actually bound (a port of 0 was chosen by the system), for whoever
+    // started the node with port 0.
+    match &running.pipe {
+        Pipe::Server(server) => info!(
+            role = %side,
+            http = %running.http_addr,
+            pipe = %server.local_addr(),
+            "HTTP endpoint ready"
+        ),
+        Pipe::Client(_) => info!(role = %side, http = %running.http_addr, "HTTP endpoint ready"),
+    }
     Ok(running)
 }
 
