@@ -4,12 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
+use restpipe_testkit::certs::*;
+use restpipe_testkit::nodes::*;
+use restpipe_testkit::relay::*;
+use restpipe_testkit::wait::*;
 use restpipe::{CallError, ClientNode, ServerNode};
 
 /// 200 requests at once in each direction over one connection all get their own answer, and

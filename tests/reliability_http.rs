@@ -13,14 +13,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use restpipe_testkit::certs::*;
+use restpipe_testkit::nodes::*;
+use restpipe_testkit::wait::*;
 use restpipe::app::{self, RunningNode};
 use restpipe::handler::{Context, HandlerError, Reply, Request};
 use restpipe::http::{HttpOptions, Pipe};
