@@ -89,6 +89,7 @@ pub fn client_hello(identity: &str, protocol_version: u32) -> Frame {
 }
 
 /// A hello of `role` with `protocol_version`.
+#[allow(clippy::needless_update)]
 pub fn hello_frame(role: proto::Role, identity: &str, protocol_version: u32) -> Frame {
     Frame {
         id: 0,
@@ -98,6 +99,8 @@ pub fn hello_frame(role: proto::Role, identity: &str, protocol_version: u32) -> 
             software_version: "raw-test-peer".into(),
             identity: identity.into(),
             max_frame_bytes: restpipe::wire::DEFAULT_MAX_FRAME as u64,
+            // Fields a later schema adds keep their defaults, as an older peer's would.
+            ..Default::default()
         })),
     }
 }
@@ -210,6 +213,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
 }
 
 /// An event frame with request id `id` that carries `request`, with a 5 s timeout.
+#[allow(clippy::needless_update)]
 pub fn event_frame(id: u64, request: Request) -> Frame {
     Frame {
         id,
@@ -221,6 +225,7 @@ pub fn event_frame(id: u64, request: Request) -> Frame {
             content_type: request.content_type,
             body: request.body,
             timeout_ms: 5000,
+            ..Default::default()
         })),
     }
 }
