@@ -9,10 +9,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use restpipe_testkit::procs::{log_field, READY_LINE};
-use restpipe_testkit::wait::{wait_until_async, within};
 use reqwest::StatusCode;
 use restpipe_certs::{write_dev_set, DevOutcome, DevPaths, DEV_CLIENT_IDENTITY};
+use restpipe_testkit::procs::{log_field, READY_LINE};
+use restpipe_testkit::wait::{wait_until_async, within};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};

@@ -10,6 +10,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use restpipe::app::{self, RunningNode};
+use restpipe::config::{Cli, Command, NodeArgs, Settings, StatsdSettings};
+use restpipe::handler::Side;
+use restpipe::http::Pipe;
+use restpipe::{PipeConfig, TlsMaterial};
 use restpipe_testkit::certs::*;
 use restpipe_testkit::logs::*;
 use restpipe_testkit::nodes::*;
@@ -17,11 +22,6 @@ use restpipe_testkit::raw::*;
 use restpipe_testkit::relay::*;
 use restpipe_testkit::statsd::Statsd;
 use restpipe_testkit::wait::*;
-use restpipe::app::{self, RunningNode};
-use restpipe::config::{Cli, Command, NodeArgs, Settings, StatsdSettings};
-use restpipe::handler::Side;
-use restpipe::http::Pipe;
-use restpipe::{PipeConfig, TlsMaterial};
 
 /// Statsd settings that send a node's metrics to `statsd`.
 fn statsd_settings(statsd: &Statsd) -> StatsdSettings {

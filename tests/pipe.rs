@@ -7,11 +7,11 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use restpipe::{CallError, ClientNode, ServerNode};
 use restpipe_testkit::certs::*;
 use restpipe_testkit::nodes::*;
 use restpipe_testkit::relay::*;
 use restpipe_testkit::wait::*;
-use restpipe::{CallError, ClientNode, ServerNode};
 
 /// 200 requests at once in each direction over one connection all get their own answer, and
 /// a slow handler (2 s) on each side holds none of them up.

@@ -366,7 +366,8 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
     }
     if wants("scale") {
         println!("scale: {:?} idle clients", plan.scale.counts);
-        report.scale = Some(scale::run(&work, &plan.scale, restpipe_testkit::procs::clock_ticks()).await?);
+        report.scale =
+            Some(scale::run(&work, &plan.scale, restpipe_testkit::procs::clock_ticks()).await?);
     }
     Ok(report)
 }
@@ -506,7 +507,10 @@ async fn requests(
     Ok(())
 }
 
-async fn bulk_points(plan: &Plan, work: &restpipe_testkit::certs::Certs) -> anyhow::Result<Vec<Bulk>> {
+async fn bulk_points(
+    plan: &Plan,
+    work: &restpipe_testkit::certs::Certs,
+) -> anyhow::Result<Vec<Bulk>> {
     let files = bulk::write_files(work, &plan.bulk_sizes)?;
     // 16 MiB is the default frame limit and the files handlers keep 1/16 of it for the rest
     // of the frame, so both nodes get a 32 MiB limit here.

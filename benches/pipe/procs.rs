@@ -19,7 +19,11 @@ pub const LISTENING: &str = "listening on";
 /// Fails with the last lines of its log if `process` has exited.
 pub fn check_alive(process: &mut Process) -> anyhow::Result<()> {
     if let Some(status) = process.exit_status() {
-        bail!("{} exited ({status}):\n{}", process.name, process.log_tail(15));
+        bail!(
+            "{} exited ({status}):\n{}",
+            process.name,
+            process.log_tail(15)
+        );
     }
     Ok(())
 }
@@ -155,9 +159,13 @@ pub async fn server_node(
     set_flag(&mut args, "--http", &loopback(http_port).to_string());
     let mut node = Node::start(work.dir(), name, args).await;
     let http = node.http;
-    wait_for(&mut node, http, "/health", Duration::from_secs(20), |s, _| {
-        s == StatusCode::OK
-    })
+    wait_for(
+        &mut node,
+        http,
+        "/health",
+        Duration::from_secs(20),
+        |s, _| s == StatusCode::OK,
+    )
     .await?;
     Ok(node)
 }

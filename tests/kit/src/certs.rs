@@ -91,8 +91,6 @@ impl Default for Pki {
     }
 }
 
-
-
 /// A certificate and its key, as files.
 #[derive(Clone, Debug)]
 pub struct CertFiles {
@@ -189,7 +187,6 @@ pub fn expired_options() -> IssueOptions {
         ..now
     }
 }
-
 
 impl Default for Certs {
     fn default() -> Self {

@@ -218,6 +218,11 @@ impl Load {
         self.records.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Whether no request was recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The records from index `from` on.
     pub fn records_from(&self, from: usize) -> Vec<Record> {
         let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
@@ -271,4 +276,3 @@ async fn one_request(client: &reqwest::Client, spec: &LoadSpec, url: &str) -> Ou
         Err(_) => Outcome::Hung,
     }
 }
-

@@ -79,4 +79,3 @@ pub fn logs() -> Logs {
     })
     .clone()
 }
-

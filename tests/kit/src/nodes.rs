@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use restpipe::handler::{Context, HandlerError, Handlers, Reply, Request};
-use restpipe::{
-    ClientNode, ClientOptions, NodeOptions, PipeConfig, ServerNode, ServerOptions,
-};
+use restpipe::{ClientNode, ClientOptions, NodeOptions, PipeConfig, ServerNode, ServerOptions};
 
 use crate::certs::Pki;
 use crate::wait::wait_until;
@@ -172,7 +170,6 @@ pub async fn wait_for_client(server: &ServerNode, identity: &str) {
     assert!(listed, "the server never listed client {identity}");
 }
 
-
 /// `len` random bytes that contain each of the 256 byte values at least once.
 pub fn random_bytes(len: usize) -> Vec<u8> {
     use rand::Rng;
@@ -184,4 +181,3 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
     }
     body
 }
-

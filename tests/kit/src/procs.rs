@@ -31,7 +31,10 @@ pub const READY_WITHIN: Duration = Duration::from_secs(30);
 /// directory above the executable's `deps/`.
 pub fn restpipe_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
-    let mut dir = exe.parent().expect("the executable's directory").to_path_buf();
+    let mut dir = exe
+        .parent()
+        .expect("the executable's directory")
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -135,7 +138,9 @@ impl Process {
 
     /// How it exited, if it has.
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     fn signal(&self, signal: &str) {
@@ -397,7 +402,11 @@ impl Node {
         let http = node.http.to_string();
         set_flag(&mut node.process.args, "--http", &http);
         if let Some(pipe) = node.pipe {
-            set_flag(&mut node.process.args, "--bind-port", &pipe.port().to_string());
+            set_flag(
+                &mut node.process.args,
+                "--bind-port",
+                &pipe.port().to_string(),
+            );
         }
         node
     }

@@ -11,7 +11,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct RelayState {
     /// Whether bytes flow at all.
@@ -142,4 +141,3 @@ async fn pump(
     }
     let _ = to.shutdown().await;
 }
-
