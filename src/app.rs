@@ -183,12 +183,21 @@ pub async fn start_with_tls(
         }
     };
     let running = start_http(pipe, http_options(settings, metrics), settings.http).await?;
-    info!(
-        role = %side,
-        http = %running.http_addr,
-        open_files = crate::util::open_files_limit().unwrap_or(0),
-        "HTTP endpoint ready"
-    );
+    // The addresses actually bound (a port of 0 was chosen by the system), for whoever
+    // started the node with port 0, and the open-files limit raised at start.
+    let open_files = crate::util::open_files_limit().unwrap_or(0);
+    match &running.pipe {
+        Pipe::Server(server) => info!(
+            role = %side,
+            http = %running.http_addr,
+            pipe = %server.local_addr(),
+            open_files,
+            "HTTP endpoint ready"
+        ),
+        Pipe::Client(_) => {
+            info!(role = %side, http = %running.http_addr, open_files, "HTTP endpoint ready")
+        }
+    }
     Ok(running)
 }
 

@@ -4,16 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{wait_until_async, within};
 use reqwest::StatusCode;
 use restpipe_certs::{write_dev_set, DevOutcome, DevPaths, DEV_CLIENT_IDENTITY};
+use restpipe_testkit::procs::{log_field, READY_LINE};
+use restpipe_testkit::wait::{wait_until_async, within};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -45,12 +44,6 @@ fn now_secs() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-/// A port on 127.0.0.1 that was free a moment ago (a child process must bind it itself).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 /// Send SIGTERM to `child`, as `kill -TERM <pid>` does.
@@ -390,16 +383,56 @@ async fn start_up_errors_are_one_clear_line_and_exit_code_1() {
 // ----------------------------------------------------------------------------------------
 // Two real processes
 
-/// Start `restpipe <args>` with stderr collected.
-fn spawn_node(dir: &Path, args: &[&str]) -> (Child, tokio::task::JoinHandle<String>) {
+/// A node process started by [`spawn_node`]: the child, the ready line it printed, and
+/// everything it writes on stderr (once it has exited).
+struct Spawned {
+    child: Child,
+    ready: String,
+    log: tokio::task::JoinHandle<String>,
+}
+
+impl Spawned {
+    /// The address of the field `key` of its ready line.
+    fn addr(&self, key: &str) -> SocketAddr {
+        log_field(&self.ready, key)
+            .unwrap_or_else(|| panic!("no {key}= in {:?}", self.ready))
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Start `restpipe <args>` with stderr collected, and wait (at most 30 s) for the line it
+/// prints once its ports are bound ([`READY_LINE`]).
+async fn spawn_node(dir: &Path, args: &[&str]) -> Spawned {
     let mut child = restpipe(dir)
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = collect_stderr(&mut child);
-    (child, stderr)
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let log = tokio::spawn(async move {
+        let mut ready_tx = Some(ready_tx);
+        let mut text = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(READY_LINE) {
+                if let Some(tx) = ready_tx.take() {
+                    let _ = tx.send(line.clone());
+                }
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    match within(Duration::from_secs(30), "the ready line", ready_rx).await {
+        Ok(ready) => Spawned { child, ready, log },
+        Err(_) => panic!(
+            "restpipe {args:?} ended before it was ready:\n{}",
+            log.await.unwrap()
+        ),
+    }
 }
 
 /// `restpipe server` and `restpipe client` as two processes, with the certificate files of
@@ -420,12 +453,7 @@ async fn a_server_and_a_client_process_talk_both_ways_and_stop_on_sigterm() {
         client_key,
         ..
     } = paths;
-    let pipe_port = free_port().to_string();
-    let server_http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let client_http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let (server_http_s, client_http_s) = (server_http.to_string(), client_http.to_string());
-
-    let (mut server, server_log) = spawn_node(
+    let server = spawn_node(
         dir.path(),
         &[
             "server",
@@ -438,14 +466,16 @@ async fn a_server_and_a_client_process_talk_both_ways_and_stop_on_sigterm() {
             "--bind-interface",
             "127.0.0.1",
             "--bind-port",
-            &pipe_port,
+            "0",
             "--http",
-            &server_http_s,
+            "127.0.0.1:0",
             "--statsd-host",
             "",
         ],
-    );
-    let (mut client, client_log) = spawn_node(
+    )
+    .await;
+    let (server_http, pipe_port) = (server.addr("http"), server.addr("pipe").port().to_string());
+    let client = spawn_node(
         dir.path(),
         &[
             "client",
@@ -462,11 +492,23 @@ async fn a_server_and_a_client_process_talk_both_ways_and_stop_on_sigterm() {
             "--server-name",
             "localhost",
             "--http",
-            &client_http_s,
+            "127.0.0.1:0",
             "--statsd-host",
             "",
         ],
-    );
+    )
+    .await;
+    let client_http = client.addr("http");
+    let Spawned {
+        child: mut server,
+        log: server_log,
+        ..
+    } = server;
+    let Spawned {
+        child: mut client,
+        log: client_log,
+        ..
+    } = client;
 
     // Both front doors report a live pipe (the client reconnects if it dialled too early).
     let up = wait_until_async(Duration::from_secs(15), || async move {

@@ -11,15 +11,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use common::*;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 use restpipe::app::{self, RunningNode};
@@ -27,6 +24,9 @@ use restpipe::config::{NodeArgs, Settings};
 use restpipe::handler::{Context, HandlerError, Handlers, Reply, Request, Side};
 use restpipe::http::{HttpOptions, Pipe};
 use restpipe::{ClientNode, Metrics, PipeConfig, ServerNode};
+use restpipe_testkit::certs::*;
+use restpipe_testkit::nodes::*;
+use restpipe_testkit::wait::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

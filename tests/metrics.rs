@@ -6,115 +6,30 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use common::*;
 use restpipe::app::{self, RunningNode};
 use restpipe::config::{Cli, Command, NodeArgs, Settings, StatsdSettings};
 use restpipe::handler::Side;
 use restpipe::http::Pipe;
 use restpipe::{PipeConfig, TlsMaterial};
-use tokio::net::UdpSocket;
-use tokio::time::Instant;
+use restpipe_testkit::certs::*;
+use restpipe_testkit::logs::*;
+use restpipe_testkit::nodes::*;
+use restpipe_testkit::raw::*;
+use restpipe_testkit::relay::*;
+use restpipe_testkit::statsd::Statsd;
+use restpipe_testkit::wait::*;
 
-/// How long a line may take to arrive: the sink sends its buffer at least every second.
-const ARRIVAL: Duration = Duration::from_secs(10);
-
-/// A UDP socket standing in for statsd, keeping every line it has received.
-struct Statsd {
-    socket: UdpSocket,
-    lines: Vec<String>,
-    /// Lines before this index are forgotten by [`Statsd::expect`].
-    from: usize,
-}
-
-impl Statsd {
-    async fn start() -> Statsd {
-        Statsd {
-            socket: UdpSocket::bind("127.0.0.1:0").await.expect("bind statsd"),
-            lines: Vec::new(),
-            from: 0,
-        }
+/// Statsd settings that send a node's metrics to `statsd`.
+fn statsd_settings(statsd: &Statsd) -> StatsdSettings {
+    StatsdSettings {
+        host: Some("127.0.0.1".into()),
+        port: statsd.port(),
+        prefix: "restpipe".into(),
     }
-
-    fn settings(&self) -> StatsdSettings {
-        StatsdSettings {
-            host: Some("127.0.0.1".into()),
-            port: self.socket.local_addr().expect("statsd address").port(),
-            prefix: "restpipe".into(),
-        }
-    }
-
-    /// From now on, [`Statsd::expect`] looks only at lines that arrive later.
-    fn forget(&mut self) {
-        self.from = self.lines.len();
-    }
-
-    /// Wait (at most [`ARRIVAL`]) for a line that `matches`, reading datagrams and splitting
-    /// them on newlines; return it. Fails the test, listing the lines seen, if none comes.
-    async fn expect(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + ARRIVAL;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            if let Some(line) = self.lines[self.from..].iter().find(|l| matches(l)) {
-                return line.clone();
-            }
-            match tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
-                Ok(Ok(n)) => {
-                    let text = std::str::from_utf8(&buf[..n]).expect("statsd lines are UTF-8");
-                    self.lines
-                        .extend(text.lines().filter(|l| !l.is_empty()).map(str::to_string));
-                }
-                Ok(Err(e)) => panic!("statsd socket failed: {e}"),
-                Err(_) => panic!(
-                    "statsd never received {what} within {ARRIVAL:?}; it received:\n{}",
-                    self.lines[self.from..].join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Wait for exactly `line`.
-    async fn expect_line(&mut self, line: &str) {
-        self.expect(line, |l| l == line).await;
-    }
-
-    /// Wait for a timing `name:<ms>|ms`; return the milliseconds.
-    async fn expect_timing(&mut self, name: &str) -> u64 {
-        let line = self
-            .expect(&format!("{name}:<ms>|ms"), |l| timing_of(l, name).is_some())
-            .await;
-        timing_of(&line, name).expect("a timing")
-    }
-
-    /// Every line received is `restpipe.<name>:<value>|<c, ms or g>`.
-    fn assert_all_well_formed(&self) {
-        for line in &self.lines {
-            let (name, rest) = line.split_once(':').expect("name:value|type");
-            let (value, kind) = rest.split_once('|').expect("name:value|type");
-            assert!(name.starts_with("restpipe."), "{line}");
-            assert!(
-                name.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
-                "{line}"
-            );
-            assert!(value.parse::<u64>().is_ok(), "{line}");
-            assert!(["c", "ms", "g"].contains(&kind), "{line}");
-        }
-    }
-}
-
-/// The milliseconds of `line` if it is the timing `name`.
-fn timing_of(line: &str, name: &str) -> Option<u64> {
-    line.strip_prefix(name)?
-        .strip_prefix(':')?
-        .strip_suffix("|ms")?
-        .parse()
-        .ok()
 }
 
 /// A heartbeat every 200 ms, a peer dead after 1 s of silence.
@@ -159,18 +74,18 @@ async fn get(url: String) -> reqwest::StatusCode {
 async fn every_metric_arrives_in_statsd_format_from_real_nodes() {
     const CLIENT: &str = "metrics-client";
     let pki = Pki::new();
-    let mut server_statsd = Statsd::start().await;
-    let mut client_statsd = Statsd::start().await;
+    let server_statsd = Statsd::start().await;
+    let client_statsd = Statsd::start().await;
 
     let server = start(
         Side::Server,
-        &settings(Side::Server, server_statsd.settings()),
+        &settings(Side::Server, statsd_settings(&server_statsd)),
         pki.server_tls(),
     )
     .await;
     // The client dials through a relay, so that the test can silence the link later.
     let relay = Relay::start(pipe_addr(&server)).await;
-    let mut client_settings = settings(Side::Client, client_statsd.settings());
+    let mut client_settings = settings(Side::Client, statsd_settings(&client_statsd));
     client_settings.server = relay.addr().to_string();
     client_settings.server_name = Some(SERVER_NAME.into());
     let client = start(Side::Client, &client_settings, pki.client_tls(CLIENT)).await;
@@ -248,7 +163,7 @@ async fn every_metric_arrives_in_statsd_format_from_real_nodes() {
         .await;
 
     // Heartbeats, measured on both sides.
-    for statsd in [&mut client_statsd, &mut server_statsd] {
+    for statsd in [&client_statsd, &server_statsd] {
         statsd
             .expect_timing("restpipe.client.connect.heartbeat.timing")
             .await;

@@ -4,13 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
 use restpipe::{CallError, ClientNode, ServerNode};
+use restpipe_testkit::certs::*;
+use restpipe_testkit::nodes::*;
+use restpipe_testkit::relay::*;
+use restpipe_testkit::wait::*;
 
 /// 200 requests at once in each direction over one connection all get their own answer, and
 /// a slow handler (2 s) on each side holds none of them up.

@@ -7,15 +7,17 @@
 #![allow(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::*;
-use restpipe::proto::{self, frame::Kind, Frame};
 use restpipe::{CallError, ClientNode, ServerNode};
+use restpipe_testkit::certs::*;
+use restpipe_testkit::logs::*;
+use restpipe_testkit::nodes::*;
+use restpipe_testkit::raw::proto::{self, frame::Kind, Frame};
+use restpipe_testkit::raw::*;
+use restpipe_testkit::wait::*;
 
 /// The system allocator, remembering the largest single allocation asked of it, so that a test
 /// can show that a frame announcing 2 GiB was refused without reserving its size.

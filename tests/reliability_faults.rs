@@ -1,5 +1,5 @@
 //! Faults with real processes and real sockets: the `restpipe` binary started as a server and
-//! as clients on free loopback ports ([`procs`]), under HTTP load, while the test kills the
+//! as clients on free loopback ports ([`restpipe_testkit::procs`]), under HTTP load, while the test kills the
 //! server with SIGKILL, silences the network, flaps a client, or floods a slow handler.
 //!
 //! Every request sent is counted and ends in exactly one answer (200, or 502, 503 or 504);
@@ -10,17 +10,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod procs;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{event_frame, Relay, TlsPeer};
-use procs::*;
 use restpipe::handler::Request;
-use restpipe::proto::frame::Kind;
+use restpipe_testkit::certs::*;
+use restpipe_testkit::http::*;
+use restpipe_testkit::procs::*;
+use restpipe_testkit::raw::proto::frame::Kind;
+use restpipe_testkit::raw::{event_frame, TlsPeer};
+use restpipe_testkit::relay::Relay;
+use restpipe_testkit::statsd::Statsd;
+use restpipe_testkit::wait::{wait_until, wait_until_async};
 
 /// Heartbeats and waits for the process tests: a heartbeat every 0.5 s, dead after 3 s of
 /// silence, handshakes within 2 s, requests wait 1 s for the pipe.
@@ -51,9 +53,8 @@ async fn client(
     extra: &[&str],
 ) -> Node {
     let cert = certs.client(identity);
-    let http = free_port();
-    let args = client_args(certs, &cert, target, http, extra);
-    Node::start(certs.dir(), identity, loopback(http), args).await
+    let args = client_args(certs, &cert, target, extra);
+    Node::start(certs.dir(), identity, args).await
 }
 
 /// Wait (at most `limit`) until the server lists exactly `identities` and each client node
@@ -372,8 +373,7 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
     let steady = client(&certs, "steady", pipe, &TIMINGS).await;
     let connector = certs.connector("flapper");
     let proc_cert = certs.client("flapper-proc");
-    let proc_http = free_port();
-    let proc_args = client_args(&certs, &proc_cert, pipe, proc_http, &TIMINGS);
+    let proc_args = client_args(&certs, &proc_cert, pipe, &TIMINGS);
 
     let load = Load::start(LoadSpec {
         urls: vec![
@@ -417,14 +417,8 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
     let mut processes = 0;
     while started.elapsed() < FLAP {
         if cycles % 10 == 0 {
-            let mut node = Node::start(
-                certs.dir(),
-                "flapper-proc",
-                loopback(proc_http),
-                proc_args.clone(),
-            )
-            .await;
-            let up = common::wait_until_async(Duration::from_secs(10), || {
+            let mut node = Node::start(certs.dir(), "flapper-proc", proc_args.clone()).await;
+            let up = wait_until_async(Duration::from_secs(10), || {
                 let (http, url) = (http.clone(), node.url("/health"));
                 async move { get(&http, &url).await.0 == 200 }
             })
@@ -453,7 +447,7 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
         settled(http.clone(), server.url("/clients")).await,
         "the server still lists a flapper"
     );
-    let back = common::wait_until(Duration::from_secs(15), || server.fds() <= fds_before + 2).await;
+    let back = wait_until(Duration::from_secs(15), || server.fds() <= fds_before + 2).await;
     let fds_after = server.fds();
     let rss_after = server.rss_kib();
     let (tally, _) = load.finish().await;
@@ -582,7 +576,7 @@ async fn a_flood_beyond_the_in_flight_bound_is_refused_at_once_and_heartbeats_go
         })
         .collect();
     assert!(
-        common::wait_until(Duration::from_secs(10), || upstream
+        wait_until(Duration::from_secs(10), || upstream
             .now
             .load(Ordering::SeqCst)
             == MAX_IN_FLIGHT)

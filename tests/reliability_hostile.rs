@@ -10,17 +10,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod procs;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{event_frame, random_bytes, RawPeer, TlsPeer};
-use procs::*;
 use restpipe::handler::Request;
-use restpipe::proto::frame::Kind;
-use restpipe::proto::{self, Frame};
+use restpipe_testkit::certs::*;
+use restpipe_testkit::http::*;
+use restpipe_testkit::nodes::random_bytes;
+use restpipe_testkit::procs::*;
+use restpipe_testkit::raw::proto::frame::Kind;
+use restpipe_testkit::raw::proto::{self, Frame};
+use restpipe_testkit::raw::{event_frame, RawPeer, TlsPeer};
+use restpipe_testkit::statsd::Statsd;
+use restpipe_testkit::wait::{wait_until, wait_until_async};
 use tokio::io::AsyncWriteExt;
 
 /// A server process (statsd to the test), a good client process `good`, and HTTP load through
@@ -53,16 +55,14 @@ impl Scene {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let (server, pipe) = start_server(&certs, &flags).await;
         let cert = certs.client("good");
-        let good_http = free_port();
         let good = Node::start(
             certs.dir(),
             "good",
-            loopback(good_http),
-            client_args(&certs, &cert, loopback(pipe), good_http, &timings),
+            client_args(&certs, &cert, loopback(pipe), &timings),
         )
         .await;
         let http = http_client();
-        let up = common::wait_until_async(Duration::from_secs(20), || {
+        let up = wait_until_async(Duration::from_secs(20), || {
             let (http, url) = (http.clone(), server.url("/clients"));
             async move { get(&http, &url).await.1.contains("\"good\"") }
         })
@@ -104,7 +104,7 @@ impl Scene {
     /// Wait (at most 10 s; metrics are sent at least every second) until the refusals counted
     /// for `reason` reach `n`.
     async fn wait_rejected(&self, reason: &str, n: u64) -> u64 {
-        common::wait_until(Duration::from_secs(10), || self.rejected(reason) >= n).await;
+        wait_until(Duration::from_secs(10), || self.rejected(reason) >= n).await;
         self.rejected(reason)
     }
 
@@ -128,7 +128,7 @@ impl Scene {
 
 /// Wait (at most 15 s) until the server holds no more file descriptors than `baseline + 2`.
 async fn fds_settle(server: &Node, baseline: usize) -> (bool, usize) {
-    let back = common::wait_until(Duration::from_secs(15), || server.fds() <= baseline + 2).await;
+    let back = wait_until(Duration::from_secs(15), || server.fds() <= baseline + 2).await;
     (back, server.fds())
 }
 
@@ -157,7 +157,7 @@ async fn handshakes_that_never_finish_are_freed_by_the_handshake_timeout() {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
     // All accepted and held: the server takes each in turn (a busy machine may lag a little).
-    let holding = common::wait_until(Duration::from_secs(2), || {
+    let holding = wait_until(Duration::from_secs(2), || {
         scene.server.fds() >= baseline + SILENT * 9 / 10
     })
     .await;
@@ -411,7 +411,7 @@ async fn a_client_that_never_reads_is_dropped_and_costs_bounded_memory() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let dropped_after = started.elapsed();
-    let gone = common::wait_until_async(Duration::from_secs(10), || {
+    let gone = wait_until_async(Duration::from_secs(10), || {
         let (http, server) = (scene.http.clone(), &scene.server);
         async move {
             !listed_clients(&http, server)
@@ -551,7 +551,7 @@ async fn openssl_s_client_is_refused_for_each_bad_certificate_and_old_tls() {
             println!("skipped {what}: this OpenSSL cannot offer it ({OPENSSL})");
             continue;
         }
-        let seen = common::wait_until(Duration::from_secs(10), || {
+        let seen = wait_until(Duration::from_secs(10), || {
             scene.refused_logged(reason) > logged
         })
         .await;

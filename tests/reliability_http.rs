@@ -13,19 +13,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use restpipe::app::{self, RunningNode};
 use restpipe::handler::{Context, HandlerError, Reply, Request};
 use restpipe::http::{HttpOptions, Pipe};
 use restpipe::{ClientNode, Metrics, PipeConfig, ServerNode};
 use restpipe_handler_files::FilesPlugin;
+use restpipe_testkit::certs::*;
+use restpipe_testkit::nodes::*;
+use restpipe_testkit::wait::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

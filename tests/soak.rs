@@ -26,17 +26,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod procs;
-
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{event_frame, TlsPeer};
-use procs::*;
 use restpipe::handler::Request;
+use restpipe_testkit::certs::*;
+use restpipe_testkit::http::*;
+use restpipe_testkit::procs::*;
+use restpipe_testkit::raw::{client_hello, event_frame, TlsPeer};
+use restpipe_testkit::statsd::Statsd;
 
 fn knob(name: &str, default: u64, max: u64) -> u64 {
     match std::env::var(name) {
@@ -131,9 +131,8 @@ async fn soak() {
     for i in 1..=n_clients {
         let name = format!("soak-{i}");
         let cert = certs.client(&name);
-        let port = free_port();
-        let args = client_args(&certs, &cert, loopback(pipe_port), port, &client_flags);
-        clients.push(Node::start(certs.dir(), &name, loopback(port), args).await);
+        let args = client_args(&certs, &cert, loopback(pipe_port), &client_flags);
+        clients.push(Node::start(certs.dir(), &name, args).await);
         names.push(name);
     }
     names.sort();
@@ -202,7 +201,7 @@ async fn soak() {
                     .await
                     {
                         let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                            peer.send(&common::client_hello(
+                            peer.send(&client_hello(
                                 "soak-flapper",
                                 restpipe::wire::PROTOCOL_VERSION,
                             ))

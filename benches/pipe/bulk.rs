@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::load;
-use crate::procs::Workdir;
+use restpipe_testkit::certs::Certs as Workdir;
 
 /// The name of the bulk file of `size` bytes.
 pub fn file_name(size: usize) -> String {
@@ -22,7 +22,7 @@ pub fn file_name(size: usize) -> String {
 
 /// Write the bulk files into `<dir>/files`, and return that directory.
 pub fn write_files(work: &Workdir, sizes: &[usize]) -> anyhow::Result<std::path::PathBuf> {
-    let dir = work.dir.join("files");
+    let dir = work.dir().join("files");
     std::fs::create_dir_all(&dir)?;
     for &size in sizes {
         let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
@@ -69,7 +69,7 @@ pub async fn rustls(
     window: Duration,
     min_reps: usize,
 ) -> anyhow::Result<f64> {
-    let certs = &work.certs;
+    let certs = &work.paths;
     let tls = TlsMaterial::from_files(&TlsFiles {
         ca: certs.ca_cert.clone(),
         cert: certs.client_cert.clone(),

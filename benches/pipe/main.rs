@@ -28,8 +28,6 @@ mod servers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
@@ -337,42 +335,8 @@ fn utc_now() -> String {
     format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02} UTC")
 }
 
-/// A UDP socket on loopback that counts and discards statsd datagrams until dropped.
-struct StatsdSink {
-    port: u16,
-    count: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl StatsdSink {
-    fn start() -> anyhow::Result<StatsdSink> {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let port = socket.local_addr()?.port();
-        let count = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (count.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while !s.load(Ordering::Relaxed) {
-                if socket.recv(&mut buf).is_ok() {
-                    c.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        Ok(StatsdSink { port, count, stop })
-    }
-}
-
-impl Drop for StatsdSink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
-    let tmp = tempfile::tempdir()?;
-    let work = procs::Workdir::new(tmp.path())?;
+    let work = restpipe_testkit::certs::Certs::new();
     let wants = |s: &str| options.only.iter().any(|o| o == s);
     let mut report = Report {
         mode: plan.mode,
@@ -392,7 +356,7 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         "restpipe pipe bench, {} mode; scenarios: {}; scratch {}",
         plan.mode,
         options.only.join(", "),
-        tmp.path().display()
+        work.dir().display()
     );
     if wants("keepalive") || wants("close") {
         requests(plan, &work, wants("keepalive"), wants("close"), &mut report).await?;
@@ -402,7 +366,8 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
     }
     if wants("scale") {
         println!("scale: {:?} idle clients", plan.scale.counts);
-        report.scale = Some(scale::run(&work, &plan.scale, procs::clock_ticks()).await?);
+        report.scale =
+            Some(scale::run(&work, &plan.scale, restpipe_testkit::procs::clock_ticks()).await?);
     }
     Ok(report)
 }
@@ -417,12 +382,12 @@ struct Target {
 
 async fn requests(
     plan: &Plan,
-    work: &procs::Workdir,
+    work: &restpipe_testkit::certs::Certs,
     keepalive: bool,
     close: bool,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let sink = StatsdSink::start()?;
+    let sink = restpipe_testkit::statsd::Statsd::counting().await;
     let (_baseline, baseline) = procs::baseline(work).await?;
     let mut plain = procs::pair(
         work,
@@ -438,7 +403,7 @@ async fn requests(
                 work,
                 &procs::PairOptions {
                     name: "pipe-metrics".into(),
-                    statsd: Some(sink.port),
+                    statsd: Some(sink.port()),
                     ..Default::default()
                 },
             )
@@ -538,11 +503,14 @@ async fn requests(
             m.check_alive()?;
         }
     }
-    report.statsd_datagrams = sink.count.load(Ordering::Relaxed);
+    report.statsd_datagrams = sink.datagrams();
     Ok(())
 }
 
-async fn bulk_points(plan: &Plan, work: &procs::Workdir) -> anyhow::Result<Vec<Bulk>> {
+async fn bulk_points(
+    plan: &Plan,
+    work: &restpipe_testkit::certs::Certs,
+) -> anyhow::Result<Vec<Bulk>> {
     let files = bulk::write_files(work, &plan.bulk_sizes)?;
     // 16 MiB is the default frame limit and the files handlers keep 1/16 of it for the rest
     // of the frame, so both nodes get a 32 MiB limit here.

@@ -1,194 +1,99 @@
-//! The servers under test, each in its own process: `restpipe server` and `restpipe client`
+//! The servers under test, each in its own process, started with the test kit's process
+//! harness ([`restpipe_testkit::procs`]) on port 0: `restpipe server` and `restpipe client`
 //! nodes, and this bench binary re-executed as the bare baseline server or the plain rustls
-//! copy server. Also what `/proc` says about a process: RSS and CPU time.
+//! copy server, which print the address they bound.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use hyper::StatusCode;
+use restpipe_testkit::certs::Certs;
+use restpipe_testkit::procs::{self, loopback, Node, Process};
 
 use crate::load;
 
-/// The `restpipe` binary cargo built for this bench.
-const RESTPIPE: &str = env!("CARGO_BIN_EXE_restpipe");
+/// What the baseline and the copy server print once bound: `listening on <addr>`.
+pub const LISTENING: &str = "listening on";
 
-/// The certificates of a development set and the scratch directory of the run.
-pub struct Workdir {
-    /// Where the PEM files, the logs and the bulk files live.
-    pub dir: PathBuf,
-    /// The dev set: CA, `localhost` server, `dev-client` client.
-    pub certs: restpipe_certs::DevPaths,
-}
-
-impl Workdir {
-    /// A dev certificate set written into `dir`.
-    pub fn new(dir: &Path) -> anyhow::Result<Workdir> {
-        let certs = match restpipe_certs::write_dev_set(&dir.join("certs"), false)? {
-            restpipe_certs::DevOutcome::Written(paths) => paths,
-            restpipe_certs::DevOutcome::AlreadyPresent(files) => {
-                bail!("certificates already present: {files:?}")
-            }
-        };
-        Ok(Workdir {
-            dir: dir.to_owned(),
-            certs,
-        })
+/// Fails with the last lines of its log if `process` has exited.
+pub fn check_alive(process: &mut Process) -> anyhow::Result<()> {
+    if let Some(status) = process.exit_status() {
+        bail!(
+            "{} exited ({status}):\n{}",
+            process.name,
+            process.log_tail(15)
+        );
     }
-}
-
-/// A child process, killed when dropped.
-pub struct Proc {
-    name: String,
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Start `program args`, stdout and stderr to `<dir>/<name>.log`, with a clean environment
-    /// (no `RP_*` or `DEBUG` from the caller's).
-    pub fn spawn(dir: &Path, name: &str, program: &Path, args: &[String]) -> anyhow::Result<Proc> {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = Command::new(program)
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("start {name}: {}", program.display()))?;
-        Ok(Proc {
-            name: name.into(),
-            child,
-            log,
-        })
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Kill it (SIGKILL) and reap it.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// The last lines of its log, for an error message.
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-
-    /// Fails with its log if it has exited.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited ({status}):\n{}", self.name, self.log_tail());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A loopback address with a free port.
-pub fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+    Ok(())
 }
 
 /// Poll `GET path` on `addr` until `ready` accepts the answer, at most `within`.
 pub async fn wait_for(
-    proc: &mut Proc,
+    process: &mut Process,
     addr: SocketAddr,
     path: &str,
     within: Duration,
     ready: impl Fn(StatusCode, &[u8]) -> bool,
 ) -> anyhow::Result<()> {
-    let until = Instant::now() + within;
+    let until = std::time::Instant::now() + within;
     loop {
-        proc.check_alive()?;
+        check_alive(process)?;
         if let Ok((status, body)) = load::fetch(addr, path).await {
             if ready(status, &body) {
                 return Ok(());
             }
         }
-        if Instant::now() >= until {
+        if std::time::Instant::now() >= until {
             bail!(
                 "{} not ready on http://{addr}{path} within {within:?}:\n{}",
-                proc.name,
-                proc.log_tail()
+                process.name,
+                process.log_tail(15)
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// The bare axum server answering `GET /server/time`, started from this binary.
-pub async fn baseline(work: &Workdir) -> anyhow::Result<(Proc, SocketAddr)> {
-    let addr = free_addr()?;
+/// This bench binary re-executed with `flag 0 more…`, and the address it printed it bound.
+async fn reference_server(
+    work: &Certs,
+    name: &str,
+    flag: &str,
+    more: &[String],
+) -> anyhow::Result<(Process, SocketAddr)> {
     let exe = std::env::current_exe()?;
-    let mut proc = Proc::spawn(
-        &work.dir,
-        "baseline",
-        &exe,
-        &["--serve-baseline".into(), addr.port().to_string()],
-    )?;
+    let mut args = vec![flag.to_string(), "0".into()];
+    args.extend_from_slice(more);
+    let mut process = Process::spawn(work.dir(), name, &exe, args);
+    let line = process
+        .wait_line(&[LISTENING], Duration::from_secs(10))
+        .await;
+    let addr = line
+        .split_once(LISTENING)
+        .and_then(|(_, addr)| addr.trim().parse().ok())
+        .with_context(|| format!("{name} printed {line:?}"))?;
+    Ok((process, addr))
+}
+
+/// The bare axum server answering `GET /server/time`, started from this binary.
+pub async fn baseline(work: &Certs) -> anyhow::Result<(Process, SocketAddr)> {
+    let (mut process, addr) = reference_server(work, "baseline", "--serve-baseline", &[]).await?;
     wait_for(
-        &mut proc,
+        &mut process,
         addr,
         "/server/time",
         Duration::from_secs(10),
         |s, _| s == StatusCode::OK,
     )
     .await?;
-    Ok((proc, addr))
+    Ok((process, addr))
 }
 
 /// The plain rustls copy server (mutual TLS with the dev set), started from this binary.
-pub async fn rustls_copy(work: &Workdir) -> anyhow::Result<(Proc, SocketAddr)> {
-    let addr = free_addr()?;
-    let exe = std::env::current_exe()?;
-    let mut proc = Proc::spawn(
-        &work.dir,
-        "rustls-copy",
-        &exe,
-        &[
-            "--serve-rustls".into(),
-            addr.port().to_string(),
-            work.certs.dir.display().to_string(),
-        ],
-    )?;
-    let until = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        proc.check_alive()?;
-        if Instant::now() >= until {
-            bail!(
-                "the rustls copy server did not listen:\n{}",
-                proc.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok((proc, addr))
+pub async fn rustls_copy(work: &Certs) -> anyhow::Result<(Process, SocketAddr)> {
+    let dir = work.paths.dir.display().to_string();
+    reference_server(work, "rustls-copy", "--serve-rustls", &[dir]).await
 }
 
 /// How to start a pair of nodes.
@@ -207,9 +112,9 @@ pub struct PairOptions {
 /// A server node and a client node connected to it.
 pub struct Pair {
     /// The server node.
-    pub server: Proc,
+    pub server: Node,
     /// The client node.
-    pub client: Proc,
+    pub client: Node,
     /// The server node's HTTP address.
     pub server_http: SocketAddr,
     /// The client node's HTTP address.
@@ -219,109 +124,81 @@ pub struct Pair {
 impl Pair {
     /// Fails with a node's log if either has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        self.server.check_alive()?;
-        self.client.check_alive()
+        check_alive(&mut self.server)?;
+        check_alive(&mut self.client)
     }
 }
 
-/// Flags shared by every node: TLS files and metrics.
-fn common_flags(
-    certs: &restpipe_certs::DevPaths,
-    server: bool,
-    statsd: Option<u16>,
-) -> Vec<String> {
-    let (cert, key) = if server {
-        (&certs.server_cert, &certs.server_key)
-    } else {
-        (&certs.client_cert, &certs.client_key)
-    };
-    let mut flags = vec![
-        "--ca".into(),
-        certs.ca_cert.display().to_string(),
-        "--cert".into(),
-        cert.display().to_string(),
-        "--key".into(),
-        key.display().to_string(),
-    ];
+/// Metrics flags: to 127.0.0.1:`port`, or off.
+fn statsd_flags(statsd: Option<u16>) -> Vec<String> {
     match statsd {
-        Some(port) => flags.extend([
+        Some(port) => vec![
             "--statsd-host".into(),
             "127.0.0.1".into(),
             "--statsd-port".into(),
             port.to_string(),
-        ]),
-        None => flags.extend(["--statsd-host".into(), String::new()]),
+        ],
+        None => Vec::new(),
     }
-    flags
 }
 
-/// A `restpipe server` process on loopback.
+/// A `restpipe server` process on loopback (pipe on `pipe_port`, HTTP on `http_port`, 0 for
+/// any), ready once `/health` answers 200.
 pub async fn server_node(
-    work: &Workdir,
+    work: &Certs,
     name: &str,
-    pipe_port: u16,
-    http: SocketAddr,
+    (pipe_port, http_port): (u16, u16),
     statsd: Option<u16>,
     extra: &[String],
-) -> anyhow::Result<Proc> {
-    let mut args: Vec<String> = vec![
-        "server".into(),
-        "--bind-interface".into(),
-        "127.0.0.1".into(),
-        "--bind-port".into(),
-        pipe_port.to_string(),
-        "--http".into(),
-        http.to_string(),
-    ];
-    args.extend(common_flags(&work.certs, true, statsd));
-    args.extend_from_slice(extra);
-    let mut proc = Proc::spawn(&work.dir, name, Path::new(RESTPIPE), &args)?;
+) -> anyhow::Result<Node> {
+    let mut flags = statsd_flags(statsd);
+    flags.extend_from_slice(extra);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut args = procs::server_args(work, &flags);
+    set_flag(&mut args, "--bind-port", &pipe_port.to_string());
+    set_flag(&mut args, "--http", &loopback(http_port).to_string());
+    let mut node = Node::start(work.dir(), name, args).await;
+    let http = node.http;
     wait_for(
-        &mut proc,
+        &mut node,
         http,
         "/health",
         Duration::from_secs(20),
         |s, _| s == StatusCode::OK,
     )
     .await?;
-    Ok(proc)
+    Ok(node)
+}
+
+fn set_flag(args: &mut [String], flag: &str, value: &str) {
+    if let Some(at) = args.iter().position(|a| a == flag) {
+        args[at + 1] = value.to_string();
+    }
 }
 
 /// A server node and a client node (identity `dev-client`), both with the `time` handlers,
 /// connected.
-pub async fn pair(work: &Workdir, options: &PairOptions) -> anyhow::Result<Pair> {
-    let pipe_port = free_port()?;
-    let server_http = free_addr()?;
-    let client_http = free_addr()?;
+pub async fn pair(work: &Certs, options: &PairOptions) -> anyhow::Result<Pair> {
     let server = server_node(
         work,
         &format!("{}-server", options.name),
-        pipe_port,
-        server_http,
+        (0, 0),
         options.statsd,
         &options.extra,
     )
     .await?;
-    let mut args: Vec<String> = vec![
-        "client".into(),
-        "--server-host".into(),
-        "127.0.0.1".into(),
-        "--server-port".into(),
-        pipe_port.to_string(),
-        "--server-name".into(),
-        "localhost".into(),
-        "--http".into(),
-        client_http.to_string(),
-    ];
-    args.extend(common_flags(&work.certs, false, options.statsd));
-    args.extend_from_slice(&options.extra);
-    args.extend_from_slice(&options.client_extra);
-    let mut client = Proc::spawn(
-        &work.dir,
-        &format!("{}-client", options.name),
-        Path::new(RESTPIPE),
-        &args,
-    )?;
+    let mut flags = statsd_flags(options.statsd);
+    flags.extend_from_slice(&options.extra);
+    flags.extend_from_slice(&options.client_extra);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let dev_client = restpipe_testkit::certs::CertFiles {
+        identity: restpipe_certs::DEV_CLIENT_IDENTITY.into(),
+        cert: work.paths.client_cert.clone(),
+        key: work.paths.client_key.clone(),
+    };
+    let args = procs::client_args(work, &dev_client, server.pipe_addr(), &flags);
+    let mut client = Node::start(work.dir(), &format!("{}-client", options.name), args).await;
+    let client_http = client.http;
     wait_for(
         &mut client,
         client_http,
@@ -331,49 +208,22 @@ pub async fn pair(work: &Workdir, options: &PairOptions) -> anyhow::Result<Pair>
     )
     .await?;
     Ok(Pair {
+        server_http: server.http,
         server,
         client,
-        server_http,
         client_http,
     })
 }
 
-/// Resident memory of `pid`, bytes (`VmRSS` of `/proc/<pid>/status`).
-pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line")?;
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed VmRSS line")?
-        .parse()?;
-    Ok(kb * 1024)
+/// Resident memory of `process`, bytes (`VmRSS`).
+pub fn rss_bytes(process: &Process) -> anyhow::Result<u64> {
+    match process.rss_kib() {
+        0 => bail!("no VmRSS for {}", process.name),
+        kib => Ok(kib * 1024),
+    }
 }
 
-/// CPU time of `pid` so far, user plus system (`/proc/<pid>/stat`).
+/// CPU time of `pid` so far, user plus system.
 pub fn cpu_time(pid: u32, ticks_per_s: f64) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let after = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
-    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(Duration::from_secs_f64(
-        (utime + stime) as f64 / ticks_per_s,
-    ))
-}
-
-/// Clock ticks per second of `/proc` CPU times (`getconf CLK_TCK`, 100 if that fails).
-pub fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    procs::cpu_time(pid, ticks_per_s).with_context(|| format!("CPU time of {pid}"))
 }

@@ -13,7 +13,9 @@ use restpipe::{ClientNode, ClientOptions, NodeOptions, TlsMaterial};
 use restpipe_certs::{CertificateAuthority, IssueOptions};
 
 use crate::load;
-use crate::procs::{self, Proc, Workdir};
+use restpipe_testkit::certs::Certs as Workdir;
+
+use crate::procs;
 
 /// Clients started together before waiting for them to connect.
 const BATCH: usize = 250;
@@ -165,7 +167,7 @@ async fn cpu_over(pid: u32, window: Duration, ticks: f64) -> anyhow::Result<(f64
 /// Run the scenario.
 pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outcome> {
     let max = *plan.counts.last().context("no client count")?;
-    let ca = CertificateAuthority::load(&work.certs.ca_cert, &work.certs.ca_key)?;
+    let ca = CertificateAuthority::load(&work.paths.ca_cert, &work.paths.ca_key)?;
     let started = Instant::now();
     let mut materials = issue(&ca, max)?.into_iter();
     let issued = (max, started.elapsed().as_secs_f64());
@@ -174,12 +176,10 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
         issued.1
     );
 
-    let pipe_port = procs::free_port()?;
-    let http = procs::free_addr()?;
-    let mut server: Proc =
-        procs::server_node(work, "scale-server", pipe_port, http, None, &[]).await?;
+    let mut server = procs::server_node(work, "scale-server", (0, 0), None, &[]).await?;
+    let (pipe_port, http) = (server.pipe_addr().port(), server.http);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_empty = procs::rss_bytes(server.pid())?;
+    let rss_empty = procs::rss_bytes(&server)?;
     let (cpu_empty_pct, _) =
         cpu_over(server.pid(), plan.window.min(Duration::from_secs(5)), ticks).await?;
 
@@ -207,8 +207,8 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
         let connect_secs = started.elapsed().as_secs_f64();
         wait_count(http, n, Duration::from_secs(30)).await?;
         tokio::time::sleep(plan.settle).await;
-        server.check_alive()?;
-        let rss = procs::rss_bytes(server.pid())?;
+        procs::check_alive(&mut server)?;
+        let rss = procs::rss_bytes(&server)?;
         let (server_cpu_pct, clients_cpu_pct) = cpu_over(server.pid(), plan.window, ticks).await?;
         let point = Point {
             clients: n,
@@ -248,8 +248,15 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
     let killed = Instant::now();
     server.kill();
     let restarted = Instant::now();
-    let mut server =
-        procs::server_node(work, "scale-server-restarted", pipe_port, http, None, &[]).await?;
+    // The ports the first server got from port 0: the clients dial that pipe port.
+    let mut server = procs::server_node(
+        work,
+        "scale-server-restarted",
+        (pipe_port, http.port()),
+        None,
+        &[],
+    )
+    .await?;
     let server_ready_secs = killed.elapsed().as_secs_f64();
     let mut times = Vec::with_capacity(max);
     let mut missing = 0;
@@ -273,7 +280,7 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
         *per_100ms.entry((t * 10.0) as u64).or_default() += 1;
     }
     tokio::time::sleep(plan.settle).await;
-    let rss_after = procs::rss_bytes(server.pid())?;
+    let rss_after = procs::rss_bytes(&server)?;
     let restart = Restart {
         clients: max,
         server_ready_secs,

@@ -5,6 +5,8 @@
 //! - `--serve-rustls PORT CERT_DIR`: a plain rustls copy server with the nodes' own TLS
 //!   configuration and the dev certificates: for each 8-byte big-endian length it reads, it
 //!   writes that many bytes back.
+//!
+//! Each prints `listening on <addr>` once bound, for the harness to read (it passes port 0).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,6 +21,8 @@ use restpipe::tls::{TlsFiles, TlsMaterial};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::procs::LISTENING;
+
 /// The largest transfer the copy server makes at once.
 pub const MAX_COPY: usize = 64 * 1024 * 1024;
 
@@ -26,7 +30,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Runtime::new()?)
 }
 
-/// Serve the baseline on 127.0.0.1:`port` until killed.
+/// Serve the baseline on 127.0.0.1:`port` (0: any) until killed, printing the address bound.
 pub fn baseline(port: u16) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let app = Router::new().route(
@@ -40,17 +44,18 @@ pub fn baseline(port: u16) -> anyhow::Result<()> {
             }),
         );
         // The nodes' front door sets TCP_NODELAY on every connection; so does the baseline.
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
-            .await?
-            .tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+        println!("{LISTENING} {}", listener.local_addr()?);
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app).await?;
         anyhow::Ok(())
     })
 }
 
-/// Serve plain TLS copies on 127.0.0.1:`port` until killed.
+/// Serve plain TLS copies on 127.0.0.1:`port` (0: any) until killed, printing the address
+/// bound.
 pub fn rustls_copy(port: u16, certs: &Path) -> anyhow::Result<()> {
     let tls = TlsMaterial::from_files(&TlsFiles {
         ca: certs.join("ca.pem"),
@@ -60,6 +65,7 @@ pub fn rustls_copy(port: u16, certs: &Path) -> anyhow::Result<()> {
     let acceptor = tls.acceptor()?;
     runtime()?.block_on(async move {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+        println!("{LISTENING} {}", listener.local_addr()?);
         let data: &'static [u8] = vec![0x5a; MAX_COPY].leak();
         loop {
             let (tcp, _) = listener.accept().await?;

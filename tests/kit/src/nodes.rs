@@ -1,0 +1,183 @@
+//! In-process nodes for tests: a server on `127.0.0.1:0` ([`start_server`]) and clients
+//! ([`start_client`]), each with the test handlers ([`test_handlers`]) and the pipe timings of
+//! ordinary tests ([`test_pipe`]) or of liveness tests ([`heartbeat_pipe`]); and the requests
+//! that call those handlers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use restpipe::handler::{Context, HandlerError, Handlers, Reply, Request};
+use restpipe::{ClientNode, ClientOptions, NodeOptions, PipeConfig, ServerNode, ServerOptions};
+
+use crate::certs::Pki;
+use crate::wait::wait_until;
+
+/// Pipe settings for ordinary tests: heartbeats every second with a 5 s timeout (so a loaded
+/// CI machine never trips them by accident), short handshake and connect waits.
+pub fn test_pipe() -> PipeConfig {
+    PipeConfig {
+        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_timeout: Duration::from_secs(5),
+        handshake_timeout: Duration::from_secs(3),
+        connect_wait: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(10),
+        ..PipeConfig::default()
+    }
+}
+
+/// Pipe settings for liveness tests: heartbeats every 200 ms, dead after 600 ms of silence.
+pub fn heartbeat_pipe() -> PipeConfig {
+    PipeConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_millis(600),
+        ..test_pipe()
+    }
+}
+
+/// The handlers every test node serves, answering as node `node`:
+///
+/// - `post_echo`: the request's body and content type, unchanged;
+/// - `get_slow`: sleeps the first parameter in milliseconds (default 2000), then answers
+///   `"{node} slept {ms} ms"` as text;
+/// - `get_whoami`: JSON `{"node": node, "peer": <caller's identity>, "side": <side>}`;
+/// - `get_bytes`: as many bytes as the first parameter says;
+/// - `get_fail`: a handler error.
+pub fn test_handlers(node: &str) -> Handlers {
+    let mut handlers = Handlers::new();
+    handlers.add("post_echo", |_ctx: Context, req: Request| async move {
+        Ok::<_, HandlerError>(Reply::bytes(req.content_type, req.body))
+    });
+    let name = node.to_string();
+    handlers.add("get_slow", move |_ctx: Context, req: Request| {
+        let name = name.clone();
+        async move {
+            let ms: u64 = match req.parameters.first() {
+                Some(p) => p.parse()?,
+                None => 2000,
+            };
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, HandlerError>(Reply::text(format!("{name} slept {ms} ms")))
+        }
+    });
+    let name = node.to_string();
+    handlers.add("get_whoami", move |ctx: Context, _req: Request| {
+        let name = name.clone();
+        async move {
+            Ok::<_, HandlerError>(serde_json::json!({
+                "node": name,
+                "peer": ctx.peer_identity,
+                "side": ctx.side.as_str(),
+            }))
+        }
+    });
+    handlers.add("get_bytes", |_ctx: Context, req: Request| async move {
+        let n: usize = req.parameters.first().map_or(Ok(0), |p| p.parse())?;
+        Ok::<_, HandlerError>(Reply::bytes("application/octet-stream", vec![0xab; n]))
+    });
+    handlers.add("get_fail", |_ctx: Context, _req: Request| async move {
+        Err::<Reply, _>(HandlerError::new("failed on purpose"))
+    });
+    handlers
+}
+
+/// A `get_slow` request that sleeps `ms` milliseconds.
+pub fn slow(ms: u64) -> Request {
+    Request::new("GET", "slow").with_parameters(vec![ms.to_string()])
+}
+
+/// A `post_echo` request with `body`.
+pub fn echo(body: impl Into<Bytes>) -> Request {
+    Request::new("POST", "echo").with_body("application/octet-stream", body)
+}
+
+/// A `get_bytes` request for `n` bytes.
+pub fn bytes_of(n: usize) -> Request {
+    Request::new("GET", "bytes").with_parameters(vec![n.to_string()])
+}
+
+/// A `get_whoami` request.
+pub fn whoami() -> Request {
+    Request::new("GET", "whoami")
+}
+
+/// The `node` field of a `get_whoami` reply.
+pub fn node_of(reply: &Reply) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&reply.body).expect("whoami JSON");
+    v["node"].as_str().expect("node field").to_string()
+}
+
+/// Server options on `bind` with the test handlers (as node `"server"`) and `pipe`.
+pub fn server_options(pki: &Pki, bind: SocketAddr, pipe: PipeConfig) -> ServerOptions {
+    let mut node = NodeOptions::new(pki.server_tls());
+    node.pipe = pipe;
+    node.handlers = test_handlers("server");
+    ServerOptions::new(node, bind)
+}
+
+/// A server on `127.0.0.1:0` with the test handlers (answering as node `"server"`).
+pub async fn start_server(pki: &Pki, pipe: PipeConfig) -> ServerNode {
+    let bind = "127.0.0.1:0".parse().expect("address");
+    ServerNode::start(server_options(pki, bind, pipe))
+        .await
+        .expect("start the server")
+}
+
+/// Client options for `identity` dialling `server`, with the test handlers (answering as
+/// node `identity`), `pipe`, and quick reconnects (50 ms up to 500 ms).
+pub fn client_options(
+    pki: &Pki,
+    identity: &str,
+    server: SocketAddr,
+    pipe: PipeConfig,
+) -> ClientOptions {
+    let mut node = NodeOptions::new(pki.client_tls(identity));
+    node.pipe = pipe;
+    node.handlers = test_handlers(identity);
+    let mut options = ClientOptions::new(node, server.to_string());
+    options.reconnect_initial = Duration::from_millis(50);
+    options.reconnect_max = Duration::from_millis(500);
+    options.stable_after = Duration::from_secs(1);
+    options
+}
+
+/// Start a client and wait until it is connected (and the server lists it).
+pub async fn start_client(
+    pki: &Pki,
+    identity: &str,
+    server: &ServerNode,
+    pipe: PipeConfig,
+) -> ClientNode {
+    let client = ClientNode::start(client_options(pki, identity, server.local_addr(), pipe))
+        .expect("start the client");
+    client
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("client connects");
+    wait_for_client(server, identity).await;
+    client
+}
+
+/// Wait (at most 5 s) until the server lists a live connection from `identity`.
+pub async fn wait_for_client(server: &ServerNode, identity: &str) {
+    let listed = wait_until(Duration::from_secs(5), || {
+        server
+            .registry()
+            .find(identity)
+            .is_ok_and(|c| !c.is_closed())
+    })
+    .await;
+    assert!(listed, "the server never listed client {identity}");
+}
+
+/// `len` random bytes that contain each of the 256 byte values at least once.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    use rand::Rng;
+    assert!(len >= 256);
+    let mut body = vec![0u8; len];
+    rand::rng().fill(&mut body[..]);
+    for (i, b) in body.iter_mut().take(256).enumerate() {
+        *b = i as u8;
+    }
+    body
+}
