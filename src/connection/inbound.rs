@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use restpipe_handler::{Context, HandlerError, Request};
+use restpipe_handler::{Context, HandlerError, Reply, Request};
 use tokio::io::{AsyncRead, ReadBuf, ReadHalf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
@@ -244,39 +244,48 @@ impl Shared {
             reply = self.core.dispatch(ctx, request) => reply,
             _ = self.closed.cancelled() => return,
         };
-        let reply = if reply.body.len() > self.peer_max_frame {
-            HandlerError::new(format!(
+        let reply = match self.admit_reply(reply) {
+            Ok((reply, more)) => {
+                permits.1.merge(more);
+                reply
+            }
+            Err(refusal) => refusal,
+        };
+        let _ = self.send(wire::encode(Message::Reply { id, reply })).await;
+    }
+
+    /// A handler's reply as it may be sent, with the budget it holds; or, when it may not be
+    /// sent, the error reply that replaces it. Taking the reply by value means a refused one is
+    /// freed here, not held while its replacement waits for the writer.
+    fn admit_reply(&self, reply: Reply) -> Result<(Reply, OwnedSemaphorePermit), Reply> {
+        if reply.body.len() > self.peer_max_frame {
+            return Err(HandlerError::new(format!(
                 "reply body of {} bytes is over the limit of {} bytes",
                 reply.body.len(),
                 self.peer_max_frame
             ))
             .with_class("ReplyTooLarge")
-            .into_reply()
-        } else if reply.content_type.len() > wire::limits::CONTENT_TYPE {
-            HandlerError::new(format!(
+            .into_reply());
+        }
+        if reply.content_type.len() > wire::limits::CONTENT_TYPE {
+            return Err(HandlerError::new(format!(
                 "the reply's content type is {} bytes, longer than {}",
                 reply.content_type.len(),
                 wire::limits::CONTENT_TYPE
             ))
             .with_class("ReplyInvalid")
-            .into_reply()
-        } else {
-            reply
-        };
+            .into_reply());
+        }
         let held = reply.body.len() + reply.content_type.len();
-        let reply = match budget_permit(&self.inbound_bytes, held) {
-            Some(more) => {
-                permits.1.merge(more);
-                reply
-            }
-            None => HandlerError::new(format!(
+        match budget_permit(&self.inbound_bytes, held) {
+            Some(permit) => Ok((reply, permit)),
+            None => Err(HandlerError::new(format!(
                 "the reply of {held} bytes does not fit in the {} bytes this connection may hold for a peer that reads slowly",
                 self.core.pipe.byte_budget()
             ))
             .with_class("Overloaded")
             .with_status(503)
-            .into_reply(),
-        };
-        let _ = self.send(wire::encode(Message::Reply { id, reply })).await;
+            .into_reply()),
+        }
     }
 }
