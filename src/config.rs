@@ -809,6 +809,51 @@ mod tests {
     }
 
     #[test]
+    fn http_listen_guard_and_limits() {
+        let s = Settings::resolve(
+            parse(&[
+                "--http",
+                "unix:/run/rp/node.sock",
+                "--http-socket-mode",
+                "0600",
+                "--http-allowed-hosts",
+                "rp.example.com,10.0.0.5",
+                "--http-header-timeout",
+                "2.5",
+                "--http-max-connections",
+                "20",
+            ]),
+            Side::Client,
+        )
+        .unwrap();
+        assert_eq!(
+            s.http_listen(),
+            HttpListen::Unix(PathBuf::from("/run/rp/node.sock"))
+        );
+        assert_eq!(s.http_serve.socket_mode, 0o600);
+        assert!(s.http_serve.allowed_hosts.contains("RP.example.com"));
+        assert!(s.http_serve.allowed_hosts.contains("10.0.0.5"));
+        assert_eq!(
+            s.http_serve.limits.header_timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(s.http_serve.limits.max_connections, 20);
+        assert_eq!(s.http_serve.limits.idle_timeout, Duration::from_secs(60));
+        let s = Settings::resolve(NodeArgs::default(), Side::Client).unwrap();
+        assert_eq!(s.http_serve, ServeOptions::default());
+        for (flags, says) in [
+            (&["--http-socket-mode", "999"][..], "--http-socket-mode"),
+            (&["--http-max-connections", "0"], "--http-max-connections"),
+            (&["--http-body-timeout", "0"], "--http-body-timeout"),
+            (&["--http-allowed-hosts", "a.example:80"], "without a port"),
+        ] {
+            let err = Settings::resolve(parse(flags), Side::Client).unwrap_err();
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
+        assert!(Cli::try_parse_from(["restpipe", "client", "--http", "unix:"]).is_err());
+    }
+
+    #[test]
     fn bad_durations_are_refused() {
         let args = NodeArgs {
             heartbeat_interval: Some(-1.0),

@@ -723,6 +723,7 @@ async fn past_the_connection_cap_the_answer_is_503_and_good_clients_recover() {
         hogs.push(hog);
     }
     // Connections are accepted in order: those past the cap are turned away.
+    let mut busy = 0;
     for _ in 0..10 {
         let mut excess = TcpStream::connect(scene.addr()).await.unwrap();
         let _ = excess
@@ -737,8 +738,12 @@ async fn past_the_connection_cap_the_answer_is_503_and_good_clients_recover() {
             assert_eq!(answer.status, 503, "{answer:?}");
             assert!(error_of(&answer).contains("--http-max-connections"));
             assert!(answer.head.contains("retry-after"));
+            busy += 1;
         }
     }
+    eprintln!(
+        "connection cap {CAP}: of 10 connections past it, {busy} answered 503, the others closed"
+    );
     // The good client's connection kept working through it.
     good.wait_for_more(3).await;
     drop(hogs);
