@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use axum::serve::ListenerExt as _;
 use restpipe_handler::{NodeFacts, Plugin, PluginSetup, Side};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::client::{ClientNode, ClientOptions};
 use crate::config::Settings;
-use crate::http::{self, HttpOptions, Pipe};
+use crate::http::{self, HttpGauge, HttpListen, HttpOptions, Listener, Pipe, ServeOptions};
 use crate::metrics::Metrics;
 use crate::node::NodeOptions;
 use crate::server::{ServerNode, ServerOptions};
@@ -70,8 +69,11 @@ pub fn metrics(settings: &Settings) -> Metrics {
 pub struct RunningNode {
     /// The pipe.
     pub pipe: Pipe,
-    /// Where the HTTP front door listens.
+    /// Where the HTTP front door listens, on TCP; `0.0.0.0:0` when it listens on a Unix
+    /// socket (see [`RunningNode::http_listen`]).
     pub http_addr: SocketAddr,
+    /// Where the HTTP front door listens: the TCP address (its port chosen) or the socket.
+    pub http_listen: HttpListen,
     stop_http: CancellationToken,
     http_task: tokio::task::JoinHandle<()>,
     metrics: Metrics,
@@ -96,36 +98,59 @@ impl RunningNode {
     }
 }
 
-/// Serve the front door of `pipe` on `http` until stopped.
+/// Serve the front door of `pipe` on the TCP address `http` until stopped, with the default
+/// guard (loopback hosts only), timeouts and connection cap.
 pub async fn start_http(
     pipe: Pipe,
     options: HttpOptions,
     http: SocketAddr,
 ) -> anyhow::Result<RunningNode> {
-    let listener = TcpListener::bind(http)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {http}"))?;
-    let http_addr = listener.local_addr()?;
-    let metrics = options.metrics.clone();
-    let router = http::router(pipe.clone(), options);
-    let stop_http = CancellationToken::new();
-    let stop = stop_http.clone();
-    let http_task = tokio::spawn(async move {
-        // Replies are small writes that must not wait for an ACK (Nagle): axum 0.8 leaves
-        // TCP_NODELAY to the listener.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            warn!(cause = %e, "HTTP server failed");
+    start_http_on(
+        pipe,
+        options,
+        &ServeOptions::default(),
+        &HttpListen::Tcp(http),
+    )
+    .await
+}
+
+/// Serve the front door of `pipe` on `listen` (TCP or a Unix socket) until stopped, guarded,
+/// timed and capped as `serve` says.
+pub async fn start_http_on(
+    pipe: Pipe,
+    options: HttpOptions,
+    serve: &ServeOptions,
+    listen: &HttpListen,
+) -> anyhow::Result<RunningNode> {
+    let (listener, http_addr, http_listen) = match listen {
+        HttpListen::Tcp(addr) => {
+            let tcp = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+            let bound = tcp.local_addr()?;
+            (Listener::Tcp(tcp), bound, HttpListen::Tcp(bound))
         }
-    });
+        HttpListen::Unix(path) => (
+            http::bind_unix(path, serve.socket_mode)?,
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            listen.clone(),
+        ),
+    };
+    let metrics = options.metrics.clone();
+    let gauge = Arc::new(HttpGauge::default());
+    let router = http::router(pipe.clone(), options, serve, gauge.clone());
+    let stop_http = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        router,
+        serve.limits,
+        gauge,
+        stop_http.clone(),
+    ));
     Ok(RunningNode {
         pipe,
         http_addr,
+        http_listen,
         stop_http,
         http_task,
         metrics,
@@ -182,20 +207,36 @@ pub async fn start_with_tls(
             Pipe::Client(ClientNode::start(options)?)
         }
     };
-    let running = start_http(pipe, http_options(settings, metrics), settings.http).await?;
+    let listen = settings.http_listen();
+    if let HttpListen::Tcp(addr) = &listen {
+        let ip = addr.ip();
+        if !ip.is_loopback() && !settings.http_serve.allowed_hosts.contains(&ip.to_string()) {
+            warn!(
+                http = %addr,
+                "the HTTP endpoint is not on loopback and --http-allowed-hosts does not name it: requests must carry a Host that it names"
+            );
+        }
+    }
+    let running = start_http_on(
+        pipe,
+        http_options(settings, metrics),
+        &settings.http_serve,
+        &listen,
+    )
+    .await?;
     // The addresses actually bound (a port of 0 was chosen by the system), for whoever
     // started the node with port 0, and the open-files limit raised at start.
     let open_files = crate::util::open_files_limit().unwrap_or(0);
     match &running.pipe {
         Pipe::Server(server) => info!(
             role = %side,
-            http = %running.http_addr,
+            http = %running.http_listen,
             pipe = %server.local_addr(),
             open_files,
             "HTTP endpoint ready"
         ),
         Pipe::Client(_) => {
-            info!(role = %side, http = %running.http_addr, open_files, "HTTP endpoint ready")
+            info!(role = %side, http = %running.http_listen, open_files, "HTTP endpoint ready")
         }
     }
     Ok(running)

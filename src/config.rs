@@ -22,6 +22,7 @@ use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand}
 use restpipe_handler::{PluginSpec, SettingSpec, SettingValue};
 use serde::Deserialize;
 
+use crate::http::{AllowedHosts, HttpLimits, HttpListen, ServeOptions};
 use crate::node::PipeConfig;
 use crate::plugins::{self, REGISTERED};
 use crate::tls::TlsFiles;
@@ -112,9 +113,29 @@ pub struct NodeArgs {
     /// Client: the longest reconnect delay, seconds [default: 10].
     #[arg(long, env = "RP_CLIENT_RECONNECT_MAX_S")]
     pub reconnect_max: Option<f64>,
-    /// The local HTTP endpoint [default: 127.0.0.1:8081 server, 127.0.0.1:8080 client].
+    /// The local HTTP endpoint: an address, or unix:<path> for a Unix socket [default:
+    /// 127.0.0.1:8081 server, 127.0.0.1:8080 client].
     #[arg(long, env = "RP_HTTP_BIND")]
-    pub http: Option<SocketAddr>,
+    pub http: Option<HttpListen>,
+    /// Host names and addresses that Host and Origin may name besides loopback, comma
+    /// separated (a node behind a proxy, or on a non-loopback address) [default: none].
+    #[arg(long, env = "RP_HTTP_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub http_allowed_hosts: Option<Vec<String>>,
+    /// The permissions of the Unix socket of `--http unix:<path>`, octal [default: 0660].
+    #[arg(long, env = "RP_HTTP_SOCKET_MODE")]
+    pub http_socket_mode: Option<String>,
+    /// Seconds to receive a request's headers [default: 10].
+    #[arg(long, env = "RP_HTTP_HEADER_TIMEOUT_S")]
+    pub http_header_timeout: Option<f64>,
+    /// Seconds a request body may bring no byte before the answer is 408 [default: 10].
+    #[arg(long, env = "RP_HTTP_BODY_TIMEOUT_S")]
+    pub http_body_timeout: Option<f64>,
+    /// Seconds a kept-alive HTTP connection may wait for its next request [default: 60].
+    #[arg(long, env = "RP_HTTP_IDLE_TIMEOUT_S")]
+    pub http_idle_timeout: Option<f64>,
+    /// HTTP connections served at once; more are answered 503 [default: 4096].
+    #[arg(long, env = "RP_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
     /// A bearer token that every HTTP request must carry (needed to bind a non-loopback
     /// address).
     #[arg(long, env = "RP_HTTP_TOKEN", hide_env_values = true)]
@@ -320,8 +341,12 @@ pub struct Settings {
     pub server_name: Option<String>,
     /// Client: longest reconnect delay.
     pub reconnect_max: Duration,
-    /// The local HTTP endpoint.
+    /// The local HTTP endpoint on TCP (not used when `http_socket` is set).
     pub http: SocketAddr,
+    /// The Unix socket of the HTTP endpoint, when it listens on one instead of TCP.
+    pub http_socket: Option<PathBuf>,
+    /// The guard, timeouts and connection cap of the HTTP endpoint, and its socket's mode.
+    pub http_serve: ServeOptions,
     /// The bearer token of the HTTP endpoint.
     pub http_token: Option<String>,
     /// Handler sets to run.
@@ -344,7 +369,7 @@ impl std::fmt::Debug for Settings {
             .field("tls", &self.tls)
             .field("bind", &self.bind)
             .field("server", &self.server)
-            .field("http", &self.http)
+            .field("http", &self.http_listen())
             .field("http_token", &self.http_token.as_ref().map(|_| "<set>"))
             .field("handlers", &self.handlers)
             .field("pipe", &self.pipe)
@@ -362,7 +387,33 @@ fn seconds(name: &str, value: Option<f64>, default: Duration) -> Result<Duration
     }
 }
 
+/// A positive number of seconds, at most a day.
+fn positive_seconds(name: &str, value: Option<f64>, default: Duration) -> Result<Duration, String> {
+    match value {
+        Some(s) if s <= 0.0 => Err(format!("--{name} must be more than 0 seconds, not {s}")),
+        value => seconds(name, value, default),
+    }
+}
+
+/// An octal file mode such as `0660`, `660` or `0o660`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.trim();
+    let digits = digits.strip_prefix("0o").unwrap_or(digits);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|&mode| mode <= 0o777)
+        .ok_or_else(|| format!("--http-socket-mode takes an octal mode such as 0660, not {text:?}"))
+}
+
 impl Settings {
+    /// Where the HTTP endpoint listens: the Unix socket if one is set, else `http`.
+    pub fn http_listen(&self) -> HttpListen {
+        match &self.http_socket {
+            Some(path) => HttpListen::Unix(path.clone()),
+            None => HttpListen::Tcp(self.http),
+        }
+    }
+
     /// Merge flags (with their env vars), the config file and the defaults for `side`, and
     /// check the result.
     pub fn resolve(args: NodeArgs, side: restpipe_handler::Side) -> Result<Settings, String> {
@@ -413,13 +464,52 @@ impl Settings {
         };
         pipe.validate().map_err(|e| e.to_string())?;
 
-        let http = pick!(http).unwrap_or_else(|| {
+        let default_http = {
             let port = if server_side { 8081 } else { 8080 };
             SocketAddr::from(([127, 0, 0, 1], port))
-        });
+        };
+        let (http, http_socket) = match pick!(http) {
+            None => (default_http, None),
+            Some(HttpListen::Tcp(addr)) => (addr, None),
+            Some(HttpListen::Unix(path)) => (default_http, Some(path)),
+        };
         let http_token = pick!(http_token).filter(|t| !t.is_empty());
         let http_insecure = args.http_insecure || file.http_insecure;
-        if !http.ip().is_loopback() && http_token.is_none() && !http_insecure {
+        let defaults = HttpLimits::default();
+        let http_serve = ServeOptions {
+            allowed_hosts: AllowedHosts::parse(&pick!(http_allowed_hosts).unwrap_or_default())?,
+            limits: HttpLimits {
+                header_timeout: positive_seconds(
+                    "http-header-timeout",
+                    pick!(http_header_timeout),
+                    defaults.header_timeout,
+                )?,
+                body_timeout: positive_seconds(
+                    "http-body-timeout",
+                    pick!(http_body_timeout),
+                    defaults.body_timeout,
+                )?,
+                idle_timeout: positive_seconds(
+                    "http-idle-timeout",
+                    pick!(http_idle_timeout),
+                    defaults.idle_timeout,
+                )?,
+                max_connections: match pick!(http_max_connections) {
+                    Some(0) => return Err("--http-max-connections must be at least 1".into()),
+                    Some(n) => n,
+                    None => defaults.max_connections,
+                },
+            },
+            socket_mode: match pick!(http_socket_mode) {
+                Some(mode) => parse_mode(&mode)?,
+                None => ServeOptions::default().socket_mode,
+            },
+        };
+        if http_socket.is_none()
+            && !http.ip().is_loopback()
+            && http_token.is_none()
+            && !http_insecure
+        {
             return Err(format!(
                 "the HTTP endpoint {http} is not on loopback: give --http-token (every request must then carry it) or --http-insecure"
             ));
@@ -464,6 +554,8 @@ impl Settings {
                 Duration::from_secs(10),
             )?,
             http,
+            http_socket,
+            http_serve,
             http_token,
             handlers,
             plugins: args.plugins.or(file_plugins),
@@ -714,6 +806,51 @@ mod tests {
             let err = resolve(toml, &[]).unwrap_err();
             assert!(err.contains(says) && !err.contains('\n'), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn http_listen_guard_and_limits() {
+        let s = Settings::resolve(
+            parse(&[
+                "--http",
+                "unix:/run/rp/node.sock",
+                "--http-socket-mode",
+                "0600",
+                "--http-allowed-hosts",
+                "rp.example.com,10.0.0.5",
+                "--http-header-timeout",
+                "2.5",
+                "--http-max-connections",
+                "20",
+            ]),
+            Side::Client,
+        )
+        .unwrap();
+        assert_eq!(
+            s.http_listen(),
+            HttpListen::Unix(PathBuf::from("/run/rp/node.sock"))
+        );
+        assert_eq!(s.http_serve.socket_mode, 0o600);
+        assert!(s.http_serve.allowed_hosts.contains("RP.example.com"));
+        assert!(s.http_serve.allowed_hosts.contains("10.0.0.5"));
+        assert_eq!(
+            s.http_serve.limits.header_timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(s.http_serve.limits.max_connections, 20);
+        assert_eq!(s.http_serve.limits.idle_timeout, Duration::from_secs(60));
+        let s = Settings::resolve(NodeArgs::default(), Side::Client).unwrap();
+        assert_eq!(s.http_serve, ServeOptions::default());
+        for (flags, says) in [
+            (&["--http-socket-mode", "999"][..], "--http-socket-mode"),
+            (&["--http-max-connections", "0"], "--http-max-connections"),
+            (&["--http-body-timeout", "0"], "--http-body-timeout"),
+            (&["--http-allowed-hosts", "a.example:80"], "without a port"),
+        ] {
+            let err = Settings::resolve(parse(flags), Side::Client).unwrap_err();
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
+        assert!(Cli::try_parse_from(["restpipe", "client", "--http", "unix:"]).is_err());
     }
 
     #[test]

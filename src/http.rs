@@ -6,7 +6,22 @@
 //! says: the noun's segments are checked, the parameters after `//` are
 //! percent-decoded, and the query string travels with the event. Every failure is a JSON
 //! `{"error": ...}` with the status docs/HTTP.md gives; no request waits past its deadline.
+//!
+//! Every request first passes the Host and Origin guard ([`guard`]); connections are served by
+//! our own accept loop ([`serve`]) on TCP or a Unix socket ([`HttpListen`]), with header, body
+//! and idle timeouts and a cap on connections ([`HttpLimits`]).
 
+mod guard;
+mod serve;
+
+pub use guard::AllowedHosts;
+pub(crate) use serve::{bind_unix, serve, Listener};
+pub use serve::{BodyStalled, HttpGauge, HttpLimits};
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,20 +91,108 @@ pub struct HttpOptions {
     pub metrics: Metrics,
 }
 
+/// Where the front door listens: a TCP address, or a Unix socket (`unix:/path/to/node.sock`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum HttpListen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// The path of a Unix socket.
+    Unix(PathBuf),
+}
+
+impl FromStr for HttpListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(
+                    "unix: needs the path of the socket, as in unix:/run/restpipe/node.sock".into(),
+                );
+            }
+            // sockaddr_un holds 108 bytes, the last a NUL.
+            if path.len() > 107 {
+                return Err(format!("the socket path {path:?} is over 107 bytes"));
+            }
+            return Ok(HttpListen::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>().map(HttpListen::Tcp).map_err(|_| {
+            format!("{s:?} is neither an address with a port (127.0.0.1:8080) nor unix:<path>")
+        })
+    }
+}
+
+impl TryFrom<String> for HttpListen {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for HttpListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpListen::Tcp(addr) => write!(f, "{addr}"),
+            HttpListen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl From<SocketAddr> for HttpListen {
+    fn from(addr: SocketAddr) -> Self {
+        HttpListen::Tcp(addr)
+    }
+}
+
+/// How the front door listens and whom it answers, besides [`HttpOptions`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Hosts that `Host` and `Origin` may name besides loopback.
+    pub allowed_hosts: AllowedHosts,
+    /// Timeouts and the connection cap.
+    pub limits: HttpLimits,
+    /// The permissions of a Unix socket (`0o660`: its owner and group may call).
+    pub socket_mode: u32,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            allowed_hosts: AllowedHosts::default(),
+            limits: HttpLimits::default(),
+            socket_mode: 0o660,
+        }
+    }
+}
+
 struct AppState {
     pipe: Pipe,
     options: HttpOptions,
+    allowed_hosts: AllowedHosts,
+    limits: HttpLimits,
+    gauge: Arc<HttpGauge>,
     started: Instant,
 }
 
 type Shared = Arc<AppState>;
 
-/// The router of a node's front door.
-pub fn router(pipe: Pipe, options: HttpOptions) -> Router {
+/// The router of a node's front door: its routes behind the guard. `gauge` counts the
+/// connections the accept loop serves, for `/status`.
+pub fn router(
+    pipe: Pipe,
+    options: HttpOptions,
+    serve: &ServeOptions,
+    gauge: Arc<HttpGauge>,
+) -> Router {
     let side = pipe.side();
     let state = Arc::new(AppState {
         pipe,
         options,
+        allowed_hosts: serve.allowed_hosts.clone(),
+        limits: serve.limits,
+        gauge,
         started: Instant::now(),
     });
     let mut app = Router::new()
@@ -114,8 +217,18 @@ pub fn error_response(status: StatusCode, message: impl Into<String>) -> Respons
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// Authentication and status-class metrics around every request.
+/// The Host and Origin guard, authentication and status-class metrics around every request.
 async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if let Err(refusal) = guard::check(
+        &state.allowed_hosts,
+        request.version(),
+        request.uri(),
+        request.headers(),
+    ) {
+        let response = error_response(refusal.status, refusal.message);
+        count_status(&state.options.metrics, response.status());
+        return response;
+    }
     if let Some(token) = &state.options.token {
         if !bearer_matches(request.headers(), token) {
             let mut response = error_response(
@@ -219,6 +332,11 @@ async fn status(State(state): State<Shared>) -> Response {
         "now": epoch_secs(std::time::SystemTime::now()),
         "peers": peers,
         "metrics": state.options.metrics.stats(),
+        "http": {
+            "connections": state.gauge.open(),
+            "max_connections": state.limits.max_connections,
+            "refused_connections": state.gauge.refused(),
+        },
     });
     match pipe {
         Pipe::Server(server) => {
@@ -372,6 +490,16 @@ async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
     let body: Bytes = match to_bytes(request.into_body(), limit).await {
         Ok(body) => body,
         Err(e) if over_limit(&e) => return too_large(&format!("more than {limit}")),
+        Err(e) if stalled(&e) => {
+            let mut response = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("{}; nothing was sent", causes(&e)),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         // A malformed chunked encoding, say: the client's fault, but not a body too large.
         Err(e) => {
             return error_response(
@@ -407,9 +535,19 @@ async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
 /// Whether reading a body failed because it went over the limit, rather than because it was
 /// malformed or cut short.
 fn over_limit(err: &axum::Error) -> bool {
+    caused_by::<http_body_util::LengthLimitError>(err)
+}
+
+/// Whether reading a body failed because it brought no byte for the body timeout.
+fn stalled(err: &axum::Error) -> bool {
+    caused_by::<BodyStalled>(err)
+}
+
+/// Whether `err` or one of its causes is a `T`.
+fn caused_by<T: std::error::Error + 'static>(err: &axum::Error) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cause {
-        if e.is::<http_body_util::LengthLimitError>() {
+        if e.is::<T>() {
             return true;
         }
         cause = e.source();
