@@ -695,7 +695,7 @@ async fn a_body_over_max_frame_is_413_and_nothing_is_sent() {
 
         // Chunked, so no length is declared: the limit holds while reading.
         let mut request = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
         .into_bytes();
         for chunk in over.chunks(16 * 1024) {

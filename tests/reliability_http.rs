@@ -148,7 +148,7 @@ impl Pair {
         ] {
             let answer = raw(
                 addr,
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
                     .as_bytes(),
             )
             .await;
@@ -597,7 +597,7 @@ async fn traversal_bad_escapes_and_invalid_utf8_are_refused_and_leak_nothing() {
     }
     cases.push(case(
         "X-Event-Timeout-Ms with a raw 0xff byte",
-        b"GET /server/count HTTP/1.1\r\nHost: x\r\nX-Event-Timeout-Ms: 1\xff\r\nConnection: close\r\n\r\n".to_vec(),
+        b"GET /server/count HTTP/1.1\r\nHost: localhost\r\nX-Event-Timeout-Ms: 1\xff\r\nConnection: close\r\n\r\n".to_vec(),
         Expect::Status(400),
     ));
 
@@ -886,7 +886,7 @@ async fn methods_outside_the_list_and_wrong_tokens_never_reach_a_handler() {
         ),
         case(
             "a token that is not UTF-8",
-            b"POST /server/count HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx".to_vec(),
+            b"POST /server/count HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx".to_vec(),
             Expect::Status(401),
         ),
         case(
