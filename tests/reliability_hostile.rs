@@ -536,6 +536,9 @@ async fn openssl_s_client_is_refused_for_each_bad_certificate_and_old_tls() {
             "unknown_issuer",
         ),
         ("an expired certificate", with_cert(&expired), "expired"),
+        // TLS 1.2 with a valid client certificate: under 1.2 the certificate, and so the
+        // identity, would cross the network in clear text.
+        ("TLS 1.2 only, valid certificate", old("-tls1_2"), "incompatible"),
         ("TLS 1.1 only", old("-tls1_1"), "incompatible"),
         ("TLS 1.0 only", old("-tls1"), "incompatible"),
     ];
