@@ -16,7 +16,8 @@
 //!   `admission` caps pending handshakes (in total and per source) and rate-limits their log;
 //! - [`client`] and [`backoff`]: the client's dial loop and its reconnect delays;
 //! - [`metrics`]: statsd through cadence, never blocking;
-//! - [`http`]: the local HTTP front door (axum);
+//! - [`http`]: the local HTTP front door: axum routes behind a Host/Origin guard, served by
+//!   our own hyper accept loop on TCP or a Unix socket;
 //! - [`config`]: flags, environment variables and the TOML file;
 //! - [`plugins`]: the handler plug-ins this build registers, one line each;
 //! - [`app`]: whole nodes (pipe plus front door), the demo, graceful shutdown;

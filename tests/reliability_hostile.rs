@@ -366,7 +366,11 @@ async fn garbage_oversized_and_malformed_frames_cost_only_their_own_connection()
     // Refusal log lines are rate-limited: each refusal is either logged or counted as held
     // back (and reported by the next line logged).
     let (logged, held_back) = scene.refusals_accounted("not_tls", 2 * waves).await;
-    assert!(logged <= 2 * waves, "{logged} lines for {} refusals", 2 * waves);
+    assert!(
+        logged <= 2 * waves,
+        "{logged} lines for {} refusals",
+        2 * waves
+    );
     assert_eq!(logged as u64 + held_back, 2 * waves as u64);
     assert_eq!(hello, waves as u64);
     assert_eq!(
@@ -560,7 +564,11 @@ async fn openssl_s_client_is_refused_for_each_bad_certificate_and_old_tls() {
         ("an expired certificate", with_cert(&expired), "expired"),
         // TLS 1.2 with a valid client certificate: under 1.2 the certificate, and so the
         // identity, would cross the network in clear text.
-        ("TLS 1.2 only, valid certificate", old("-tls1_2"), "incompatible"),
+        (
+            "TLS 1.2 only, valid certificate",
+            old("-tls1_2"),
+            "incompatible",
+        ),
         ("TLS 1.1 only", old("-tls1_1"), "incompatible"),
         ("TLS 1.0 only", old("-tls1"), "incompatible"),
     ];

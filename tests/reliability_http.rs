@@ -148,8 +148,10 @@ impl Pair {
         ] {
             let answer = raw(
                 addr,
-                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
-                    .as_bytes(),
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+                )
+                .as_bytes(),
             )
             .await;
             assert_eq!(answer.status, Some(200), "{path}: {answer:?}");

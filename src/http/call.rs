@@ -1,0 +1,332 @@
+//! A call through the front door: the path mapped to an event (noun, parameters), the body
+//! read within its limits and deadline, the event sent across the pipe, and the reply or the
+//! failure turned into the HTTP response of docs/HTTP.md.
+
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use restpipe_handler::grammar::{self, GrammarError};
+use restpipe_handler::{Reply, Side};
+
+use super::{error_response, BodyStalled, Pipe, Shared, RETURN_CODE_HEADER, TIMEOUT_HEADER};
+use crate::error::CallError;
+
+/// A request turned into an event, or the error response that says why it cannot be one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The client named (server side only).
+    pub client: Option<String>,
+    /// The noun, segments joined by `/`.
+    pub noun: String,
+    /// The decoded parameters.
+    pub parameters: Vec<String>,
+}
+
+/// Map a raw request path to the client it names (server side), the noun and the parameters.
+///
+/// `side` is the side of the node that received the request. Errors are messages for a 400.
+pub fn parse_path(side: Side, path: &str) -> Result<Target, String> {
+    let (client, rest) = match side {
+        Side::Client => {
+            let rest = path
+                .strip_prefix("/server/")
+                .ok_or("client nodes take /server/<noun>")?;
+            (None, rest)
+        }
+        Side::Server => {
+            let rest = path
+                .strip_prefix("/client/")
+                .ok_or("server nodes take /client/<identity>/<noun>")?;
+            let (identity, rest) = rest.split_once('/').unwrap_or((rest, ""));
+            // A client may be named by its IP address, and an IPv6 address holds `:`.
+            if identity.parse::<std::net::IpAddr>().is_err() {
+                grammar::check_segment(identity)
+                    .map_err(|e| format!("bad client identity: {e}"))?;
+            }
+            (Some(identity.to_string()), rest)
+        }
+    };
+    let (noun, params) = match rest.split_once("//") {
+        Some((noun, params)) => (noun, Some(params)),
+        None => (rest, None),
+    };
+    if noun.is_empty() {
+        return Err("name a noun after the prefix, for example .../time".into());
+    }
+    grammar::check_noun(noun).map_err(|e| match e {
+        // Not the noun itself: it is long.
+        GrammarError::TooLong(_) => e.to_string(),
+        e => format!("bad noun {noun:?}: {e}"),
+    })?;
+    let parameters = match params {
+        None | Some("") => Vec::new(),
+        Some(params) => params
+            .split('/')
+            .enumerate()
+            .map(|(i, p)| decode_parameter(p).map_err(|e| format!("parameter {}: {e}", i + 1)))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(Target {
+        client,
+        noun: noun.to_string(),
+        parameters,
+    })
+}
+
+/// Percent-decode one parameter; malformed escapes and invalid UTF-8 are refused.
+fn decode_parameter(raw: &str) -> Result<String, String> {
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let ok = bytes.len() > i + 2
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit();
+            if !ok {
+                return Err(format!("{raw:?} has a malformed percent escape"));
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| format!("{raw:?} is not valid UTF-8 once decoded"))
+}
+
+pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
+    let method = request.method().clone();
+    if !grammar::is_verb(method.as_str()) {
+        let mut response = error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} does not cross the pipe; use GET, POST, PUT, PATCH or DELETE"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(grammar::ALLOW));
+        return response;
+    }
+    let side = state.pipe.side();
+    let target = match parse_path(side, request.uri().path()) {
+        Ok(target) => target,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
+    };
+    let query = request.uri().query().unwrap_or("").to_string();
+    let headers = request.headers();
+    let timeout = match requested_timeout(headers, state.pipe.pipe_config()) {
+        Ok(timeout) => timeout,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let limit = state.options.max_body;
+    let too_large = |size: &str| {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body of {size} bytes is over the limit of {limit} bytes; nothing was sent"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared.filter(|&n| n > limit as u64) {
+        return too_large(&declared.to_string());
+    }
+    let body: Bytes = match to_bytes(request.into_body(), limit).await {
+        Ok(body) => body,
+        Err(e) if over_limit(&e) => return too_large(&format!("more than {limit}")),
+        Err(e) if stalled(&e) => {
+            let mut response = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("{}; nothing was sent", causes(&e)),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+        // A malformed chunked encoding, say: the client's fault, but not a body too large.
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the request body could not be read ({}); nothing was sent",
+                    causes(&e)
+                ),
+            )
+        }
+    };
+    let event = restpipe_handler::Request {
+        verb: method.as_str().to_string(),
+        noun: target.noun,
+        parameters: target.parameters,
+        query,
+        content_type,
+        body,
+    };
+    let result = match &state.pipe {
+        Pipe::Client(client) => client.call(event, Some(timeout)).await,
+        Pipe::Server(server) => {
+            let name = target.client.unwrap_or_default();
+            server.call(&name, event, Some(timeout)).await
+        }
+    };
+    match result {
+        Ok(reply) => reply_response(reply),
+        Err(err) => call_error_response(&err),
+    }
+}
+
+/// Whether reading a body failed because it went over the limit, rather than because it was
+/// malformed or cut short.
+fn over_limit(err: &axum::Error) -> bool {
+    caused_by::<http_body_util::LengthLimitError>(err)
+}
+
+/// Whether reading a body failed because it brought no byte for the body timeout.
+fn stalled(err: &axum::Error) -> bool {
+    caused_by::<BodyStalled>(err)
+}
+
+/// Whether `err` or one of its causes is a `T`.
+fn caused_by<T: std::error::Error + 'static>(err: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if e.is::<T>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// An error and its causes, joined by `: `.
+fn causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = e.source();
+    }
+    text
+}
+
+fn requested_timeout(
+    headers: &HeaderMap,
+    pipe: &crate::node::PipeConfig,
+) -> Result<Duration, String> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(pipe.request_timeout);
+    };
+    let max = pipe.max_request_timeout.as_millis();
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0 && u128::from(ms) <= max)
+        .ok_or_else(|| {
+            format!("{TIMEOUT_HEADER} must be a whole number of milliseconds from 1 to {max}")
+        })?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// The HTTP response for a reply that crossed the pipe.
+pub fn reply_response(reply: Reply) -> Response {
+    let status = reply
+        .status
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(match reply.code {
+            restpipe_handler::codes::OK => StatusCode::OK,
+            restpipe_handler::codes::NO_HANDLER => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        });
+    let mut response = Response::new(Body::from(reply.body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    let content_type = if reply.content_type.is_empty() {
+        HeaderValue::from_static("application/octet-stream")
+    } else {
+        HeaderValue::from_str(&reply.content_type)
+            .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
+    };
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(RETURN_CODE_HEADER, HeaderValue::from(reply.code));
+    response
+}
+
+/// The HTTP response for a call that got no reply.
+pub fn call_error_response(err: &CallError) -> Response {
+    let status = match err {
+        CallError::PipeClosed(_) | CallError::Refused(_) => StatusCode::BAD_GATEWAY,
+        CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        CallError::NotConnected(_) | CallError::Overloaded(_) | CallError::ShuttingDown(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        CallError::TooLarge { .. } | CallError::FrameTooLarge { .. } => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        CallError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+        CallError::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        CallError::Ambiguous(_) => StatusCode::CONFLICT,
+        CallError::BadRequest(_) => StatusCode::BAD_REQUEST,
+    };
+    let mut response = error_response(status, err.to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_events() {
+        let t = parse_path(Side::Client, "/server/cat//hello%20/world").unwrap();
+        assert_eq!(t.noun, "cat");
+        assert_eq!(t.parameters, vec!["hello ", "world"]);
+        let t = parse_path(Side::Client, "/server/time/utc").unwrap();
+        assert_eq!((t.noun.as_str(), t.parameters.len()), ("time/utc", 0));
+        let t = parse_path(Side::Server, "/client/fileserver-1/file//reports/q3.csv").unwrap();
+        assert_eq!(t.client.as_deref(), Some("fileserver-1"));
+        assert_eq!(t.parameters, vec!["reports", "q3.csv"]);
+        let t = parse_path(Side::Server, "/client/::1/time").unwrap();
+        assert_eq!(t.client.as_deref(), Some("::1"));
+    }
+
+    #[test]
+    fn bad_paths_are_refused() {
+        for path in [
+            "/server/",
+            "/server/a/../b",
+            "/server/a//%zz",
+            "/server/a//%ff",
+            "/server/a b",
+            "/server/a%2Fb",
+            "/server/a/",
+            "/server/.",
+        ] {
+            assert!(parse_path(Side::Client, path).is_err(), "{path}");
+        }
+        assert!(parse_path(Side::Server, "/client/../time").is_err());
+        assert!(parse_path(Side::Server, "/client/x").is_err());
+    }
+}
