@@ -17,7 +17,7 @@ use crate::client::{ClientNode, ClientOptions};
 use crate::config::Settings;
 use crate::http::{self, HttpGauge, HttpListen, HttpOptions, Listener, Pipe, ServeOptions};
 use crate::metrics::Metrics;
-use crate::node::NodeOptions;
+use crate::node::{NodeOptions, ReloadRecord};
 use crate::server::{ServerNode, ServerOptions};
 use crate::tls::TlsMaterial;
 
@@ -271,10 +271,80 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let running = start(side, &settings).await?;
+    let upkeep = tokio::spawn(upkeep(running.pipe.clone(), settings.clone()));
     stop.await;
+    upkeep.abort();
     info!("shutting down");
     running.shutdown(settings.grace).await;
     Ok(())
+}
+
+/// How often a node checks how long its own certificate has left.
+const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(3600);
+/// From how many days before its certificate expires a node warns.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// A running node's upkeep: reload on SIGHUP, and watch the node's own certificate expiry
+/// (a gauge of the days left, and a warning from [`EXPIRY_WARNING_DAYS`] before).
+async fn upkeep(pipe: Pipe, settings: Settings) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut every = tokio::time::interval(EXPIRY_CHECK_EVERY);
+    loop {
+        #[cfg(unix)]
+        let reload_asked = async {
+            match hangup.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let reload_asked = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = every.tick() => {}
+            Some(()) = reload_asked => {
+                info!("SIGHUP: reloading the node's files");
+                reload(&pipe, &settings);
+            }
+        }
+        check_expiry(&pipe);
+    }
+}
+
+/// Send the gauge of the days left on this node's certificate, and warn when few are.
+fn check_expiry(pipe: &Pipe) {
+    let core = pipe.core();
+    let own = core.own_cert.load();
+    let summary = own.summary();
+    core.metrics.gauge(
+        "tls.certificate.days_left",
+        u64::try_from(summary.days_left).unwrap_or(0),
+    );
+    if summary.days_left <= EXPIRY_WARNING_DAYS {
+        warn!(
+            days_left = summary.days_left,
+            fingerprint = %summary.fingerprint,
+            "this node's certificate expires soon: issue a new one and send SIGHUP (docs/CERTS.md)"
+        );
+    }
+}
+
+/// Re-read the node's files (CA, certificate and key, client CA, CRLs) and use them, without a
+/// restart: new handshakes use the new material; peers whose certificate it no longer accepts
+/// are closed. When any file cannot be read or used, nothing changes and the reason is logged.
+/// The outcome is kept for `/status`.
+pub fn reload(pipe: &Pipe, settings: &Settings) -> ReloadRecord {
+    let outcome = TlsMaterial::from_files(&settings.tls)
+        .map_err(|e| e.to_string())
+        .and_then(|material| pipe.reload_tls(&material).map_err(|e| e.to_string()));
+    let record = ReloadRecord {
+        at: crate::util::epoch_secs(std::time::SystemTime::now()),
+        ok: outcome.is_ok(),
+        error: outcome.as_ref().err().cloned(),
+        closed: outcome.unwrap_or_default(),
+    };
+    pipe.core().record_reload(record.clone());
+    record
 }
 
 /// `restpipe demo`: a server and a client in this process, with throwaway certificates in a

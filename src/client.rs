@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use restpipe_handler::{Lifecycle, Reply, Request, Side};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -19,7 +20,7 @@ use crate::backoff::Backoff;
 use crate::connection::{self, Connection, ConnectionStatus};
 use crate::error::{CallError, NodeError};
 use crate::node::{NodeCore, NodeOptions};
-use crate::tls;
+use crate::tls::{self, TlsMaterial};
 
 /// Settings of a client node.
 pub struct ClientOptions {
@@ -59,7 +60,7 @@ pub struct ClientNode {
 
 struct Inner {
     core: Arc<NodeCore>,
-    connector: TlsConnector,
+    connector: ArcSwap<TlsConnector>,
     server: String,
     server_name: String,
     current: watch::Sender<Option<Connection>>,
@@ -78,7 +79,7 @@ impl ClientNode {
         };
         let inner = Arc::new(Inner {
             core,
-            connector,
+            connector: ArcSwap::from_pointee(connector),
             server: options.server,
             server_name,
             current: watch::Sender::new(None),
@@ -123,6 +124,36 @@ impl ClientNode {
     /// The pipe's settings.
     pub fn pipe(&self) -> &crate::node::PipeConfig {
         &self.inner.core.pipe
+    }
+
+    /// The parts of the node its connections use.
+    pub(crate) fn core(&self) -> &Arc<NodeCore> {
+        &self.inner.core
+    }
+
+    /// Use `material` for every new connection from now on, and close the current one if the
+    /// server's certificate is no longer accepted (revoked, or no longer chaining to the CA);
+    /// its requests in flight fail with 502 and the node re-dials. Nothing changes when the
+    /// material cannot be used. Returns the identities closed.
+    pub fn reload_tls(&self, material: &TlsMaterial) -> Result<Vec<String>, NodeError> {
+        let core = &self.inner.core;
+        core.check_same_identity(material)?;
+        let connector = material.connector()?;
+        let own = material.own_cert()?;
+        self.inner.connector.store(Arc::new(connector));
+        core.own_cert.store(Arc::new(own));
+        let mut closed = Vec::new();
+        if let Some(conn) = self.connection() {
+            if let Err(why) = material.verify_peer(&conn.peer().cert, Some(&self.inner.server_name))
+            {
+                warn!(server = %self.inner.server, cause = %why, "the server's certificate is no longer accepted; closing");
+                conn.close(format!(
+                    "the server's certificate is no longer accepted ({why})"
+                ));
+                closed.push(conn.peer().identity.clone());
+            }
+        }
+        Ok(closed)
     }
 
     /// Wait up to `wait` for the pipe to be up.
@@ -199,10 +230,11 @@ async fn connect_once(
         .map_err(|e| format!("TCP connect failed: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let addr = tcp.peer_addr().map_err(|e| e.to_string())?;
-    let (stream, identity) = tls::connect(&inner.connector, &inner.server_name, tcp, timeout)
+    let connector = inner.connector.load_full();
+    let (stream, cert) = tls::connect(&connector, &inner.server_name, tcp, timeout)
         .await
         .map_err(|e| e.to_string())?;
-    connection::open(inner.core.clone(), stream, identity, addr)
+    connection::open(inner.core.clone(), stream, cert, addr)
         .await
         .map_err(|e| e.to_string())
 }

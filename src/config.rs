@@ -86,6 +86,14 @@ pub struct NodeArgs {
     /// This node's private key [default: certs/server.key or certs/client.key].
     #[arg(long, env = "RP_KEY")]
     pub key: Option<PathBuf>,
+    /// Server: the CA that client certificates must chain to, when not --ca.
+    #[arg(long, env = "RP_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// A certificate revocation list (PEM) whose certificates are refused (repeatable; re-read
+    /// on SIGHUP).
+    #[arg(long = "crl", env = "RP_CRL", value_delimiter = ',')]
+    #[serde(alias = "crl")]
+    pub crls: Option<Vec<PathBuf>>,
     /// Server: the interface the pipe listens on [default: 0.0.0.0].
     #[arg(long, env = "RP_SERVER_BIND_INTERFACE")]
     pub bind_interface: Option<IpAddr>,
@@ -433,6 +441,8 @@ impl Settings {
             ca: pick!(ca).unwrap_or_else(|| certs.join("ca.pem")),
             cert: pick!(cert).unwrap_or_else(|| certs.join(format!("{own}.pem"))),
             key: pick!(key).unwrap_or_else(|| certs.join(format!("{own}.key"))),
+            client_ca: pick!(client_ca),
+            crls: pick!(crls).unwrap_or_default(),
         };
         let defaults = PipeConfig::default();
         let pipe = PipeConfig {

@@ -78,9 +78,25 @@ impl Pipe {
     }
 
     fn pipe_config(&self) -> &crate::node::PipeConfig {
+        &self.core().pipe
+    }
+
+    /// The parts of the node its connections use.
+    pub(crate) fn core(&self) -> &Arc<crate::node::NodeCore> {
         match self {
-            Pipe::Server(s) => s.pipe(),
-            Pipe::Client(c) => c.pipe(),
+            Pipe::Server(s) => s.core(),
+            Pipe::Client(c) => c.core(),
+        }
+    }
+
+    /// Use new TLS material: see [`ServerNode::reload_tls`] and [`ClientNode::reload_tls`].
+    pub fn reload_tls(
+        &self,
+        material: &crate::tls::TlsMaterial,
+    ) -> Result<Vec<String>, crate::NodeError> {
+        match self {
+            Pipe::Server(s) => s.reload_tls(material),
+            Pipe::Client(c) => c.reload_tls(material),
         }
     }
 }
@@ -260,6 +276,8 @@ async fn status(State(state): State<Shared>) -> Response {
         "uptime_s": state.started.elapsed().as_secs_f64(),
         "now": epoch_secs(std::time::SystemTime::now()),
         "peers": peers,
+        "certificate": pipe.core().own_cert.load().summary(),
+        "reload": pipe.core().last_reload.load_full().as_deref(),
         "metrics": state.options.metrics.stats(),
         "http": {
             "connections": state.gauge.open(),

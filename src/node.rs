@@ -5,15 +5,17 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::FutureExt;
 use restpipe_handler::{
     no_handler_reply, Context, HandlerError, Handlers, Lifecycle, Plugin, Reply, Request, Side,
 };
+use serde::Serialize;
 use tracing::warn;
 
 use crate::error::NodeError;
 use crate::metrics::{HandlerMetrics, Metrics};
-use crate::tls::TlsMaterial;
+use crate::tls::{PeerCert, TlsMaterial};
 use crate::wire;
 
 /// Settings of the pipe, the same on both sides. Every field is bounded and has a default.
@@ -142,6 +144,23 @@ pub(crate) struct NodeCore {
     pub(crate) metrics: Metrics,
     /// The per-handler metric names, made once.
     pub(crate) handler_metrics: HandlerMetrics,
+    /// This node's own certificate, replaced at a reload.
+    pub(crate) own_cert: ArcSwap<PeerCert>,
+    /// The outcome of the last reload, if there was one.
+    pub(crate) last_reload: ArcSwapOption<ReloadRecord>,
+}
+
+/// The outcome of a reload of the node's files (SIGHUP), as `/status` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ReloadRecord {
+    /// When it happened, seconds since the epoch.
+    pub at: f64,
+    /// Whether the new material is in use. When not, the node kept everything it had.
+    pub ok: bool,
+    /// Why it was refused.
+    pub error: Option<String>,
+    /// Peers closed because the new material no longer accepts their certificate.
+    pub closed: Vec<String>,
 }
 
 impl NodeCore {
@@ -154,6 +173,7 @@ impl NodeCore {
                 .map_err(|e| NodeError::Handlers(format!("plug-in {}: {e}", plugin.name())))?;
         }
         let handler_metrics = HandlerMetrics::new(handlers.names());
+        let own_cert = options.tls.own_cert()?;
         Ok(NodeCore {
             side,
             identity: options.tls.identity().to_string(),
@@ -162,7 +182,31 @@ impl NodeCore {
             pipe: options.pipe.clone(),
             metrics: options.metrics.clone(),
             handler_metrics,
+            own_cert: ArcSwap::from_pointee(own_cert),
+            last_reload: ArcSwapOption::empty(),
         })
+    }
+
+    /// Refuse new material that names another identity than the node's: routing, hellos and
+    /// logs use it, so a new identity needs a restart.
+    pub(crate) fn check_same_identity(&self, material: &TlsMaterial) -> Result<(), NodeError> {
+        if material.identity() == self.identity {
+            return Ok(());
+        }
+        Err(NodeError::Config(format!(
+            "the new certificate names identity {:?}, and this node runs as {:?}; a new identity needs a restart",
+            material.identity(),
+            self.identity
+        )))
+    }
+
+    /// Record the outcome of a reload for `/status`, and log it.
+    pub(crate) fn record_reload(&self, record: ReloadRecord) {
+        match &record.error {
+            None => tracing::info!(closed = ?record.closed, "reload: new material in use"),
+            Some(e) => warn!(cause = %e, "reload refused; the node keeps everything it had"),
+        }
+        self.last_reload.store(Some(Arc::new(record)));
     }
 
     /// Tell every plug-in about a lifecycle moment. A plug-in that panics is logged and

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use restpipe_handler::{Lifecycle, Reply, Request, Side};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -22,7 +23,7 @@ use crate::connection::{self, Connection, ConnectionStatus};
 use crate::error::{CallError, NodeError};
 use crate::node::{NodeCore, NodeOptions};
 use crate::registry::Registry;
-use crate::tls;
+use crate::tls::{self, TlsMaterial};
 
 /// Connections the kernel queues for `accept`, at most (it caps this at
 /// `net.core.somaxconn`). After a server restart every client dials at once; with tokio's
@@ -75,7 +76,7 @@ pub struct ServerNode {
 struct Inner {
     core: Arc<NodeCore>,
     registry: Registry,
-    acceptor: TlsAcceptor,
+    acceptor: ArcSwap<TlsAcceptor>,
     local_addr: SocketAddr,
     stop_accepting: CancellationToken,
     tracker: TaskTracker,
@@ -100,7 +101,7 @@ impl ServerNode {
         let inner = Arc::new(Inner {
             core,
             registry: Registry::default(),
-            acceptor,
+            acceptor: ArcSwap::from_pointee(acceptor),
             local_addr,
             stop_accepting: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -145,6 +146,37 @@ impl ServerNode {
             .iter()
             .map(Connection::status)
             .collect()
+    }
+
+    /// The parts of the node its connections use.
+    pub(crate) fn core(&self) -> &Arc<NodeCore> {
+        &self.inner.core
+    }
+
+    /// Use `material` for every new handshake from now on, and close the connections whose
+    /// client certificate it no longer accepts (revoked by a new CRL, or no longer chaining to
+    /// the CA); their requests in flight fail with 502. Nothing changes when the material
+    /// cannot be used (another identity, a certificate that does not fit its key). Returns the
+    /// identities closed.
+    pub fn reload_tls(&self, material: &TlsMaterial) -> Result<Vec<String>, NodeError> {
+        let core = &self.inner.core;
+        core.check_same_identity(material)?;
+        let acceptor = material.acceptor()?;
+        let own = material.own_cert()?;
+        self.inner.acceptor.store(Arc::new(acceptor));
+        core.own_cert.store(Arc::new(own));
+        let mut closed = Vec::new();
+        for conn in self.inner.registry.all() {
+            if let Err(why) = material.verify_peer(&conn.peer().cert, None) {
+                warn!(peer = %conn.peer().identity, cause = %why, "certificate no longer accepted; closing");
+                core.metrics.tick("server.identity.cut.tick");
+                conn.close(format!(
+                    "the client's certificate is no longer accepted ({why})"
+                ));
+                closed.push(conn.peer().identity.clone());
+            }
+        }
+        Ok(closed)
     }
 
     /// Handshakes pending now (TCP accepted, TLS and hello not finished).
@@ -260,11 +292,13 @@ impl Inner {
 
 async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, slot: Slot) {
     let core = &inner.core;
-    let (stream, identity) =
-        match tls::accept(&inner.acceptor, tcp, core.pipe.handshake_timeout).await {
-            Ok(accepted) => accepted,
-            Err(e) => return inner.refused(addr, tls::refusal_reason(&e), &e),
-        };
+    let acceptor = inner.acceptor.load_full();
+    let (stream, cert) = match tls::accept(&acceptor, tcp, core.pipe.handshake_timeout).await {
+        Ok(accepted) => accepted,
+        Err(e) => return inner.refused(addr, tls::refusal_reason(&e), &e),
+    };
+    drop(acceptor);
+    let identity = cert.identity.clone();
     let Ok(_permit) = inner.limit.clone().try_acquire_owned() else {
         return inner.refused(
             addr,
@@ -272,7 +306,7 @@ async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, slot: Slot) 
             &"the server holds its maximum of connections",
         );
     };
-    let opened = connection::open(core.clone(), stream, identity.clone(), addr).await;
+    let opened = connection::open(core.clone(), stream, cert, addr).await;
     drop(slot);
     let (conn, run) = match opened {
         Ok(opened) => opened,
@@ -284,7 +318,15 @@ async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, slot: Slot) 
     };
     let (replaced, count) = inner.registry.insert(conn.clone());
     if let Some(old) = replaced {
-        info!(%identity, old = %old.peer().addr, new = %addr, "newer connection replaces the older");
+        info!(
+            %identity,
+            old = %old.peer().addr,
+            new = %addr,
+            old_fingerprint = %old.peer().cert.fingerprint,
+            new_fingerprint = %conn.peer().cert.fingerprint,
+            "newer connection replaces the older"
+        );
+        core.metrics.tick("server.identity.replaced.tick");
         old.drain(
             Duration::ZERO,
             "replaced by a newer connection with the same identity",

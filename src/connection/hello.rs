@@ -13,18 +13,19 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use super::inbound::{read_loop, Progress};
 use super::writer::write_loop;
 use super::{Connection, PeerInfo, Shared, NEXT_CONNECTION_ID};
 use crate::node::NodeCore;
+use crate::tls::PeerCert;
 use crate::wire::{self, Hello, Message};
 
 /// Why the hello exchange failed.
@@ -56,7 +57,7 @@ pub(crate) fn negotiate(ours: &RangeInclusive<u32>, theirs: &RangeInclusive<u32>
 pub(crate) async fn open<S>(
     core: Arc<NodeCore>,
     stream: S,
-    peer_identity: String,
+    peer_cert: PeerCert,
     peer_addr: SocketAddr,
 ) -> Result<(Connection, impl Future<Output = ()> + Send + 'static), HelloError>
 where
@@ -136,6 +137,8 @@ where
     let (out, rx) = mpsc::channel(core.pipe.write_queue);
     let max_in_flight = core.pipe.max_in_flight;
     let budgets = core.pipe.byte_budget();
+    let peer_identity = peer_cert.identity.clone();
+    let expires = peer_cert.not_after;
     let span = info_span!("conn", peer = %peer_identity, addr = %peer_addr);
     let shared = Arc::new(Shared {
         id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
@@ -146,6 +149,7 @@ where
             protocol_version,
             features,
             connected_at: SystemTime::now(),
+            cert: Arc::new(peer_cert),
         },
         core,
         span: span.clone(),
@@ -174,7 +178,17 @@ where
     let run = async move {
         let writer =
             tokio::spawn(write_loop(shared.clone(), rx, write_half).instrument(writer_span));
-        let reason = read_loop(&shared, reader).await;
+        // A connection does not outlive its peer's certificate.
+        let until_expiry = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let reason = tokio::select! {
+            reason = read_loop(&shared, reader) => reason,
+            _ = tokio::time::sleep(until_expiry) => {
+                warn!("the peer's certificate expired; closing");
+                Some("the peer's certificate expired".to_string())
+            }
+        };
         if let Some(reason) = reason {
             shared.close(reason);
         }

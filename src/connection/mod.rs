@@ -39,6 +39,7 @@ use tracing::{debug, warn};
 
 use crate::error::CallError;
 use crate::node::NodeCore;
+use crate::tls::{CertSummary, PeerCert};
 use crate::util::{epoch_secs, lock};
 use crate::wire::{self, Message};
 
@@ -64,6 +65,8 @@ pub struct PeerInfo {
     pub features: Vec<String>,
     /// When the connection was established.
     pub connected_at: SystemTime,
+    /// The certificate the peer presented.
+    pub cert: Arc<PeerCert>,
 }
 
 /// A snapshot of one connection, as `/status` and `/clients` show it.
@@ -89,6 +92,8 @@ pub struct ConnectionStatus {
     pub requests_sent: u64,
     /// Requests received from the peer.
     pub requests_received: u64,
+    /// The peer's certificate: fingerprint and expiry.
+    pub certificate: CertSummary,
 }
 
 /// A handle onto a live connection. Clones share it.
@@ -252,6 +257,7 @@ impl Connection {
             requests_in_flight_in: max - s.inbound.available_permits() as u64,
             requests_sent: s.requests_sent.load(Ordering::Relaxed),
             requests_received: s.requests_received.load(Ordering::Relaxed),
+            certificate: s.info.cert.summary(),
         }
     }
 

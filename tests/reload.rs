@@ -1,0 +1,311 @@
+//! Certificates rotated, revoked and refused without a restart: real `restpipe` processes,
+//! certificates made by `restpipe-certs`, reloads asked with SIGHUP.
+//!
+//! Each reload happens under load from a client that must not notice it: the tally of its
+//! requests is printed (`--nocapture`) and every one must be a 200.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, SystemTime};
+
+use restpipe_certs::{CertificateAuthority, IssueOptions, DEV_SERVER_NAME};
+use restpipe_testkit::certs::*;
+use restpipe_testkit::http::*;
+use restpipe_testkit::procs::*;
+use restpipe_testkit::wait::wait_until_async;
+use serde_json::Value;
+
+/// A server process, a client `steady` under load through both directions, and what it takes
+/// to make more certificates.
+struct Scene {
+    certs: Certs,
+    ca: CertificateAuthority,
+    http: reqwest::Client,
+    server: Node,
+    steady: Node,
+    load: Load,
+}
+
+impl Scene {
+    async fn start(server_extra: &[&str]) -> Scene {
+        let certs = Certs::new();
+        let ca = CertificateAuthority::load(&certs.paths.ca_cert, &certs.paths.ca_key).unwrap();
+        let (server, pipe) = start_server(&certs, server_extra).await;
+        let steady = start_client(&certs, "steady", pipe).await;
+        let http = http_client();
+        wait_listed(&http, &server, "steady").await;
+        let load = Load::start(LoadSpec {
+            urls: vec![
+                steady.url("/server/time"),
+                server.url("/client/steady/time"),
+            ],
+            workers: 2,
+            timeout_ms: 5000,
+            outer: Duration::from_secs(30),
+            pause: Duration::from_millis(5),
+        });
+        Scene {
+            certs,
+            ca,
+            http,
+            server,
+            steady,
+            load,
+        }
+    }
+
+    /// Send SIGHUP to the server and wait for the reload it causes to show in `/status`.
+    async fn reload_server(&self) -> Value {
+        let before = status(&self.http, &self.server).await["reload"]["at"].as_f64();
+        hangup(&self.server);
+        let seen = wait_until_async(Duration::from_secs(10), || async {
+            let at = status(&self.http, &self.server).await["reload"]["at"].as_f64();
+            at.is_some() && at != before
+        })
+        .await;
+        assert!(seen, "no reload in /status:\n{}", self.server.log_tail(20));
+        status(&self.http, &self.server).await["reload"].clone()
+    }
+
+    /// The steady client's load went on through everything: every request answered 200.
+    async fn finish(self) -> Tally {
+        let (tally, _) = self.load.finish().await;
+        assert_eq!(tally.lost(), 0, "{tally}");
+        assert_eq!(tally.unexpected(), 0, "{tally}");
+        assert_eq!(tally.status(200), tally.sent, "{tally}");
+        tally
+    }
+}
+
+/// A client process for `identity` (a fresh certificate) dialling the server's pipe `port`.
+async fn start_client(certs: &Certs, identity: &str, port: u16) -> Node {
+    let cert = certs.client(identity);
+    start_client_with(certs, &cert, port).await
+}
+
+/// A client process with the certificate `cert`.
+async fn start_client_with(certs: &Certs, cert: &CertFiles, port: u16) -> Node {
+    Node::start(
+        certs.dir(),
+        &cert.identity,
+        client_args(certs, cert, loopback(port), &[]),
+    )
+    .await
+}
+
+/// `GET /status` of a node.
+async fn status(http: &reqwest::Client, node: &Node) -> Value {
+    get_json(http, &node.url("/status")).await
+}
+
+/// Wait (at most 20 s) until the server lists `identity`.
+async fn wait_listed(http: &reqwest::Client, server: &Node, identity: &str) {
+    let listed = wait_until_async(Duration::from_secs(20), || async {
+        listed_clients(http, server)
+            .await
+            .iter()
+            .any(|c| c == identity)
+    })
+    .await;
+    assert!(
+        listed,
+        "{identity} never connected:\n{}",
+        server.log_tail(20)
+    );
+}
+
+/// Send SIGHUP to a node.
+fn hangup(node: &Node) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Issue a new server certificate with the dev set's names and write it over the old files.
+fn rotate_server_certificate(scene: &Scene) {
+    let issued = scene
+        .ca
+        .issue_server(
+            DEV_SERVER_NAME,
+            &["127.0.0.1".to_owned(), "::1".to_owned()],
+            &IssueOptions::default(),
+        )
+        .unwrap();
+    let paths = &scene.certs.paths;
+    restpipe_certs::write_private_key(&paths.server_key, &issued.key_pem, true).unwrap();
+    restpipe_certs::write_certificate(&paths.server_cert, &issued.cert_pem, true).unwrap();
+}
+
+/// The server certificate is replaced on disk and the server sent SIGHUP while a client is
+/// connected and busy: the connection stays up (the client never reconnects), every request
+/// is answered, `/status` shows the new fingerprint, and a client that connects afterwards
+/// sees the new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_certificate_rotates_while_clients_are_connected() {
+    let scene = Scene::start(&[]).await;
+    let old = status(&scene.http, &scene.server).await["certificate"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let connects = scene.server.log_count(&["client connected"]);
+    scene
+        .load
+        .next_records(0, 20, Duration::from_secs(10))
+        .await;
+
+    rotate_server_certificate(&scene);
+    let record = scene.reload_server().await;
+    assert_eq!(record["ok"], true, "{record}");
+    let new = status(&scene.http, &scene.server).await["certificate"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new, old, "the fingerprint did not change");
+
+    let after = scene.load.len();
+    scene
+        .load
+        .next_records(after, 20, Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        scene.server.log_count(&["client connected"]),
+        connects,
+        "the connected client was dropped by the rotation"
+    );
+    let fresh = start_client(&scene.certs, "fresh", scene.server.pipe_addr().port()).await;
+    wait_listed(&scene.http, &scene.server, "fresh").await;
+    let seen = status(&scene.http, &fresh).await["peers"][0]["certificate"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(seen, new, "a new client saw the old certificate");
+    let steady = status(&scene.http, &scene.steady).await["peers"][0]["certificate"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        steady, old,
+        "the steady client's connection is the one from before"
+    );
+    let tally = scene.finish().await;
+    println!("rotation under load: {tally}; fingerprint {old} -> {new}");
+}
+
+/// A reload that finds a broken file changes nothing: a key that is not PEM, then a new
+/// certificate that does not fit the key. Each is refused with a log line naming the problem
+/// and `/status` says so; connections stay up, a new client still connects with the old
+/// material, and a later reload with good files succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_file_at_reload_changes_nothing() {
+    let scene = Scene::start(&[]).await;
+    let paths = scene.certs.paths.clone();
+    let fingerprint =
+        status(&scene.http, &scene.server).await["certificate"]["fingerprint"].clone();
+    let key = std::fs::read(&paths.server_key).unwrap();
+    let cert = std::fs::read(&paths.server_cert).unwrap();
+
+    std::fs::write(&paths.server_key, b"this is not a key").unwrap();
+    let record = scene.reload_server().await;
+    assert_eq!(record["ok"], false, "{record}");
+    let error = record["error"].as_str().unwrap();
+    assert!(error.contains("server.key"), "{error}");
+    assert!(scene
+        .server
+        .log_count(&["reload refused", "server.key"])
+        .eq(&1));
+
+    // A certificate that does not fit the key on disk.
+    std::fs::write(&paths.server_key, &key).unwrap();
+    let other = scene
+        .ca
+        .issue_server(
+            DEV_SERVER_NAME,
+            &["127.0.0.1".to_owned()],
+            &IssueOptions::default(),
+        )
+        .unwrap();
+    std::fs::write(&paths.server_cert, other.cert_pem).unwrap();
+    let record = scene.reload_server().await;
+    assert_eq!(record["ok"], false, "{record}");
+    assert!(
+        record["error"].as_str().unwrap().contains("do not fit"),
+        "{record}"
+    );
+
+    let now = status(&scene.http, &scene.server).await["certificate"]["fingerprint"].clone();
+    assert_eq!(now, fingerprint, "a refused reload changed the certificate");
+    let fresh = start_client(&scene.certs, "fresh", scene.server.pipe_addr().port()).await;
+    wait_listed(&scene.http, &scene.server, "fresh").await;
+    assert_eq!(
+        status(&scene.http, &fresh).await["peers"][0]["certificate"]["fingerprint"],
+        fingerprint
+    );
+
+    std::fs::write(&paths.server_cert, &cert).unwrap();
+    let record = scene.reload_server().await;
+    assert_eq!(record["ok"], true, "{record}");
+    let tally = scene.finish().await;
+    println!("broken files at reload: {tally}");
+}
+
+/// A client certificate whose identity is an IP address would shadow the lookup of clients
+/// by address: it is refused at the handshake, logged and counted as `ip_identity`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_that_is_an_ip_address_is_refused() {
+    let scene = Scene::start(&[]).await;
+    let cert = scene.certs.client("10.0.0.5");
+    let mut client = start_client_with(&scene.certs, &cert, scene.server.pipe_addr().port()).await;
+    let mut server = scene.server;
+    server
+        .wait_line(
+            &["handshake refused", "reason=ip_identity", "10.0.0.5"],
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(!listed_clients(&scene.http, &server)
+        .await
+        .iter()
+        .any(|c| c == "10.0.0.5"));
+    client.kill();
+    let (tally, _) = scene.load.finish().await;
+    assert_eq!(tally.lost(), 0, "{tally}");
+}
+
+/// A client whose certificate expires while it is connected is closed when it does, and
+/// cannot come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_when_the_peer_certificate_expires() {
+    let scene = Scene::start(&[]).await;
+    let soon = IssueOptions::valid_for_days(1);
+    let short = IssueOptions {
+        not_after: soon.not_before + Duration::from_secs(3600 + 4),
+        ..soon
+    };
+    let expires = SystemTime::now() + Duration::from_secs(4);
+    let cert = scene.certs.client_with("short-lived", &short);
+    let _client = start_client_with(&scene.certs, &cert, scene.server.pipe_addr().port()).await;
+    wait_listed(&scene.http, &scene.server, "short-lived").await;
+    let mut server = scene.server;
+    server
+        .wait_line(
+            &["the peer's certificate expired", "short-lived"],
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(SystemTime::now() >= expires - Duration::from_secs(1));
+    server
+        .wait_line(
+            &["handshake refused", "reason=expired"],
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(!listed_clients(&scene.http, &server)
+        .await
+        .iter()
+        .any(|c| c == "short-lived"));
+    let (tally, _) = scene.load.finish().await;
+    assert_eq!(tally.lost(), 0, "{tally}");
+    assert_eq!(tally.status(200), tally.sent, "{tally}");
+}
