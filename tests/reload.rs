@@ -28,7 +28,10 @@ struct Scene {
 
 impl Scene {
     async fn start(server_extra: &[&str]) -> Scene {
-        let certs = Certs::new();
+        Scene::start_with(Certs::new(), server_extra).await
+    }
+
+    async fn start_with(certs: Certs, server_extra: &[&str]) -> Scene {
         let ca = CertificateAuthority::load(&certs.paths.ca_cert, &certs.paths.ca_key).unwrap();
         let (server, pipe) = start_server(&certs, server_extra).await;
         let steady = start_client(&certs, "steady", pipe).await;
@@ -308,4 +311,58 @@ async fn a_connection_ends_when_the_peer_certificate_expires() {
     let (tally, _) = scene.load.finish().await;
     assert_eq!(tally.lost(), 0, "{tally}");
     assert_eq!(tally.status(200), tally.sent, "{tally}");
+}
+
+/// With `--client-ca`, client certificates chain to their own CA file. A client of a second CA
+/// is trusted while the file lists that CA; once the file drops it and the server reloads,
+/// that client is closed at once (its request in flight gets 502) and cannot come back, while
+/// the steady client, of the CA still listed, is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_new_ca_no_longer_trusts_is_closed_at_reload() {
+    let certs = Certs::new();
+    let dev_ca = std::fs::read_to_string(&certs.paths.ca_cert).unwrap();
+    let second = CertificateAuthority::generate("second CA", &IssueOptions::ca_default()).unwrap();
+    let clients_ca = certs.dir().join("clients-ca.pem");
+    std::fs::write(&clients_ca, format!("{dev_ca}{}", second.cert_pem())).unwrap();
+    let clients_ca_arg = clients_ca.to_string_lossy().into_owned();
+    let scene = Scene::start_with(certs, &["--client-ca", &clients_ca_arg]).await;
+
+    let issued = second
+        .issue_client("victim", &IssueOptions::default())
+        .unwrap();
+    let victim_cert = write_pair(&scene.certs.dir().join("certs"), "victim", &issued);
+    let victim = start_client_with(&scene.certs, &victim_cert, scene.server.pipe_addr().port()).await;
+    wait_listed(&scene.http, &scene.server, "victim").await;
+    // A request in flight on the victim's connection when it is cut.
+    let in_flight = {
+        let (http, url) = (scene.http.clone(), scene.server.url("/client/victim/slow"));
+        tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+
+    std::fs::write(&clients_ca, &dev_ca).unwrap();
+    let record = scene.reload_server().await;
+    assert_eq!(record["ok"], true, "{record}");
+    assert_eq!(record["closed"], serde_json::json!(["victim"]), "{record}");
+    let gone = wait_until_async(Duration::from_secs(1), || async {
+        !listed_clients(&scene.http, &scene.server)
+            .await
+            .iter()
+            .any(|c| c == "victim")
+    })
+    .await;
+    assert!(gone, "the victim was still listed a second after the reload");
+    let status = in_flight.await.unwrap().unwrap();
+    assert!(matches!(status, 502 | 404), "the request in flight got {status}");
+    let mut server = scene.server;
+    server
+        .wait_line(
+            &["handshake refused", "reason=unknown_issuer"],
+            Duration::from_secs(10),
+        )
+        .await;
+    drop(victim);
+    let (tally, _) = scene.load.finish().await;
+    assert_eq!(tally.lost(), 0, "{tally}");
+    assert_eq!(tally.status(200), tally.sent, "{tally}");
+    println!("client CA narrowed under load: {tally}");
 }
