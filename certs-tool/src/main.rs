@@ -549,6 +549,17 @@ fn crl_target(args: &CrlArgs) -> anyhow::Result<CrlTarget> {
         })?;
         crl.verify_signed_by(ca.cert_der(), &ca_cert.display().to_string())
             .with_context(|| format!("refusing to update {}", out.display()))?;
+        // The CRL is written as PEM; do not turn a DER file into PEM behind its users' back.
+        let bytes =
+            std::fs::read(&out).with_context(|| format!("cannot read {}", out.display()))?;
+        if !bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            bail!(
+                "{} is a DER CRL; restpipe-certs writes CRLs as PEM: convert it with \
+                 `openssl crl -inform der -in {} -out ca.crl.pem` and pass --out ca.crl.pem",
+                out.display(),
+                out.display()
+            );
+        }
         Some(crl)
     } else {
         None

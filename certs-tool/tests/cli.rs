@@ -510,6 +510,22 @@ fn revoke_refuses_what_it_must_not_touch() {
         other_before
     );
 
+    // A DER CRL is read by `show`, but not turned into PEM by an update.
+    let crl_der = restpipe_certs::Crl::load(&d.join("two/ca.crl.pem"))
+        .expect("load")
+        .der()
+        .to_vec();
+    std::fs::write(d.join("two/ca.crl.der"), &crl_der).expect("write");
+    let o = run(&["show", "two/ca.crl.der"], d);
+    assert_ok(&o);
+    assert_eq!(field(&stdout(&o), "CRL number:"), "1");
+    let err = assert_error(&run(&["crl", "--dir", "two", "--out", "two/ca.crl.der"], d));
+    assert!(err.contains("DER CRL"), "{err}");
+    assert_eq!(
+        std::fs::read(d.join("two/ca.crl.der")).expect("read"),
+        crl_der
+    );
+
     // show --crl with a CRL of another CA cannot tell.
     let o = run(&["show", "certs/client.pem", "--crl", "two/ca.crl.pem"], d);
     assert_ok(&o);
