@@ -284,9 +284,11 @@ pub struct CrlOptions {
 }
 
 impl CrlOptions {
-    /// Issued now, next update `days` days from now (cut at the year 9999).
+    /// Issued now (to the second, as the CRL records it), next update `days` days from now
+    /// (cut at the year 9999).
     pub fn valid_for_days(days: u32) -> Self {
         let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
         let next_update = now
             .checked_add(Duration::days(i64::from(days)))
             .filter(|t| t.year() <= 9999)
@@ -786,6 +788,11 @@ mod tests {
             panic!("expected a new CRL");
         };
         assert_eq!(entry.serial, first);
+        assert_eq!(
+            crl.find(&first),
+            Some(&entry),
+            "entry as the CRL records it"
+        );
         assert_eq!(crl.info().crl_number.as_deref(), Some("2"));
         let RevokeOutcome::Revoked { crl, .. } = ca
             .revoke(Some(&crl), second.clone(), None, &opts)
