@@ -181,6 +181,11 @@ impl CertificateAuthority {
         self.issuer.key().serialize_pem()
     }
 
+    /// The rcgen issuer (the CA's name, key usages and key) that signs for this CA.
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// The CA's subject, e.g. `CN=restpipe CA`.
     pub fn subject(&self) -> &str {
         &self.subject

@@ -177,6 +177,79 @@ pub enum Error {
     )]
     RsaUnsupported,
 
+    /// A certificate serial number given on the command line is not usable.
+    #[error(
+        "invalid serial number {serial:?}: {reason}; give it in hex as `restpipe-certs show` \
+         prints it, such as 4a:3b:9c:01 (colons optional)"
+    )]
+    InvalidSerial {
+        /// The serial as given.
+        serial: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The input holds no CRL.
+    #[error(
+        "{origin} contains no CRL (no -----BEGIN X509 CRL----- block){hint}; \
+         pass a revocation list such as certs/ca.crl.pem"
+    )]
+    NoCrl {
+        /// Where the PEM came from.
+        origin: String,
+        /// Extra advice, e.g. when the input is a certificate; empty or starting with ", ".
+        hint: String,
+    },
+
+    /// The CRL cannot be parsed.
+    #[error(
+        "{origin} holds a CRL that cannot be used ({reason}); check that the file is not damaged"
+    )]
+    InvalidCrl {
+        /// Where the CRL came from.
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A CRL was not signed by the CA it is used with.
+    #[error(
+        "the CRL (issuer {crl_issuer}) was not signed by the CA {ca}: {reason}; \
+         pass the CA that signed it with --ca and --ca-key, or another CRL file"
+    )]
+    CrlNotFromCa {
+        /// The CRL's issuer name.
+        crl_issuer: String,
+        /// The CA: its file and subject.
+        ca: String,
+        /// What did not match.
+        reason: String,
+    },
+
+    /// A certificate to revoke was not issued by the CA.
+    #[error(
+        "{origin} was not issued by the CA {ca} (its issuer is {issuer}, or its signature does \
+         not verify with the CA's key); pass the CA that issued it with --ca and --ca-key"
+    )]
+    NotIssuedByCa {
+        /// Where the certificate came from.
+        origin: String,
+        /// The certificate's issuer name.
+        issuer: String,
+        /// The CA's subject.
+        ca: String,
+    },
+
+    /// The certificate to revoke is the CA's own certificate.
+    #[error(
+        "{origin} is the CA certificate itself, which its own CRL cannot revoke; to retire a \
+         CA, make a new one with `restpipe-certs ca` and put its ca.pem on every node"
+    )]
+    RevokeCa {
+        /// Where the certificate came from.
+        origin: String,
+    },
+
     /// rcgen failed to generate a key or certificate.
     #[error("could not generate the {what}")]
     Generate {

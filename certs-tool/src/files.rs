@@ -4,7 +4,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::{CertificateAuthority, Error, IssueOptions, Result};
+use crate::{CertificateAuthority, Crl, Error, IssueOptions, Result};
 
 /// The directory where `restpipe server` and `restpipe client` look for their certificates
 /// by default, and where `restpipe-certs` writes them.
@@ -34,6 +34,18 @@ pub fn write_private_key(path: &Path, pem: &str, force: bool) -> Result<()> {
 /// Writes a certificate with mode 0644; same overwrite rule as [`write_private_key`].
 pub fn write_certificate(path: &Path, pem: &str, force: bool) -> Result<()> {
     write_file(path, pem.as_bytes(), CERT_MODE, force)
+}
+
+/// Writes a CRL as PEM with mode 0644, replacing the file if it exists: a CRL is updated
+/// in place by design. The new CRL is written to a temporary file next to `path` and
+/// renamed over it, so a node reading `path` sees the old list or the new one, never half
+/// of one. Missing parent directories are created.
+///
+/// This does not check what `path` held; [`CertificateAuthority::revoke`] and
+/// [`refresh_crl`](CertificateAuthority::refresh_crl) callers load the previous CRL from
+/// `path` first (which fails for a file that is not a CRL of this CA).
+pub fn write_crl(path: &Path, crl: &Crl) -> Result<()> {
+    write_file(path, crl.pem().as_bytes(), CERT_MODE, true)
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {

@@ -14,6 +14,13 @@
 //!   `force`.
 //! - [`identity_from_der`]: the identity restpipe routes a peer by; [`describe`]: what
 //!   `restpipe-certs show` prints.
+//! - Revocation: [`CertificateAuthority::revoke`] adds a [`Serial`] to the CA's [`Crl`]
+//!   (get it from a certificate with
+//!   [`serial_of_issued`](CertificateAuthority::serial_of_issued)),
+//!   [`refresh_crl`](CertificateAuthority::refresh_crl) re-signs it before its next update,
+//!   [`write_crl`] replaces the file atomically, and [`Crl::load`] /
+//!   [`Crl::verify_signed_by`] read it back and check it, as a node does before handing
+//!   [`Crl::der`] to rustls.
 //!
 //! PEM is read with rustls-pki-types' `PemObject`. Keys are generated as ECDSA P-256 (the
 //! default) or Ed25519; ring cannot generate RSA keys, so [`KeyAlgorithm::Rsa`] gives
@@ -33,6 +40,7 @@
 //! ```
 
 mod ca;
+mod crl;
 mod error;
 mod files;
 mod inspect;
@@ -41,10 +49,14 @@ mod options;
 mod pem;
 
 pub use ca::{CertificateAuthority, IssuedCert};
+pub use crl::{
+    Crl, CrlInfo, CrlOptions, RevocationReason, RevokeOutcome, RevokedCert, Serial,
+    DEFAULT_CRL_DAYS, DEFAULT_CRL_FILE,
+};
 pub use error::{Error, Result};
 pub use files::{
-    write_certificate, write_dev_set, write_private_key, DevOutcome, DevPaths, DEFAULT_DIR,
-    DEV_CA_NAME, DEV_CLIENT_IDENTITY, DEV_SERVER_NAME,
+    write_certificate, write_crl, write_dev_set, write_private_key, DevOutcome, DevPaths,
+    DEFAULT_DIR, DEV_CA_NAME, DEV_CLIENT_IDENTITY, DEV_SERVER_NAME,
 };
 pub use inspect::{describe, identity_from_der, CertInfo};
 pub use names::{validate_dns_name, validate_identity, MAX_IDENTITY_LEN};
@@ -60,6 +72,14 @@ pub fn read_pem_file(path: &std::path::Path) -> Result<String> {
                  `openssl x509 -inform der -in FILE -out FILE.pem`)"
             .into(),
     })
+}
+
+/// The first certificate in PEM text, as DER; `origin` names the input in errors.
+pub fn first_certificate_der(
+    pem_text: &str,
+    origin: &str,
+) -> Result<rustls_pki_types::CertificateDer<'static>> {
+    pem::first_certificate(pem_text.as_bytes(), origin)
 }
 
 /// How many certificates a PEM text holds (`show` describes the first).

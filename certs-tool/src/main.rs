@@ -9,9 +9,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use restpipe_certs::{
-    describe, write_certificate, write_dev_set, write_private_key, CertInfo, CertificateAuthority,
-    DevOutcome, IssueOptions, IssuedCert, KeyAlgorithm, DEFAULT_CA_DAYS, DEFAULT_DIR,
-    DEFAULT_LEAF_DAYS, DEV_CLIENT_IDENTITY,
+    describe, write_certificate, write_crl, write_dev_set, write_private_key, CertInfo,
+    CertificateAuthority, Crl, CrlInfo, CrlOptions, DevOutcome, IssueOptions, IssuedCert,
+    KeyAlgorithm, RevocationReason, RevokeOutcome, Serial, DEFAULT_CA_DAYS, DEFAULT_CRL_DAYS,
+    DEFAULT_CRL_FILE, DEFAULT_DIR, DEFAULT_LEAF_DAYS, DEV_CLIENT_IDENTITY,
 };
 
 #[derive(Parser, Debug)]
@@ -24,7 +25,10 @@ use restpipe_certs::{
         `restpipe client`.\n\
         Real deployment: `ca` once (on the operator's machine), `server` for the server node, \
         and `client --name <identity>` for each client node. Private keys are written with \
-        mode 0600; no file is ever overwritten without --force."
+        mode 0600; no file is ever overwritten without --force.\n\n\
+        Revocation: `revoke <cert.pem>` (or `--serial <hex>`) adds a certificate to the CA's \
+        revocation list, certs/ca.crl.pem, which nodes read with --crl; `crl` re-signs that \
+        list, which must happen before its next update (30 days by default)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,7 +46,13 @@ enum Command {
     Client(ClientArgs),
     /// Write a complete development set (CA, server for localhost, client "dev-client").
     Dev(DevArgs),
-    /// Print what a certificate file holds: subject, identity, SANs, validity, fingerprint.
+    /// Revoke a certificate: add it to the CA's revocation list (CRL), DIR/ca.crl.pem.
+    Revoke(RevokeArgs),
+    /// Re-sign the CA's revocation list with a new next update (or create an empty one),
+    /// revoking nothing new. Run it before the CRL's next update passes.
+    Crl(CrlArgs),
+    /// Print what a certificate or CRL file holds: subject, identity, SANs, validity,
+    /// fingerprint; for a CRL its issuer, number, updates and revoked serials.
     Show(ShowArgs),
 }
 
@@ -128,13 +138,95 @@ struct DevArgs {
     force: bool,
 }
 
+/// Options shared by `revoke` and `crl`.
+#[derive(Args, Debug)]
+struct CrlArgs {
+    /// Directory holding the CA and the CRL.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    dir: PathBuf,
+    /// CA certificate [default: DIR/ca.pem].
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// CA private key [default: DIR/ca.key].
+    #[arg(long, value_name = "FILE")]
+    ca_key: Option<PathBuf>,
+    /// The CRL to update in place (created if missing) [default: DIR/ca.crl.pem].
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Days until the CRL's next update; nodes may refuse the CRL after that, so re-sign
+    /// it (`restpipe-certs crl`) before then.
+    #[arg(long, default_value_t = DEFAULT_CRL_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+    days: u32,
+}
+
+#[derive(Args, Debug)]
+struct RevokeArgs {
+    /// The certificate to revoke (PEM); it must have been issued by the CA.
+    #[arg(
+        value_name = "CERT",
+        required_unless_present = "serial",
+        conflicts_with = "serial"
+    )]
+    cert: Option<PathBuf>,
+    /// Revoke by serial number instead, in hex as `show` prints it (colons optional).
+    #[arg(long, value_name = "HEX")]
+    serial: Option<Serial>,
+    /// Why the certificate is revoked (recorded in the CRL).
+    #[arg(long, value_enum)]
+    reason: Option<ReasonArg>,
+    #[command(flatten)]
+    crl: CrlArgs,
+}
+
 #[derive(Args, Debug)]
 struct ShowArgs {
-    /// A PEM certificate file (the first certificate in it is shown).
+    /// A PEM certificate file (the first certificate in it is shown), or a CRL (PEM or DER).
     file: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// For a certificate: also say whether this CRL revokes it.
+    #[arg(long, value_name = "FILE")]
+    crl: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ReasonArg {
+    /// The private key was, or may have been, disclosed.
+    #[value(name = "keyCompromise", alias = "key-compromise")]
+    KeyCompromise,
+    /// The CA's key was compromised.
+    #[value(name = "cACompromise", alias = "ca-compromise")]
+    CaCompromise,
+    /// The subject's name or other information changed.
+    #[value(name = "affiliationChanged", alias = "affiliation-changed")]
+    AffiliationChanged,
+    /// The certificate was replaced by a new one.
+    #[value(name = "superseded")]
+    Superseded,
+    /// The node was retired.
+    #[value(name = "cessationOfOperation", alias = "cessation-of-operation")]
+    CessationOfOperation,
+    /// A privilege the certificate granted was withdrawn.
+    #[value(name = "privilegeWithdrawn", alias = "privilege-withdrawn")]
+    PrivilegeWithdrawn,
+    /// No reason recorded (the same as leaving --reason out).
+    #[value(name = "unspecified")]
+    Unspecified,
+}
+
+impl From<ReasonArg> for RevocationReason {
+    fn from(r: ReasonArg) -> Self {
+        match r {
+            ReasonArg::KeyCompromise => RevocationReason::KeyCompromise,
+            ReasonArg::CaCompromise => RevocationReason::CaCompromise,
+            ReasonArg::AffiliationChanged => RevocationReason::AffiliationChanged,
+            ReasonArg::Superseded => RevocationReason::Superseded,
+            ReasonArg::CessationOfOperation => RevocationReason::CessationOfOperation,
+            ReasonArg::PrivilegeWithdrawn => RevocationReason::PrivilegeWithdrawn,
+            ReasonArg::Unspecified => RevocationReason::Unspecified,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +271,8 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Server(args) => server(args),
         Command::Client(args) => client(args),
         Command::Dev(args) => dev(args),
+        Command::Revoke(args) => revoke(args),
+        Command::Crl(args) => crl(args),
         Command::Show(args) => show(args),
     }
 }
@@ -416,16 +510,371 @@ fn dev(args: DevArgs) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// The CA, the CRL path and the CRL there now (if any) for `revoke` and `crl`.
+struct CrlTarget {
+    ca: CertificateAuthority,
+    ca_cert: PathBuf,
+    out: PathBuf,
+    previous: Option<Crl>,
+}
+
+fn crl_target(args: &CrlArgs) -> anyhow::Result<CrlTarget> {
+    let ca_cert = args.ca.clone().unwrap_or_else(|| args.dir.join("ca.pem"));
+    let ca_key = args
+        .ca_key
+        .clone()
+        .unwrap_or_else(|| args.dir.join("ca.key"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.dir.join(DEFAULT_CRL_FILE));
+    for ca_file in [&ca_cert, &ca_key] {
+        if same_file(&out, ca_file) {
+            bail!(
+                "refusing to write the CRL to {}: it is the CA's own file (see --ca and \
+                 --ca-key); choose another --out",
+                out.display()
+            );
+        }
+    }
+    let ca = CertificateAuthority::load(&ca_cert, &ca_key)?;
+    // The CRL is updated in place, but only a CRL of this CA: anything else at --out is
+    // refused here, before it could be replaced.
+    let previous = if out.symlink_metadata().is_ok() {
+        let crl = Crl::load(&out).with_context(|| {
+            format!(
+                "refusing to replace {}: it is not a CRL that can be updated",
+                out.display()
+            )
+        })?;
+        crl.verify_signed_by(ca.cert_der(), &ca_cert.display().to_string())
+            .with_context(|| format!("refusing to update {}", out.display()))?;
+        // The CRL is written as PEM; do not turn a DER file into PEM behind its users' back.
+        let bytes =
+            std::fs::read(&out).with_context(|| format!("cannot read {}", out.display()))?;
+        if !bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            bail!(
+                "{} is a DER CRL; restpipe-certs writes CRLs as PEM: convert it with \
+                 `openssl crl -inform der -in {} -out ca.crl.pem` and pass --out ca.crl.pem",
+                out.display(),
+                out.display()
+            );
+        }
+        Some(crl)
+    } else {
+        None
+    };
+    Ok(CrlTarget {
+        ca,
+        ca_cert,
+        out,
+        previous,
+    })
+}
+
+fn revoke(args: RevokeArgs) -> anyhow::Result<String> {
+    let target = crl_target(&args.crl)?;
+    let (serial, subject) = match (&args.cert, args.serial) {
+        (Some(path), _) => {
+            let text = restpipe_certs::read_pem_file(path)?;
+            let info =
+                describe(&text).with_context(|| format!("cannot revoke {}", path.display()))?;
+            let der = restpipe_certs::first_certificate_der(&text, &path.display().to_string())?;
+            let serial = target
+                .ca
+                .serial_of_issued(&der, &path.display().to_string())?;
+            (serial, Some(info.subject))
+        }
+        (None, Some(serial)) => (serial, None),
+        (None, None) => bail!("give the certificate to revoke, or --serial <hex>"),
+    };
+    let opts = CrlOptions::valid_for_days(args.crl.days);
+    let reason = args.reason.map(RevocationReason::from);
+    let what = match &subject {
+        Some(subject) => format!("serial {serial} ({subject})"),
+        None => format!("serial {serial}"),
+    };
+    let mut out = String::new();
+    match target
+        .ca
+        .revoke(target.previous.as_ref(), serial, reason, &opts)?
+    {
+        RevokeOutcome::AlreadyRevoked(entry) => {
+            let _ = writeln!(
+                out,
+                "{what} was already revoked on {}{}; {} left unchanged",
+                date(entry.revoked_at),
+                reason_note(entry.reason),
+                target.out.display()
+            );
+            let _ = writeln!(
+                out,
+                "(to push its next update out, run: restpipe-certs crl{})",
+                crl_flags(&args.crl)
+            );
+        }
+        RevokeOutcome::Revoked { crl, entry } => {
+            write_crl(&target.out, &crl)?;
+            let _ = writeln!(out, "revoked {what}{}", reason_note(entry.reason));
+            crl_report(&mut out, &target, &crl, &args.crl);
+        }
+    }
+    Ok(out)
+}
+
+fn crl(args: CrlArgs) -> anyhow::Result<String> {
+    let target = crl_target(&args)?;
+    let opts = CrlOptions::valid_for_days(args.days);
+    let crl = target.ca.refresh_crl(target.previous.as_ref(), &opts)?;
+    write_crl(&target.out, &crl)?;
+    let mut out = String::new();
+    if target.previous.is_none() {
+        let _ = writeln!(out, "created an empty revocation list");
+    } else {
+        let _ = writeln!(out, "re-signed the revocation list");
+    }
+    crl_report(&mut out, &target, &crl, &args);
+    Ok(out)
+}
+
+fn reason_note(reason: Option<RevocationReason>) -> String {
+    match reason {
+        Some(r) if r != RevocationReason::Unspecified => format!(", reason {r}"),
+        _ => String::new(),
+    }
+}
+
+/// The options to repeat in a suggested `restpipe-certs crl` command.
+fn crl_flags(args: &CrlArgs) -> String {
+    let mut flags = String::new();
+    if args.dir != Path::new(DEFAULT_DIR) {
+        let _ = write!(flags, " --dir {}", args.dir.display());
+    }
+    for (flag, value) in [
+        ("--ca", &args.ca),
+        ("--ca-key", &args.ca_key),
+        ("--out", &args.out),
+    ] {
+        if let Some(v) = value {
+            let _ = write!(flags, " {flag} {}", v.display());
+        }
+    }
+    flags
+}
+
+fn crl_report(out: &mut String, target: &CrlTarget, crl: &Crl, args: &CrlArgs) {
+    let info = crl.info();
+    let next = info
+        .next_update
+        .map(date)
+        .unwrap_or_else(|| "(none)".into());
+    let _ = writeln!(out, "wrote CRL {}", target.out.display());
+    let _ = writeln!(
+        out,
+        "  signed by {}, CRL number {}, {} revoked, next update {next}",
+        target.ca.subject(),
+        info.crl_number.as_deref().unwrap_or("(none)"),
+        info.revoked.len()
+    );
+    let _ = writeln!(
+        out,
+        "copy {} to the nodes that check peers (they read it with --crl and re-read it on \
+         SIGHUP); re-sign it before {next} with: restpipe-certs crl{}",
+        target.out.display(),
+        crl_flags(args)
+    );
+    let _ = writeln!(
+        out,
+        "check it: openssl crl -in {} -CAfile {} -noout",
+        target.out.display(),
+        target.ca_cert.display()
+    );
+}
+
 fn show(args: ShowArgs) -> anyhow::Result<String> {
-    let text = restpipe_certs::read_pem_file(&args.file)?;
+    let text = match restpipe_certs::read_pem_file(&args.file) {
+        Ok(text) => text,
+        // A binary file may be a DER CRL; if it is not, report the original error.
+        Err(e @ restpipe_certs::Error::InvalidPem { .. }) => match Crl::load(&args.file) {
+            Ok(crl) => return show_crl(&args, &crl),
+            Err(_) => return Err(e.into()),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    if text.contains("-----BEGIN X509 CRL-----") && !text.contains("-----BEGIN CERTIFICATE-----") {
+        let crl = Crl::from_pem(text.as_bytes(), &args.file.display().to_string())?;
+        return show_crl(&args, &crl);
+    }
     let info = describe(&text).with_context(|| format!("cannot show {}", args.file.display()))?;
+    let revocation = match &args.crl {
+        Some(path) => {
+            let der =
+                restpipe_certs::first_certificate_der(&text, &args.file.display().to_string())?;
+            let serial = Serial::of_certificate(&der, &args.file.display().to_string())?;
+            let crl = Crl::load(path)?;
+            Some(revocation_status(&info, &serial, path, &crl))
+        }
+        None => None,
+    };
     if args.json {
-        let mut json = serde_json::to_string_pretty(&info)?;
+        let mut value = serde_json::to_value(&info)?;
+        if let (Some(status), Some(map)) = (&revocation, value.as_object_mut()) {
+            map.insert("revocation".into(), status.json());
+        }
+        let mut json = serde_json::to_string_pretty(&value)?;
         json.push('\n');
         return Ok(json);
     }
     let count = restpipe_certs::count_certificates(&text).unwrap_or(1);
-    Ok(show_text(&args.file, &info, count))
+    let mut out = show_text(&args.file, &info, count);
+    if let Some(status) = revocation {
+        let _ = writeln!(out, "{:<14}{}", "revocation:", status.text());
+    }
+    Ok(out)
+}
+
+/// Whether a CRL revokes a certificate, for `show --crl`.
+enum Revocation {
+    /// The CRL's issuer is not the certificate's issuer: it says nothing about it.
+    NotCovered { crl: PathBuf, crl_issuer: String },
+    /// Listed.
+    Revoked {
+        crl: PathBuf,
+        entry: restpipe_certs::RevokedCert,
+    },
+    /// Not listed.
+    Good {
+        crl: PathBuf,
+        number: Option<String>,
+        expired: bool,
+    },
+}
+
+fn revocation_status(info: &CertInfo, serial: &Serial, path: &Path, crl: &Crl) -> Revocation {
+    let crl_path = path.to_owned();
+    if crl.info().issuer != info.issuer {
+        return Revocation::NotCovered {
+            crl: crl_path,
+            crl_issuer: crl.info().issuer.clone(),
+        };
+    }
+    match crl.find(serial) {
+        Some(entry) => Revocation::Revoked {
+            crl: crl_path,
+            entry: entry.clone(),
+        },
+        None => Revocation::Good {
+            crl: crl_path,
+            number: crl.info().crl_number.clone(),
+            expired: crl.info().expired,
+        },
+    }
+}
+
+impl Revocation {
+    fn text(&self) -> String {
+        match self {
+            Self::NotCovered { crl, crl_issuer } => format!(
+                "unknown: {} is issued by {crl_issuer}, not by this certificate's issuer",
+                crl.display()
+            ),
+            Self::Revoked { crl, entry } => format!(
+                "REVOKED on {}{} (listed in {})",
+                date(entry.revoked_at),
+                reason_note(entry.reason),
+                crl.display()
+            ),
+            Self::Good {
+                crl,
+                number,
+                expired,
+            } => format!(
+                "not revoked (per {}, CRL number {}{})",
+                crl.display(),
+                number.as_deref().unwrap_or("(none)"),
+                if *expired {
+                    "; that CRL is EXPIRED, re-sign it"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Self::NotCovered { crl, crl_issuer } => serde_json::json!({
+                "crl": crl.display().to_string(),
+                "status": "unknown",
+                "crl_issuer": crl_issuer,
+            }),
+            Self::Revoked { crl, entry } => serde_json::json!({
+                "crl": crl.display().to_string(),
+                "status": "revoked",
+                "revoked_at": date(entry.revoked_at),
+                "reason": entry.reason.map(|r| r.as_str()),
+            }),
+            Self::Good {
+                crl,
+                number,
+                expired,
+            } => serde_json::json!({
+                "crl": crl.display().to_string(),
+                "status": "good",
+                "crl_number": number,
+                "crl_expired": expired,
+            }),
+        }
+    }
+}
+
+fn show_crl(args: &ShowArgs, crl: &Crl) -> anyhow::Result<String> {
+    if args.crl.is_some() {
+        bail!(
+            "{} is a CRL; --crl goes with a certificate (restpipe-certs show CERT --crl CRL)",
+            args.file.display()
+        );
+    }
+    let info = crl.info();
+    if args.json {
+        let mut json = serde_json::to_string_pretty(info)?;
+        json.push('\n');
+        return Ok(json);
+    }
+    Ok(show_crl_text(&args.file, info))
+}
+
+fn show_crl_text(file: &Path, info: &CrlInfo) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| {
+        let _ = writeln!(out, "{label:<14}{value}");
+    };
+    line("file:", file.display().to_string());
+    line("kind:", "certificate revocation list (CRL)".into());
+    line("issuer:", info.issuer.clone());
+    line(
+        "CRL number:",
+        info.crl_number.clone().unwrap_or_else(|| "(none)".into()),
+    );
+    line("this update:", date(info.this_update));
+    let next = match info.next_update {
+        Some(t) if info.expired => format!("{}  EXPIRED (re-sign it: restpipe-certs crl)", date(t)),
+        Some(t) => date(t),
+        None => "(none)".into(),
+    };
+    line("next update:", next);
+    line("SHA-256:", info.sha256_fingerprint.clone());
+    line("revoked:", info.revoked.len().to_string());
+    for entry in &info.revoked {
+        let _ = writeln!(
+            out,
+            "  {}  revoked {}{}",
+            entry.serial,
+            date(entry.revoked_at),
+            reason_note(entry.reason)
+        );
+    }
+    out
 }
 
 fn show_text(file: &Path, info: &CertInfo, count: usize) -> String {

@@ -143,7 +143,7 @@ impl Default for IssueOptions {
     }
 }
 
-fn last_representable() -> OffsetDateTime {
+pub(crate) fn last_representable() -> OffsetDateTime {
     // 9999-12-31T23:59:59Z, the last instant an X.509 GeneralizedTime can hold.
     OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }

@@ -298,3 +298,252 @@ fn bad_input_gives_one_line_errors() {
     let o = run(&["ca", "--days", "0"], d);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// The `serial:` of `show --json` for a certificate file.
+fn serial_of(dir: &Path, file: &str) -> String {
+    let o = run(&["show", "--json", file], dir);
+    assert_ok(&o);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    json["serial"].as_str().expect("serial").to_owned()
+}
+
+/// `show --json` of a CRL file.
+fn crl_json(dir: &Path, file: &str) -> serde_json::Value {
+    let o = run(&["show", "--json", file], dir);
+    assert_ok(&o);
+    serde_json::from_str(&stdout(&o)).expect("json")
+}
+
+#[test]
+fn revoke_writes_the_crl_show_reads_it_and_crl_re_signs_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    assert_ok(&run(&["dev"], d));
+    let client_serial = serial_of(d, "certs/client.pem");
+    let server_serial = serial_of(d, "certs/server.pem");
+
+    let o = run(
+        &["revoke", "certs/client.pem", "--reason", "keyCompromise"],
+        d,
+    );
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(
+        out.contains(&format!("revoked serial {client_serial} (CN=dev-client)")),
+        "{out}"
+    );
+    assert!(out.contains("reason keyCompromise"), "{out}");
+    assert!(out.contains("restpipe-certs crl"), "{out}");
+    let crl_path = d.join("certs/ca.crl.pem");
+    let first = std::fs::read(&crl_path).expect("CRL written");
+    assert!(first.starts_with(b"-----BEGIN X509 CRL-----"));
+    #[cfg(unix)]
+    assert_eq!(mode(&crl_path), 0o644);
+
+    let o = run(&["show", "certs/ca.crl.pem"], d);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert_eq!(field(&out, "issuer:"), "CN=restpipe dev CA");
+    assert_eq!(field(&out, "CRL number:"), "1");
+    assert_eq!(field(&out, "revoked:"), "1");
+    assert!(!field(&out, "next update:").contains("EXPIRED"), "{out}");
+    let entry = field(&out, "  ");
+    assert!(
+        entry.starts_with(&client_serial) && entry.ends_with("reason keyCompromise"),
+        "{out}"
+    );
+    let json = crl_json(d, "certs/ca.crl.pem");
+    assert_eq!(json["crl_number"], "1");
+    assert_eq!(json["expired"], false);
+    assert_eq!(json["revoked"][0]["serial"], client_serial.as_str());
+    assert_eq!(json["revoked"][0]["reason"], "keyCompromise");
+
+    // Revoking again is a no-op, said so.
+    let o = run(&["revoke", "certs/client.pem"], d);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("already revoked"), "{out}");
+    assert!(out.contains("reason keyCompromise"), "{out}");
+    assert_eq!(std::fs::read(&crl_path).expect("read"), first, "unchanged");
+
+    // show --crl on certificates.
+    let o = run(
+        &["show", "certs/client.pem", "--crl", "certs/ca.crl.pem"],
+        d,
+    );
+    assert_ok(&o);
+    let status = field(&stdout(&o), "revocation:");
+    assert!(status.starts_with("REVOKED on "), "{status}");
+    let o = run(
+        &["show", "certs/server.pem", "--crl", "certs/ca.crl.pem"],
+        d,
+    );
+    assert_ok(&o);
+    let status = field(&stdout(&o), "revocation:");
+    assert!(status.starts_with("not revoked"), "{status}");
+    let o = run(
+        &[
+            "show",
+            "--json",
+            "certs/client.pem",
+            "--crl",
+            "certs/ca.crl.pem",
+        ],
+        d,
+    );
+    assert_ok(&o);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    assert_eq!(json["revocation"]["status"], "revoked");
+    assert_eq!(json["revocation"]["reason"], "keyCompromise");
+
+    // `crl` re-signs: same serials, next number.
+    let o = run(&["crl"], d);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("re-signed"), "{}", stdout(&o));
+    let json = crl_json(d, "certs/ca.crl.pem");
+    assert_eq!(json["crl_number"], "2");
+    assert_eq!(json["revoked"].as_array().expect("list").len(), 1);
+
+    // By serial, without colons, with a shorter next update.
+    let plain: String = server_serial.chars().filter(|c| *c != ':').collect();
+    let o = run(&["revoke", "--serial", &plain, "--days", "7"], d);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains(&format!("revoked serial {server_serial}")),
+        "{}",
+        stdout(&o)
+    );
+    let json = crl_json(d, "certs/ca.crl.pem");
+    assert_eq!(json["crl_number"], "3");
+    let serials: Vec<&str> = json["revoked"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|r| r["serial"].as_str().expect("serial"))
+        .collect();
+    assert_eq!(serials, [client_serial.as_str(), server_serial.as_str()]);
+    let info = restpipe_certs::Crl::load(&crl_path)
+        .expect("load")
+        .info()
+        .clone();
+    let next = info.next_update.expect("next update");
+    assert_eq!((next - info.this_update).whole_days(), 7);
+
+    // Nothing but the six files and the CRL: no temporary file left behind.
+    let names: Vec<String> = std::fs::read_dir(d.join("certs"))
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 7, "{names:?}");
+}
+
+#[test]
+fn crl_creates_an_empty_list() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    assert_ok(&run(&["ca"], d));
+    let o = run(&["crl", "--out", "lists/empty.crl.pem", "--days", "2"], d);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("created an empty"), "{}", stdout(&o));
+    let json = crl_json(d, "lists/empty.crl.pem");
+    assert_eq!(json["crl_number"], "1");
+    assert_eq!(json["revoked"].as_array().expect("list").len(), 0);
+    assert_eq!(json["issuer"], "CN=restpipe CA");
+}
+
+#[test]
+fn revoke_refuses_what_it_must_not_touch() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+
+    let err = assert_error(&run(&["revoke", "--serial", "4a3b"], d));
+    assert!(err.contains("restpipe-certs ca"), "{err}");
+
+    assert_ok(&run(&["dev"], d));
+    assert_ok(&run(&["ca", "--dir", "two"], d));
+    assert_ok(&run(&["client", "--dir", "two", "--name", "stranger"], d));
+    let crl_path = d.join("certs/ca.crl.pem");
+
+    // A certificate of another CA.
+    let err = assert_error(&run(&["revoke", "two/stranger.pem"], d));
+    assert!(
+        err.contains("two/stranger.pem") && err.contains("was not issued by the CA"),
+        "{err}"
+    );
+    assert!(!crl_path.exists(), "nothing written");
+    // The CA itself.
+    let err = assert_error(&run(&["revoke", "certs/ca.pem"], d));
+    assert!(err.contains("CA certificate itself"), "{err}");
+    // Not a certificate.
+    let err = assert_error(&run(&["revoke", "certs/client.key"], d));
+    assert!(err.contains("no certificate"), "{err}");
+    assert!(!crl_path.exists(), "nothing written");
+
+    // --out must not be the CA's file, nor any file that is not a CRL of this CA.
+    let err = assert_error(&run(
+        &["revoke", "certs/client.pem", "--out", "certs/ca.pem"],
+        d,
+    ));
+    assert!(err.contains("CA's own file"), "{err}");
+    let server_before = std::fs::read(d.join("certs/server.pem")).expect("read");
+    let err = assert_error(&run(
+        &["revoke", "certs/client.pem", "--out", "certs/server.pem"],
+        d,
+    ));
+    assert!(
+        err.contains("refusing to replace") && err.contains("no CRL"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(d.join("certs/server.pem")).expect("read"),
+        server_before
+    );
+    assert_ok(&run(&["crl", "--dir", "two"], d));
+    let other_before = std::fs::read(d.join("two/ca.crl.pem")).expect("read");
+    let err = assert_error(&run(
+        &["revoke", "certs/client.pem", "--out", "two/ca.crl.pem"],
+        d,
+    ));
+    assert!(err.contains("not signed by the CA"), "{err}");
+    assert_eq!(
+        std::fs::read(d.join("two/ca.crl.pem")).expect("read"),
+        other_before
+    );
+
+    // A DER CRL is read by `show`, but not turned into PEM by an update.
+    let crl_der = restpipe_certs::Crl::load(&d.join("two/ca.crl.pem"))
+        .expect("load")
+        .der()
+        .to_vec();
+    std::fs::write(d.join("two/ca.crl.der"), &crl_der).expect("write");
+    let o = run(&["show", "two/ca.crl.der"], d);
+    assert_ok(&o);
+    assert_eq!(field(&stdout(&o), "CRL number:"), "1");
+    let err = assert_error(&run(&["crl", "--dir", "two", "--out", "two/ca.crl.der"], d));
+    assert!(err.contains("DER CRL"), "{err}");
+    assert_eq!(
+        std::fs::read(d.join("two/ca.crl.der")).expect("read"),
+        crl_der
+    );
+
+    // show --crl with a CRL of another CA cannot tell.
+    let o = run(&["show", "certs/client.pem", "--crl", "two/ca.crl.pem"], d);
+    assert_ok(&o);
+    assert!(
+        field(&stdout(&o), "revocation:").starts_with("unknown"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Usage errors are clap's: exit code 2.
+    for args in [
+        &["revoke"][..],
+        &["revoke", "--serial", "zz"],
+        &["revoke", "--serial", "4a", "certs/client.pem"],
+        &["revoke", "certs/client.pem", "--reason", "stolen"],
+        &["crl", "--days", "0"],
+    ] {
+        let o = run(args, d);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+}

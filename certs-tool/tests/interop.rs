@@ -6,11 +6,12 @@ use std::process::Command;
 use std::sync::Arc;
 
 use restpipe_certs::{
-    describe, identity_from_der, write_certificate, write_dev_set, write_private_key,
-    CertificateAuthority, DevOutcome, IssueOptions, KeyAlgorithm,
+    describe, identity_from_der, write_certificate, write_crl, write_dev_set, write_private_key,
+    CertificateAuthority, Crl, CrlOptions, DevOutcome, IssueOptions, KeyAlgorithm,
+    RevocationReason, RevokeOutcome,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 
 fn openssl_available() -> bool {
     match Command::new("openssl").arg("version").output() {
@@ -156,17 +157,33 @@ fn handshake(
     client: (&str, &str),
     server_name: &str,
 ) -> Result<CertificateDer<'static>, rustls::Error> {
+    handshake_with_crls(ca_pem, server, client, server_name, Vec::new(), false)
+}
+
+/// [`handshake`], with the server's client verifier checking `crls` (as a node started with
+/// `--crl` does), and refusing an expired CRL when `enforce_expiry`.
+fn handshake_with_crls(
+    ca_pem: &str,
+    server: (&str, &str),
+    client: (&str, &str),
+    server_name: &str,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    enforce_expiry: bool,
+) -> Result<CertificateDer<'static>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert_der(ca_pem)).expect("add root");
     let roots = Arc::new(roots);
 
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         roots.clone(),
         provider.clone(),
     )
-    .build()
-    .expect("client verifier");
+    .with_crls(crls);
+    if enforce_expiry {
+        builder = builder.enforce_revocation_expiration();
+    }
+    let verifier = builder.build().expect("client verifier");
     let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -271,4 +288,226 @@ fn rustls_refuses_a_client_from_another_ca_and_a_server_cert_as_client() {
     )
     .expect("handshake");
     assert_eq!(identity_from_der(&peer).as_deref(), Some("ed-node"));
+}
+
+/// Runs openssl with `args`; returns (success, stdout + stderr).
+fn openssl(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn openssl_verifies_the_crl_and_sees_the_revoked_client() {
+    if !openssl_available() {
+        return;
+    }
+    for algorithm in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::Ed25519] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let ca_opts = IssueOptions::ca_default().with_algorithm(algorithm);
+        let ca = CertificateAuthority::generate("crl CA", &ca_opts).expect("ca");
+        write_certificate(&d.join("ca.pem"), ca.cert_pem(), false).expect("write");
+        write_private_key(&d.join("ca.key"), &ca.key_pem(), false).expect("write");
+        // Revoke with the CA as loaded back from disk, as `restpipe-certs revoke` does.
+        let ca = CertificateAuthority::load(&d.join("ca.pem"), &d.join("ca.key")).expect("load");
+        let opts = IssueOptions::default().with_algorithm(algorithm);
+        let leaked = ca.issue_client("leaked", &opts).expect("client");
+        let kept = ca.issue_client("kept", &opts).expect("client");
+        write_certificate(&d.join("leaked.pem"), &leaked.cert_pem, false).expect("write");
+        write_certificate(&d.join("kept.pem"), &kept.cert_pem, false).expect("write");
+
+        let serial = ca
+            .serial_of_issued(&leaked.cert_der().expect("der"), "leaked.pem")
+            .expect("serial");
+        let crl_path = d.join("ca.crl.pem");
+        let empty = ca
+            .refresh_crl(None, &CrlOptions::default())
+            .expect("empty CRL");
+        write_crl(&crl_path, &empty).expect("write");
+        let previous = Crl::load(&crl_path).expect("load");
+        let RevokeOutcome::Revoked { crl, .. } = ca
+            .revoke(
+                Some(&previous),
+                serial.clone(),
+                Some(RevocationReason::KeyCompromise),
+                &CrlOptions::default(),
+            )
+            .expect("revoke")
+        else {
+            panic!("expected a new CRL");
+        };
+        write_crl(&crl_path, &crl).expect("write");
+
+        let p = |path: &Path| path.as_os_str().to_owned();
+        let (ok, text) = openssl(&[
+            "crl".as_ref(),
+            "-in".as_ref(),
+            &p(&crl_path),
+            "-CAfile".as_ref(),
+            &p(&d.join("ca.pem")),
+            "-noout".as_ref(),
+        ]);
+        assert!(ok && text.contains("verify OK"), "{algorithm}: {text}");
+
+        // OpenSSL reads the same number, serial and reason.
+        let (ok, text) = openssl(&[
+            "crl".as_ref(),
+            "-in".as_ref(),
+            &p(&crl_path),
+            "-noout".as_ref(),
+            "-text".as_ref(),
+        ]);
+        assert!(ok, "{text}");
+        let hex: String = serial
+            .to_string()
+            .chars()
+            .filter(|c| *c != ':')
+            .collect::<String>()
+            .to_uppercase();
+        assert!(text.contains(&hex), "serial {hex} not in:\n{text}");
+        assert!(text.contains("Key Compromise"), "{text}");
+        assert!(text.contains("X509v3 CRL Number"), "{text}");
+
+        let verify = |cert: &str| {
+            openssl(&[
+                "verify".as_ref(),
+                "-crl_check".as_ref(),
+                "-CRLfile".as_ref(),
+                &p(&crl_path),
+                "-CAfile".as_ref(),
+                &p(&d.join("ca.pem")),
+                &p(&d.join(cert)),
+            ])
+        };
+        let (ok, text) = verify("leaked.pem");
+        assert!(
+            !ok && text.contains("certificate revoked"),
+            "{algorithm}: {text}"
+        );
+        let (ok, text) = verify("kept.pem");
+        assert!(
+            ok && text.trim_end().ends_with(": OK"),
+            "{algorithm}: {text}"
+        );
+    }
+}
+
+#[test]
+fn rustls_with_the_crl_refuses_the_revoked_client_and_accepts_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let DevOutcome::Written(p) = write_dev_set(dir.path(), false).expect("dev set") else {
+        panic!("expected a new set");
+    };
+    let read = |path: &Path| std::fs::read_to_string(path).expect("read");
+    let (ca_pem, sc, sk, cc, ck) = (
+        read(&p.ca_cert),
+        read(&p.server_cert),
+        read(&p.server_key),
+        read(&p.client_cert),
+        read(&p.client_key),
+    );
+    let ca = CertificateAuthority::load(&p.ca_cert, &p.ca_key).expect("load");
+    let other = ca
+        .issue_client("other-node", &IssueOptions::default())
+        .expect("client");
+    let serial = ca
+        .serial_of_issued(&cert_der(&cc), "client.pem")
+        .expect("serial");
+    let RevokeOutcome::Revoked { crl, .. } = ca
+        .revoke(None, serial, None, &CrlOptions::default())
+        .expect("revoke")
+    else {
+        panic!("expected a new CRL");
+    };
+    // The node reads the CRL file back, checks it against its CA, and hands rustls the DER.
+    let crl_path = dir.path().join("ca.crl.pem");
+    write_crl(&crl_path, &crl).expect("write");
+    let loaded = Crl::load(&crl_path).expect("load");
+    loaded
+        .verify_signed_by(&cert_der(&ca_pem), "ca.pem")
+        .expect("signed by the CA");
+    let crls = || vec![loaded.der().clone()];
+
+    for enforce_expiry in [false, true] {
+        let err = handshake_with_crls(
+            &ca_pem,
+            (&sc, &sk),
+            (&cc, &ck),
+            "localhost",
+            crls(),
+            enforce_expiry,
+        )
+        .expect_err("a revoked client must be refused");
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            ),
+            "{err:?}"
+        );
+        let peer = handshake_with_crls(
+            &ca_pem,
+            (&sc, &sk),
+            (&other.cert_pem, &other.key_pem),
+            "localhost",
+            crls(),
+            enforce_expiry,
+        )
+        .expect("a client not on the CRL is accepted");
+        assert_eq!(identity_from_der(&peer).as_deref(), Some("other-node"));
+    }
+    // Without the CRL the revoked client still gets in: the CRL is what shuts it out.
+    handshake(&ca_pem, (&sc, &sk), (&cc, &ck), "localhost").expect("no CRL, no revocation");
+
+    // A CRL past its next update is refused when the node enforces expiry: it must be
+    // re-signed (`restpipe-certs crl`) before then.
+    let now = time::OffsetDateTime::now_utc();
+    let stale = ca
+        .refresh_crl(
+            Some(&loaded),
+            &CrlOptions {
+                this_update: now - time::Duration::days(31),
+                next_update: now - time::Duration::days(1),
+            },
+        )
+        .expect("stale CRL");
+    let err = handshake_with_crls(
+        &ca_pem,
+        (&sc, &sk),
+        (&other.cert_pem, &other.key_pem),
+        "localhost",
+        vec![stale.der().clone()],
+        true,
+    )
+    .expect_err("an expired CRL is refused when expiry is enforced");
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ExpiredRevocationList
+                    | rustls::CertificateError::ExpiredRevocationListContext { .. }
+            )
+        ),
+        "{err:?}"
+    );
+    let fresh = ca
+        .refresh_crl(Some(&stale), &CrlOptions::default())
+        .expect("fresh CRL");
+    handshake_with_crls(
+        &ca_pem,
+        (&sc, &sk),
+        (&other.cert_pem, &other.key_pem),
+        "localhost",
+        vec![fresh.der().clone()],
+        true,
+    )
+    .expect("a re-signed CRL is accepted");
 }
