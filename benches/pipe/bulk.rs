@@ -74,6 +74,7 @@ pub async fn rustls(
         ca: certs.ca_cert.clone(),
         cert: certs.client_cert.clone(),
         key: certs.client_key.clone(),
+        ..TlsFiles::default()
     })?;
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;

@@ -61,6 +61,7 @@ pub fn rustls_copy(port: u16, certs: &Path) -> anyhow::Result<()> {
         ca: certs.join("ca.pem"),
         cert: certs.join("server.pem"),
         key: certs.join("server.key"),
+        ..TlsFiles::default()
     })?;
     let acceptor = tls.acceptor()?;
     runtime()?.block_on(async move {
