@@ -88,12 +88,45 @@ async fn start_client(certs: &Certs, identity: &str, port: u16) -> Node {
 
 /// A client process with the certificate `cert`.
 async fn start_client_with(certs: &Certs, cert: &CertFiles, port: u16) -> Node {
+    start_client_args(certs, cert, port, &[]).await
+}
+
+/// A client process with the certificate `cert` and `extra` flags.
+async fn start_client_args(certs: &Certs, cert: &CertFiles, port: u16, extra: &[&str]) -> Node {
     Node::start(
         certs.dir(),
         &cert.identity,
-        client_args(certs, cert, loopback(port), &[]),
+        client_args(certs, cert, loopback(port), extra),
     )
     .await
+}
+
+/// An upstream that accepts connections and never answers: a `forward` route to it keeps a
+/// request in flight for as long as the test needs.
+async fn silent_upstream() -> (tokio::task::JoinHandle<()>, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let route = format!("hang=http://{}/", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (task, route)
+}
+
+/// A request from the server to `identity`'s `hang` route, in flight until the connection
+/// ends; resolves to its HTTP status.
+fn request_in_flight(
+    http: &reqwest::Client,
+    server: &Node,
+    identity: &str,
+) -> tokio::task::JoinHandle<u16> {
+    let (http, url) = (
+        http.clone(),
+        server.url(&format!("/client/{identity}/hang")),
+    );
+    tokio::spawn(async move { http.get(url).send().await.unwrap().status().as_u16() })
 }
 
 /// `GET /status` of a node.
@@ -115,6 +148,19 @@ async fn wait_listed(http: &reqwest::Client, server: &Node, identity: &str) {
         "{identity} never connected:\n{}",
         server.log_tail(20)
     );
+}
+
+/// Wait (at most 10 s) until the server has a request in flight to `identity`.
+async fn wait_in_flight(http: &reqwest::Client, server: &Node, identity: &str) {
+    let seen = wait_until_async(Duration::from_secs(10), || async {
+        status(http, server).await["peers"]
+            .as_array()
+            .and_then(|peers| peers.iter().find(|p| p["identity"] == identity))
+            .and_then(|p| p["requests_in_flight_out"].as_u64())
+            .is_some_and(|n| n > 0)
+    })
+    .await;
+    assert!(seen, "no request in flight to {identity}");
 }
 
 /// Send SIGHUP to a node.
@@ -331,13 +377,18 @@ async fn a_client_the_new_ca_no_longer_trusts_is_closed_at_reload() {
         .issue_client("victim", &IssueOptions::default())
         .unwrap();
     let victim_cert = write_pair(&scene.certs.dir().join("certs"), "victim", &issued);
-    let victim = start_client_with(&scene.certs, &victim_cert, scene.server.pipe_addr().port()).await;
+    let (_upstream, route) = silent_upstream().await;
+    let victim = start_client_args(
+        &scene.certs,
+        &victim_cert,
+        scene.server.pipe_addr().port(),
+        &["--handlers", "time,forward", "--forward", &route],
+    )
+    .await;
     wait_listed(&scene.http, &scene.server, "victim").await;
     // A request in flight on the victim's connection when it is cut.
-    let in_flight = {
-        let (http, url) = (scene.http.clone(), scene.server.url("/client/victim/slow"));
-        tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
-    };
+    let in_flight = request_in_flight(&scene.http, &scene.server, "victim");
+    wait_in_flight(&scene.http, &scene.server, "victim").await;
 
     std::fs::write(&clients_ca, &dev_ca).unwrap();
     let record = scene.reload_server().await;
@@ -350,9 +401,11 @@ async fn a_client_the_new_ca_no_longer_trusts_is_closed_at_reload() {
             .any(|c| c == "victim")
     })
     .await;
-    assert!(gone, "the victim was still listed a second after the reload");
-    let status = in_flight.await.unwrap().unwrap();
-    assert!(matches!(status, 502 | 404), "the request in flight got {status}");
+    assert!(
+        gone,
+        "the victim was still listed a second after the reload"
+    );
+    assert_eq!(in_flight.await.unwrap(), 502, "the request in flight");
     let mut server = scene.server;
     server
         .wait_line(
@@ -365,4 +418,143 @@ async fn a_client_the_new_ca_no_longer_trusts_is_closed_at_reload() {
     assert_eq!(tally.lost(), 0, "{tally}");
     assert_eq!(tally.status(200), tally.sent, "{tally}");
     println!("client CA narrowed under load: {tally}");
+}
+
+/// Revoke `cert` in the CRL at `crl_path` (made by `restpipe-certs`, signed by the dev CA).
+fn revoke(ca: &CertificateAuthority, crl_path: &std::path::Path, cert: &CertFiles) {
+    use restpipe_certs::{Crl, CrlOptions, RevocationReason, RevokeOutcome};
+    let pem = std::fs::read_to_string(&cert.cert).unwrap();
+    let der = restpipe_certs::first_certificate_der(&pem, &cert.identity).unwrap();
+    let serial = ca.serial_of_issued(&der, &cert.identity).unwrap();
+    let previous = Crl::load(crl_path).ok();
+    let outcome = ca
+        .revoke(
+            previous.as_ref(),
+            serial,
+            Some(RevocationReason::KeyCompromise),
+            &CrlOptions::valid_for_days(30),
+        )
+        .unwrap();
+    let RevokeOutcome::Revoked { crl, .. } = outcome else {
+        panic!("{} was revoked already", cert.identity)
+    };
+    restpipe_certs::write_crl(crl_path, &crl).unwrap();
+}
+
+/// A server started with `--crl` refuses a client the CRL lists (reason `revoked`). Then a
+/// connected client's key leaks: it is revoked, the server reloads, and the client is closed
+/// at once, its request in flight answered 502, and its reconnects refused as `revoked`. The
+/// steady client is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_is_refused_and_a_connected_one_is_cut_by_a_reload() {
+    let certs = Certs::new();
+    let ca = CertificateAuthority::load(&certs.paths.ca_cert, &certs.paths.ca_key).unwrap();
+    let crl_path = certs.paths.dir.join("ca.crl.pem");
+    let refused = certs.client("refused");
+    revoke(&ca, &crl_path, &refused);
+    let crl_arg = crl_path.to_string_lossy().into_owned();
+    let scene = Scene::start_with(certs, &["--crl", &crl_arg]).await;
+    let port = scene.server.pipe_addr().port();
+
+    let mut early = start_client_with(&scene.certs, &refused, port).await;
+    let mut server = scene.server;
+    server
+        .wait_line(
+            &["handshake refused", "reason=revoked"],
+            Duration::from_secs(10),
+        )
+        .await;
+    early.kill();
+
+    let leaked = scene.certs.client("leaked");
+    let (_upstream, route) = silent_upstream().await;
+    let _leaked_node = start_client_args(
+        &scene.certs,
+        &leaked,
+        port,
+        &["--handlers", "time,forward", "--forward", &route],
+    )
+    .await;
+    wait_listed(&scene.http, &server, "leaked").await;
+    let in_flight = request_in_flight(&scene.http, &server, "leaked");
+    wait_in_flight(&scene.http, &server, "leaked").await;
+    let refusals = server.log_count(&["handshake refused", "reason=revoked"]);
+    revoke(&scene.ca, &crl_path, &leaked);
+    let scene = Scene { server, ..scene };
+    let record = scene.reload_server().await;
+    assert_eq!(record["ok"], true, "{record}");
+    assert_eq!(record["closed"], serde_json::json!(["leaked"]), "{record}");
+    let gone = wait_until_async(Duration::from_secs(1), || async {
+        !listed_clients(&scene.http, &scene.server)
+            .await
+            .iter()
+            .any(|c| c == "leaked")
+    })
+    .await;
+    assert!(
+        gone,
+        "the revoked client was still listed a second after the reload"
+    );
+    assert_eq!(in_flight.await.unwrap(), 502, "the request in flight");
+    // It dials again, and is refused every time.
+    let mut server = scene.server;
+    let refused_again = wait_until_async(Duration::from_secs(10), || async {
+        server.log_count(&["handshake refused", "reason=revoked"]) > refusals
+    })
+    .await;
+    assert!(refused_again, "{}", server.log_tail(20));
+    server
+        .wait_line(&["reload: new material in use"], Duration::from_secs(1))
+        .await;
+    let (tally, _) = scene.load.finish().await;
+    assert_eq!(tally.lost(), 0, "{tally}");
+    assert_eq!(tally.status(200), tally.sent, "{tally}");
+    println!("revocation under load: {tally}");
+}
+
+/// A client that keeps TLS sessions to resume them gets a full handshake every time: the
+/// server keeps no session and issues no ticket, so a certificate revoked since cannot come
+/// back on a resumed session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_never_resumed() {
+    use rustls::pki_types::pem::PemObject;
+    use std::sync::Arc;
+    let certs = Certs::new();
+    let (server, _) = start_server(&certs, &[]).await;
+    let material = certs.material("resumer");
+    let resumer = certs.client("resumer");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_webpki_verifier(material.server_verifier().unwrap())
+    .with_client_auth_cert(
+        rustls::pki_types::CertificateDer::pem_file_iter(&resumer.cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect(),
+        rustls::pki_types::PrivateKeyDer::from_pem_file(&resumer.key).unwrap(),
+    )
+    .unwrap();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(16);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    for attempt in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(server.pipe_addr())
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        let kind = tls.get_ref().1.handshake_kind();
+        assert_eq!(
+            kind,
+            Some(rustls::HandshakeKind::Full),
+            "attempt {attempt}: {kind:?}"
+        );
+        // Read until the server's hello arrives, so any ticket it sent would be stored.
+        let mut prefix = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut tls, &mut prefix)
+            .await
+            .unwrap();
+    }
 }
