@@ -22,24 +22,14 @@ use restpipe::{
     TlsMaterial,
 };
 use restpipe_certs::{CertificateAuthority, IssueOptions};
+use restpipe_testkit::nodes::wait_for_client;
+use restpipe_testkit::wait::wait_until;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 const CLIENT_ID: &str = "worker-1";
-
-/// Poll `condition` every 10 ms until it holds or `limit` passes.
-async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !condition() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
-}
 
 /// A server, a client `worker-1` joined to it, and the client's front door.
 ///
@@ -135,14 +125,7 @@ impl Scene {
         options.server_name = Some("localhost".into());
         let client = ClientNode::start(options).unwrap();
         client.wait_connected(Duration::from_secs(5)).await.unwrap();
-        let listed = wait_until(Duration::from_secs(5), || {
-            server
-                .registry()
-                .find(CLIENT_ID)
-                .is_ok_and(|c| !c.is_closed())
-        })
-        .await;
-        assert!(listed, "the server never listed {CLIENT_ID}");
+        wait_for_client(&server, CLIENT_ID).await;
 
         let options = HttpOptions {
             max_body: pipe().max_frame,

@@ -113,13 +113,13 @@ async fn one_local_request_never_drops_the_pipe_for_everyone() {
         .await;
     let connects = server.log_count(&["client connected"]);
 
-    let load = Load::start(LoadSpec {
-        urls: vec![client.url("/server/time"), server.url("/client/c1/time")],
-        workers: 2,
-        timeout_ms: 5000,
-        outer: Duration::from_secs(20),
-        pause: Duration::from_millis(5),
-    });
+    let load = Load::start(LoadSpec::both_ways(
+        &client,
+        &server,
+        "c1",
+        Duration::from_secs(20),
+        Duration::from_millis(5),
+    ));
     load.next_records(0, 10, Duration::from_secs(10)).await;
 
     let body = vec![1u8; restpipe::wire::DEFAULT_MAX_FRAME - 1024];
@@ -206,13 +206,13 @@ async fn a_slow_reader_costs_at_most_its_byte_budget() {
     let rss_before = server.rss_kib();
     let peak_before = server.peak_rss_kib();
 
-    let load = Load::start(LoadSpec {
-        urls: vec![good.url("/server/time"), server.url("/client/good/time")],
-        workers: 2,
-        timeout_ms: 5000,
-        outer: Duration::from_secs(30),
-        pause: Duration::from_millis(10),
-    });
+    let load = Load::start(LoadSpec::both_ways(
+        &good,
+        &server,
+        "good",
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+    ));
     let connector = certs.connector("hog");
     let mut hog = TlsPeer::connect_tls(server.pipe_addr(), &connector)
         .await

@@ -375,16 +375,13 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
     let proc_cert = certs.client("flapper-proc");
     let proc_args = client_args(&certs, &proc_cert, pipe, &TIMINGS);
 
-    let load = Load::start(LoadSpec {
-        urls: vec![
-            steady.url("/server/time"),
-            server.url("/client/steady/time"),
-        ],
-        workers: 2,
-        timeout_ms: 5000,
-        outer: Duration::from_secs(20),
-        pause: Duration::from_millis(20),
-    });
+    let load = Load::start(LoadSpec::both_ways(
+        &steady,
+        &server,
+        "steady",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+    ));
 
     let mut cycles = 0usize;
     let flap = |cycles: &mut usize| {

@@ -83,16 +83,13 @@ impl Scene {
 
     /// Load through both directions: the good client calls the server and the server calls it.
     fn load(&self) -> Load {
-        Load::start(LoadSpec {
-            urls: vec![
-                self.good.url("/server/time"),
-                self.server.url("/client/good/time"),
-            ],
-            workers: 2,
-            timeout_ms: 5000,
-            outer: Duration::from_secs(20),
-            pause: Duration::from_millis(10),
-        })
+        Load::start(LoadSpec::both_ways(
+            &self.good,
+            &self.server,
+            "good",
+            Duration::from_secs(20),
+            Duration::from_millis(10),
+        ))
     }
 
     /// `tls.handshake.rejected.<reason>.tick` as counted so far.

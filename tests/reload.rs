@@ -37,16 +37,13 @@ impl Scene {
         let steady = start_client(&certs, "steady", pipe).await;
         let http = http_client();
         wait_listed(&http, &server, "steady").await;
-        let load = Load::start(LoadSpec {
-            urls: vec![
-                steady.url("/server/time"),
-                server.url("/client/steady/time"),
-            ],
-            workers: 2,
-            timeout_ms: 5000,
-            outer: Duration::from_secs(30),
-            pause: Duration::from_millis(5),
-        });
+        let load = Load::start(LoadSpec::both_ways(
+            &steady,
+            &server,
+            "steady",
+            Duration::from_secs(30),
+            Duration::from_millis(5),
+        ));
         Scene {
             certs,
             ca,

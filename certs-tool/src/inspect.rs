@@ -203,7 +203,8 @@ fn extended_key_usage(cert: &X509Certificate<'_>) -> Vec<String> {
 }
 
 /// SHA-256 of `der` as upper-case hex pairs joined by colons.
-pub(crate) fn sha256_fingerprint(der: &[u8]) -> String {
+/// (Public: nodes show the same fingerprint of their peers' certificates.)
+pub fn sha256_fingerprint(der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, der);
     digest
         .as_ref()

@@ -58,7 +58,7 @@ pub use files::{
     write_certificate, write_crl, write_dev_set, write_private_key, DevOutcome, DevPaths,
     DEFAULT_DIR, DEV_CA_NAME, DEV_CLIENT_IDENTITY, DEV_SERVER_NAME,
 };
-pub use inspect::{describe, identity_from_der, CertInfo};
+pub use inspect::{describe, identity_from_der, sha256_fingerprint, CertInfo};
 pub use names::{validate_dns_name, validate_identity, MAX_IDENTITY_LEN};
 pub use options::{IssueOptions, KeyAlgorithm, DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS};
 

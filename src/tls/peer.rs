@@ -43,7 +43,7 @@ impl PeerCert {
         Ok(PeerCert {
             chain: chain.to_vec(),
             identity,
-            fingerprint: fingerprint(end_entity),
+            fingerprint: restpipe_certs::sha256_fingerprint(end_entity),
             not_after: not_after(end_entity).unwrap_or(SystemTime::UNIX_EPOCH),
         })
     }
@@ -65,17 +65,6 @@ pub fn summary(fingerprint: &str, not_after: SystemTime) -> CertSummary {
         not_after: epoch_secs(not_after),
         days_left,
     }
-}
-
-/// The SHA-256 fingerprint of a DER certificate, `AB:CD:...`.
-pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    digest
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// When a DER certificate expires, if it parses.

@@ -159,6 +159,30 @@ pub struct LoadSpec {
     pub pause: Duration,
 }
 
+impl LoadSpec {
+    /// Load through both directions of one client: `client` calls the server's `time`, and
+    /// `server` calls the client `identity`'s; two workers, a 5 s deadline per request,
+    /// `outer` before a request counts as hung, `pause` between a worker's requests.
+    pub fn both_ways(
+        client: &crate::procs::Node,
+        server: &crate::procs::Node,
+        identity: &str,
+        outer: Duration,
+        pause: Duration,
+    ) -> LoadSpec {
+        LoadSpec {
+            urls: vec![
+                client.url("/server/time"),
+                server.url(&format!("/client/{identity}/time")),
+            ],
+            workers: 2,
+            timeout_ms: 5000,
+            outer,
+            pause,
+        }
+    }
+}
+
 /// HTTP workers sending requests until stopped, recording every request.
 pub struct Load {
     sent: Arc<AtomicU64>,
