@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::http::{self, HttpGauge, HttpListen, HttpOptions, Listener, Pipe, ServeOptions};
 use crate::metrics::Metrics;
 use crate::node::NodeOptions;
+use crate::policy::Policy;
 use crate::server::{ServerNode, ServerOptions};
 use crate::tls::TlsMaterial;
 
@@ -167,7 +168,47 @@ fn node_options(
     node.pipe = settings.pipe.clone();
     node.plugins = plugins(settings, side)?;
     node.metrics = metrics;
+    node.policy = policy(settings, &node, side)?;
     Ok(node)
+}
+
+/// The policy of `--policy`, checked against the handlers of `node`, and the one line that
+/// says what is in force. Without a policy, a non-loopback front door still needs a token
+/// (or `--http-insecure`); with one, its tokens count as one.
+fn policy(settings: &Settings, node: &NodeOptions, side: Side) -> anyhow::Result<Policy> {
+    let Some(path) = &settings.policy else {
+        info!("no --policy: every authenticated peer may call every handler");
+        return Ok(Policy::open());
+    };
+    let policy = Policy::load(path, &node.handler_names(side)?).map_err(anyhow::Error::msg)?;
+    if let Some(token) = &settings.http_token {
+        if let Some(same) = policy.token_for(token.as_bytes()) {
+            bail!(
+                "policy {}: token {:?} has the secret of --http-token, which has every scope; give it its own",
+                path.display(),
+                same.name()
+            );
+        }
+    }
+    if let HttpListen::Tcp(addr) = settings.http_listen() {
+        if !addr.ip().is_loopback()
+            && settings.http_token.is_none()
+            && policy.tokens().is_empty()
+            && !settings.http_insecure
+        {
+            bail!(
+                "the HTTP endpoint {addr} is not on loopback: give --http-token or tokens in the policy {} (every request must then carry one), or --http-insecure",
+                path.display()
+            );
+        }
+    }
+    info!(
+        "policy {}: {} rules, {} tokens",
+        path.display(),
+        policy.rule_count(),
+        policy.tokens().len()
+    );
+    Ok(policy)
 }
 
 fn http_options(settings: &Settings, metrics: Metrics) -> HttpOptions {
