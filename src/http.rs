@@ -170,7 +170,7 @@ async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Res
         count_status(&state.options.metrics, response.status());
         return response;
     }
-    if let Err(response) = authenticate(&state, &request) {
+    if let Some(response) = refusal(&state, &request) {
         count_status(&state.options.metrics, response.status());
         return response;
     }
@@ -179,16 +179,16 @@ async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Res
     response
 }
 
-/// The token check, on every route: with no `--http-token` and no token in the policy, every
+/// The token check, on every route; the answer that refuses the request, if any: with no `--http-token` and no token in the policy, every
 /// request passes. Otherwise the bearer token is compared with each of them, every one in
 /// constant time: none matching is 401 (with `WWW-Authenticate: Bearer`); `--http-token` has
 /// every scope; a policy token outside its scopes (verb, path) is 403, naming the token and
 /// the scope it lacks.
-fn authenticate(state: &AppState, request: &Request) -> Result<(), Response> {
+fn refusal(state: &AppState, request: &Request) -> Option<Response> {
     let policy = state.pipe.policy();
     let every_scope = state.options.token.as_deref();
     if every_scope.is_none() && policy.tokens().is_empty() {
-        return Ok(());
+        return None;
     }
     let given = bearer(request.headers());
     let presented = given.unwrap_or("").as_bytes();
@@ -207,13 +207,14 @@ fn authenticate(state: &AppState, request: &Request) -> Result<(), Response> {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Err(response);
+        return Some(response);
     }
     match scoped {
         Some(token) if !full => token
             .permits(request.method().as_str(), request.uri().path())
-            .map_err(|lacks| error_response(StatusCode::FORBIDDEN, lacks)),
-        _ => Ok(()),
+            .err()
+            .map(|lacks| error_response(StatusCode::FORBIDDEN, lacks)),
+        _ => None,
     }
 }
 

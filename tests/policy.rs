@@ -110,7 +110,7 @@ fn raw_error(body: &str) -> String {
         .find('{')
         .unwrap_or_else(|| panic!("no JSON in {body:?}"));
     let end = body.rfind('}').unwrap();
-    error_of(body[start..=end].as_bytes())
+    error_of(&body.as_bytes()[start..=end])
 }
 
 fn settings(side: Side) -> Settings {
