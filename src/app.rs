@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::http::{self, HttpGauge, HttpListen, HttpOptions, Listener, Pipe, ServeOptions};
 use crate::metrics::Metrics;
 use crate::node::{NodeOptions, ReloadRecord};
+use crate::policy::Policy;
 use crate::server::{ServerNode, ServerOptions};
 use crate::tls::TlsMaterial;
 
@@ -167,7 +168,47 @@ fn node_options(
     node.pipe = settings.pipe.clone();
     node.plugins = plugins(settings, side)?;
     node.metrics = metrics;
+    node.policy = policy(settings, &node.handler_names(side)?)?;
     Ok(node)
+}
+
+/// The policy of `--policy`, checked against the node's `handler_names`, and the one line that
+/// says what is in force. Without a policy, a non-loopback front door still needs a token
+/// (or `--http-insecure`); with one, its tokens count as one.
+fn policy(settings: &Settings, handler_names: &[String]) -> anyhow::Result<Policy> {
+    let Some(path) = &settings.policy else {
+        info!("no --policy: every authenticated peer may call every handler");
+        return Ok(Policy::open());
+    };
+    let policy = Policy::load(path, handler_names).map_err(anyhow::Error::msg)?;
+    if let Some(token) = &settings.http_token {
+        if let Some(same) = policy.token_for(token.as_bytes()) {
+            bail!(
+                "policy {}: token {:?} has the secret of --http-token, which has every scope; give it its own",
+                path.display(),
+                same.name()
+            );
+        }
+    }
+    if let HttpListen::Tcp(addr) = settings.http_listen() {
+        if !addr.ip().is_loopback()
+            && settings.http_token.is_none()
+            && policy.tokens().is_empty()
+            && !settings.http_insecure
+        {
+            bail!(
+                "the HTTP endpoint {addr} is not on loopback: give --http-token or tokens in the policy {} (every request must then carry one), or --http-insecure",
+                path.display()
+            );
+        }
+    }
+    info!(
+        "policy {}: {} rules, {} tokens",
+        path.display(),
+        policy.rule_count(),
+        policy.tokens().len()
+    );
+    Ok(policy)
 }
 
 fn http_options(settings: &Settings, metrics: Metrics) -> HttpOptions {
@@ -329,21 +370,29 @@ fn check_expiry(pipe: &Pipe) {
     }
 }
 
-/// Re-read the node's files (CA, certificate and key, client CA, CRLs) and use them, without a
-/// restart: new handshakes use the new material; peers whose certificate it no longer accepts
-/// are closed. When any file cannot be read or used, nothing changes and the reason is logged.
-/// The outcome is kept for `/status`.
+/// Re-read the node's files (CA, certificate and key, client CA, CRLs, the policy and its
+/// tokens) and use them, without a restart: new handshakes use the new material; peers whose
+/// certificate it no longer accepts are closed; calls from now on are judged by the new
+/// policy. Everything is read and checked before anything is used: when any file cannot be
+/// read or used, nothing changes and the reason is logged. The outcome is kept for
+/// `/status`.
 pub fn reload(pipe: &Pipe, settings: &Settings) -> ReloadRecord {
+    let core = pipe.core();
     let outcome = TlsMaterial::from_files(&settings.tls)
         .map_err(|e| e.to_string())
-        .and_then(|material| pipe.reload_tls(&material).map_err(|e| e.to_string()));
+        .and_then(|material| {
+            let policy = policy(settings, &core.handler_names()).map_err(|e| format!("{e:#}"))?;
+            let closed = pipe.reload_tls(&material).map_err(|e| e.to_string())?;
+            core.policy.store(Arc::new(policy));
+            Ok(closed)
+        });
     let record = ReloadRecord {
         at: crate::util::epoch_secs(std::time::SystemTime::now()),
         ok: outcome.is_ok(),
         error: outcome.as_ref().err().cloned(),
         closed: outcome.unwrap_or_default(),
     };
-    pipe.core().record_reload(record.clone());
+    core.record_reload(record.clone());
     record
 }
 

@@ -151,6 +151,11 @@ pub struct NodeArgs {
     /// Allow a non-loopback HTTP address without a token.
     #[arg(long)]
     pub http_insecure: bool,
+    /// A TOML file of who may call what: `[[allow]]` rules on peers and handlers, and the
+    /// front door's scoped tokens (docs/POLICY.md) [default: none, every peer may call every
+    /// handler].
+    #[arg(long, env = "RP_POLICY")]
+    pub policy: Option<PathBuf>,
     /// Handler sets to run, comma separated, among the plug-ins of this build (the help
     /// lists them).
     #[arg(long, env = "RP_HANDLERS", value_delimiter = ',', help = handlers_help())]
@@ -357,6 +362,10 @@ pub struct Settings {
     pub http_serve: ServeOptions,
     /// The bearer token of the HTTP endpoint.
     pub http_token: Option<String>,
+    /// The policy file (docs/POLICY.md), read at start.
+    pub policy: Option<PathBuf>,
+    /// Whether a non-loopback HTTP endpoint may go without a token.
+    pub http_insecure: bool,
     /// Handler sets to run.
     pub handlers: Vec<String>,
     /// The values given to the plug-ins' settings (flag, then environment, then file).
@@ -379,6 +388,7 @@ impl std::fmt::Debug for Settings {
             .field("server", &self.server)
             .field("http", &self.http_listen())
             .field("http_token", &self.http_token.as_ref().map(|_| "<set>"))
+            .field("policy", &self.policy)
             .field("handlers", &self.handlers)
             .field("pipe", &self.pipe)
             .finish_non_exhaustive()
@@ -515,9 +525,13 @@ impl Settings {
                 None => ServeOptions::default().socket_mode,
             },
         };
+        let policy = pick!(policy);
+        // With a policy, its tokens may guard the endpoint: checked once it is read
+        // (`app::start_with_tls`).
         if http_socket.is_none()
             && !http.ip().is_loopback()
             && http_token.is_none()
+            && policy.is_none()
             && !http_insecure
         {
             return Err(format!(
@@ -567,6 +581,8 @@ impl Settings {
             http_socket,
             http_serve,
             http_token,
+            policy,
+            http_insecure,
             handlers,
             plugins: args.plugins.or(file_plugins),
             pipe,

@@ -10,7 +10,8 @@
 //! The parts, one file each:
 //!
 //! - this file: the router, the endpoints of the node itself (`/health`, `/status`,
-//!   `/clients`), the token check and the status-class metrics;
+//!   `/clients`), the token check (`--http-token` and the policy's scoped tokens) and the
+//!   status-class metrics;
 //! - `call`: a call through the door, from the path to the event and from the reply (or the
 //!   failure) to the response;
 //! - `guard`: the Host and Origin guard every request passes first;
@@ -42,9 +43,11 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use restpipe_handler::Side;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::client::ClientNode;
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 use crate::server::ServerNode;
 use crate::util::epoch_secs;
 
@@ -77,6 +80,14 @@ impl Pipe {
         }
     }
 
+    /// The policy in force on the node, with the tokens of its front door.
+    fn policy(&self) -> Arc<Policy> {
+        match self {
+            Pipe::Server(s) => s.policy(),
+            Pipe::Client(c) => c.policy(),
+        }
+    }
+
     fn pipe_config(&self) -> &crate::node::PipeConfig {
         &self.core().pipe
     }
@@ -106,7 +117,8 @@ impl Pipe {
 pub struct HttpOptions {
     /// Largest request body accepted, in bytes; larger is 413 and nothing is sent.
     pub max_body: usize,
-    /// When set, every request must carry `Authorization: Bearer <token>`.
+    /// When set, every request must carry `Authorization: Bearer <token>` with this token or
+    /// one of the policy's (see [`crate::policy`]); this one has every scope.
     pub token: Option<String>,
     /// Where metrics go (a tick per status class).
     pub metrics: Metrics,
@@ -174,22 +186,52 @@ async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Res
         count_status(&state.options.metrics, response.status());
         return response;
     }
-    if let Some(token) = &state.options.token {
-        if !bearer_matches(request.headers(), token) {
-            let mut response = error_response(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token: send `Authorization: Bearer <token>` with the token given to --http-token",
-            );
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            count_status(&state.options.metrics, response.status());
-            return response;
-        }
+    if let Some(response) = refusal(&state, &request) {
+        count_status(&state.options.metrics, response.status());
+        return response;
     }
     let response = next.run(request).await;
     count_status(&state.options.metrics, response.status());
     response
+}
+
+/// The token check, on every route; the answer that refuses the request, if any: with no `--http-token` and no token in the policy, every
+/// request passes. Otherwise the bearer token is compared with each of them, every one in
+/// constant time: none matching is 401 (with `WWW-Authenticate: Bearer`); `--http-token` has
+/// every scope; a policy token outside its scopes (verb, path) is 403, naming the token and
+/// the scope it lacks.
+fn refusal(state: &AppState, request: &Request) -> Option<Response> {
+    let policy = state.pipe.policy();
+    let every_scope = state.options.token.as_deref();
+    if every_scope.is_none() && policy.tokens().is_empty() {
+        return None;
+    }
+    let given = bearer(request.headers());
+    let presented = given.unwrap_or("").as_bytes();
+    let full = every_scope.is_some_and(|token| bool::from(presented.ct_eq(token.as_bytes())));
+    let scoped = policy.token_for(presented);
+    if given.is_none() || (!full && scoped.is_none()) {
+        let accepted = match (every_scope.is_some(), policy.tokens().is_empty()) {
+            (true, true) => "the token given to --http-token",
+            (true, false) => "the token given to --http-token or a token of the --policy file",
+            _ => "a token of the --policy file",
+        };
+        let mut response = error_response(
+            StatusCode::UNAUTHORIZED,
+            format!("missing or wrong bearer token: send `Authorization: Bearer <token>` with {accepted}"),
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Some(response);
+    }
+    match scoped {
+        Some(token) if !full => token
+            .permits(request.method().as_str(), request.uri().path())
+            .err()
+            .map(|lacks| error_response(StatusCode::FORBIDDEN, lacks)),
+        _ => None,
+    }
 }
 
 fn count_status(metrics: &Metrics, status: StatusCode) {
@@ -202,20 +244,16 @@ fn count_status(metrics: &Metrics, status: StatusCode) {
     });
 }
 
-fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
-    use subtle::ConstantTimeEq;
+/// The token of an `Authorization: Bearer <token>` header, if the request has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     // The scheme is case-insensitive and may be followed by more than one space (RFC 9110,
     // section 11.1; RFC 6750, section 2.1).
-    let Some(given) = headers
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim_start_matches(' '))
-    else {
-        return false;
-    };
-    given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
 async fn not_found(State(state): State<Shared>) -> Response {

@@ -20,6 +20,8 @@
 //!   our own hyper accept loop on TCP or a Unix socket;
 //! - [`config`]: flags, environment variables and the TOML file;
 //! - [`plugins`]: the handler plug-ins this build registers, one line each;
+//! - [`policy`]: who may call what: the `--policy` file's rules on the pipe, and its scoped
+//!   tokens at the front door;
 //! - [`app`]: whole nodes (pipe plus front door), the demo, graceful shutdown;
 //! - [`error`]: why a call or a start failed.
 //!
@@ -36,6 +38,7 @@ pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod plugins;
+pub mod policy;
 pub mod registry;
 pub mod server;
 pub mod tls;
@@ -48,5 +51,6 @@ pub use client::{ClientNode, ClientOptions};
 pub use error::{CallError, NodeError};
 pub use metrics::Metrics;
 pub use node::{NodeOptions, PipeConfig};
+pub use policy::Policy;
 pub use server::{ServerNode, ServerOptions};
 pub use tls::{TlsFiles, TlsMaterial};

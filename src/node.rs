@@ -6,15 +6,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use restpipe_handler::{
-    no_handler_reply, Context, HandlerError, Handlers, Lifecycle, Plugin, Reply, Request, Side,
+    codes, no_handler_reply, Context, HandlerError, Handlers, Lifecycle, Plugin, Reply, Request,
+    Side,
 };
 use serde::Serialize;
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::admission::{self, LogLimiter};
 use crate::error::NodeError;
 use crate::metrics::{HandlerMetrics, Metrics};
+use crate::policy::Policy;
 use crate::tls::{PeerCert, TlsMaterial};
 use crate::wire;
 
@@ -119,10 +123,12 @@ pub struct NodeOptions {
     pub plugins: Vec<Arc<dyn Plugin>>,
     /// Where metrics go.
     pub metrics: Metrics,
+    /// Which peers may call which handlers of this node ([`Policy::open`]: all of them).
+    pub policy: Policy,
 }
 
 impl NodeOptions {
-    /// Options with default settings, no handlers and metrics off.
+    /// Options with default settings, no handlers, the open policy and metrics off.
     pub fn new(tls: TlsMaterial) -> Self {
         NodeOptions {
             tls,
@@ -130,8 +136,31 @@ impl NodeOptions {
             handlers: Handlers::new(),
             plugins: Vec::new(),
             metrics: Metrics::disabled(),
+            policy: Policy::open(),
         }
     }
+
+    /// The handlers a node of `side` made from these options would have: those registered
+    /// directly and those of the plug-ins, as [`Handlers::names`] gives them. What a policy is
+    /// checked against before the node starts.
+    pub fn handler_names(&self, side: Side) -> Result<Vec<String>, NodeError> {
+        Ok(all_handlers(side, &self.handlers, &self.plugins)?.names())
+    }
+}
+
+/// `handlers` with the plug-ins' handlers for `side` merged in.
+fn all_handlers(
+    side: Side,
+    handlers: &Handlers,
+    plugins: &[Arc<dyn Plugin>],
+) -> Result<Handlers, NodeError> {
+    let mut handlers = handlers.clone();
+    for plugin in plugins {
+        handlers
+            .merge(plugin.handlers(side))
+            .map_err(|e| NodeError::Handlers(format!("plug-in {}: {e}", plugin.name())))?;
+    }
+    Ok(handlers)
 }
 
 /// The parts of a node that its connections use.
@@ -148,6 +177,10 @@ pub(crate) struct NodeCore {
     pub(crate) own_cert: ArcSwap<PeerCert>,
     /// The outcome of the last reload, if there was one.
     pub(crate) last_reload: ArcSwapOption<ReloadRecord>,
+    /// Who may call what; swapped whole when the policy is reloaded.
+    pub(crate) policy: ArcSwap<Policy>,
+    /// The budget of "call refused" log lines.
+    forbidden_log: LogLimiter,
 }
 
 /// The outcome of a reload of the node's files (SIGHUP), as `/status` shows it.
@@ -166,12 +199,7 @@ pub struct ReloadRecord {
 impl NodeCore {
     pub(crate) fn new(side: Side, options: &NodeOptions) -> Result<Self, NodeError> {
         options.pipe.validate()?;
-        let mut handlers = options.handlers.clone();
-        for plugin in &options.plugins {
-            handlers
-                .merge(plugin.handlers(side))
-                .map_err(|e| NodeError::Handlers(format!("plug-in {}: {e}", plugin.name())))?;
-        }
+        let handlers = all_handlers(side, &options.handlers, &options.plugins)?;
         let handler_metrics = HandlerMetrics::new(handlers.names());
         let own_cert = options.tls.own_cert()?;
         Ok(NodeCore {
@@ -184,7 +212,14 @@ impl NodeCore {
             handler_metrics,
             own_cert: ArcSwap::from_pointee(own_cert),
             last_reload: ArcSwapOption::empty(),
+            policy: ArcSwap::from_pointee(options.policy.clone()),
+            forbidden_log: LogLimiter::new(admission::LOG_BURST, admission::LOG_PER_SECOND),
         })
+    }
+
+    /// The names of this node's handlers, prefix handlers as `name*`.
+    pub(crate) fn handler_names(&self) -> Vec<String> {
+        self.handlers.names()
     }
 
     /// Refuse new material that names another identity than the node's: routing, hellos and
@@ -220,11 +255,16 @@ impl NodeCore {
         }
     }
 
-    /// Run the handler an event names and turn every outcome into a reply: no handler (404,
-    /// code 255), an error or a panic (500, code 251), the deadline passing (504, code 251).
+    /// Run the handler an event names and turn every outcome into a reply: refused by the
+    /// policy (403, code 253; asked before the handler is looked up, so a refused peer does
+    /// not learn which handlers exist), no handler (404, code 255), an error or a panic (500,
+    /// code 251), the deadline passing (504, code 251).
     pub(crate) async fn dispatch(&self, ctx: Context, request: Request) -> Reply {
         let started = Instant::now();
         let name = request.handler_name();
+        if !self.policy.load().allows(&ctx.peer_identity, &name) {
+            return self.forbidden(&ctx.peer_identity, &name);
+        }
         let Some(handler) = self.handlers.resolve(&request) else {
             return no_handler_reply(&name, self.side);
         };
@@ -252,5 +292,29 @@ impl NodeCore {
         self.metrics
             .handled(&self.handler_metrics, &name, started.elapsed());
         reply
+    }
+
+    /// The reply to a call the policy refuses: 403, code 253, counted, and logged within the
+    /// log's rate.
+    fn forbidden(&self, peer: &str, handler: &str) -> Reply {
+        self.metrics.tick("message.receive.forbidden.tick");
+        let message = format!(
+            "peer {peer:?} may not call {handler} on the {} node {:?} (policy)",
+            self.side, self.identity
+        );
+        match self.forbidden_log.allow() {
+            Some(0) => info!(%peer, %handler, "call refused by the policy"),
+            Some(held_back) => {
+                info!(%peer, %handler, held_back, "call refused by the policy (and {held_back} more, not logged)")
+            }
+            None => {}
+        }
+        let body = serde_json::json!({ "error": message });
+        Reply {
+            content_type: "application/json".into(),
+            code: codes::FORBIDDEN,
+            body: Bytes::from(body.to_string()),
+            status: Some(403),
+        }
     }
 }

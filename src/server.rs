@@ -22,6 +22,7 @@ use crate::admission::{self, Handshakes, LogLimiter, Slot};
 use crate::connection::{self, Connection, ConnectionStatus};
 use crate::error::{CallError, NodeError};
 use crate::node::{NodeCore, NodeOptions};
+use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::tls::{self, TlsMaterial};
 
@@ -187,6 +188,23 @@ impl ServerNode {
     /// The pipe's settings.
     pub fn pipe(&self) -> &crate::node::PipeConfig {
         &self.inner.core.pipe
+    }
+
+    /// Replace the policy: calls dispatched from now on are judged by `policy`; those already
+    /// running go on. Check it first with [`Policy::load`] against [`Self::handler_names`].
+    pub fn set_policy(&self, policy: Policy) {
+        self.inner.core.policy.store(Arc::new(policy));
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.inner.core.policy.load_full()
+    }
+
+    /// The names of this node's handlers, prefix handlers as `name*`: what a policy's handler
+    /// patterns are checked against.
+    pub fn handler_names(&self) -> Vec<String> {
+        self.inner.core.handler_names()
     }
 
     /// Send `request` to the client named `target` (identity, or an unambiguous IP address)

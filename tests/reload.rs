@@ -555,3 +555,56 @@ async fn sessions_are_never_resumed() {
             .unwrap();
     }
 }
+
+/// The policy is re-read on SIGHUP too: a client the policy refuses (403, code 253) is allowed
+/// once the file allows it and the server reloads; a policy that does not parse at reload is
+/// refused and the one in force stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_is_reloaded_and_a_broken_one_changes_nothing() {
+    let certs = Certs::new();
+    let policy = certs.dir().join("policy.toml");
+    let only_steady = "[[allow]]\npeers = [\"steady\"]\nhandlers = [\"get_time\"]\n";
+    std::fs::write(&policy, only_steady).unwrap();
+    let policy_arg = policy.to_string_lossy().into_owned();
+    let scene = Scene::start_with(certs, &["--policy", &policy_arg]).await;
+    let other = start_client(&scene.certs, "other", scene.server.pipe_addr().port()).await;
+    wait_listed(&scene.http, &scene.server, "other").await;
+    let call = || async {
+        let response = scene
+            .http
+            .get(other.url("/server/time"))
+            .send()
+            .await
+            .unwrap();
+        let code = response
+            .headers()
+            .get("x-event-return-code")
+            .map(|v| v.to_str().unwrap().to_string());
+        (response.status().as_u16(), code)
+    };
+    assert_eq!(call().await, (403, Some("253".into())));
+
+    std::fs::write(
+        &policy,
+        format!("{only_steady}[[allow]]\npeers = [\"oth?r\"]\nhandlers = [\"get_*\"]\n"),
+    )
+    .unwrap();
+    let record = scene.reload_server().await;
+    assert_eq!(record["ok"], true, "{record}");
+    assert_eq!(call().await, (200, Some("0".into())));
+
+    std::fs::write(&policy, "[[allow]\npeers = [").unwrap();
+    let record = scene.reload_server().await;
+    assert_eq!(record["ok"], false, "{record}");
+    assert!(
+        record["error"].as_str().unwrap().contains("policy.toml"),
+        "{record}"
+    );
+    assert_eq!(
+        call().await,
+        (200, Some("0".into())),
+        "the policy in force changed"
+    );
+    let tally = scene.finish().await;
+    println!("policy reloads under load: {tally}");
+}

@@ -65,6 +65,8 @@ pub mod codes {
     pub const OK: u32 = 0;
     /// The handler failed (returned an error or panicked).
     pub const HANDLER_FAILED: u32 = 251;
+    /// The far node's policy does not let the caller run that handler (HTTP 403).
+    pub const FORBIDDEN: u32 = 253;
     /// The far node has no handler of that name.
     pub const NO_HANDLER: u32 = 255;
 }
