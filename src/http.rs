@@ -24,6 +24,7 @@ mod call;
 mod guard;
 mod listen;
 mod serve;
+mod trace;
 
 use call::call_peer;
 pub use call::{call_error_response, parse_path, reply_response, Target};
@@ -31,6 +32,7 @@ pub use guard::AllowedHosts;
 pub use listen::{HttpListen, ServeOptions};
 pub(crate) use serve::{bind_unix, serve, Listener};
 pub use serve::{BodyStalled, HttpGauge, HttpLimits};
+pub use trace::{REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,6 +46,7 @@ use axum::{Json, Router};
 use restpipe_handler::Side;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 use crate::client::ClientNode;
 use crate::metrics::Metrics;
@@ -175,7 +178,22 @@ pub fn error_response(status: StatusCode, message: impl Into<String>) -> Respons
 }
 
 /// The Host and Origin guard, authentication and status-class metrics around every request.
-async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Response {
+async fn guard(State(state): State<Shared>, mut request: Request, next: Next) -> Response {
+    // Every request gets a trace context first: its id names it in the logs of both nodes
+    // and comes back in `X-Request-Id`, refusals included.
+    let trace = trace::of_request(request.headers());
+    let request_id = HeaderValue::from_str(trace.request_id()).ok();
+    let span = tracing::info_span!("http", request_id = %trace.request_id());
+    request.extensions_mut().insert(trace);
+    let mut response = checked(&state, request, next).instrument(span).await;
+    if let Some(id) = request_id {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    response
+}
+
+/// The guard, the token check and the status-class metrics around the routes.
+async fn checked(state: &AppState, request: Request, next: Next) -> Response {
     if let Err(refusal) = guard::check(
         &state.allowed_hosts,
         request.version(),
@@ -186,7 +204,7 @@ async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Res
         count_status(&state.options.metrics, response.status());
         return response;
     }
-    if let Some(response) = refusal(&state, &request) {
+    if let Some(response) = refusal(state, &request) {
         count_status(&state.options.metrics, response.status());
         return response;
     }

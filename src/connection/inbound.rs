@@ -19,7 +19,7 @@ use restpipe_handler::{Context, HandlerError, Reply, Request};
 use tokio::io::{AsyncRead, ReadBuf, ReadHalf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::{budget_permit, Shared};
 use crate::error::CallError;
@@ -221,7 +221,18 @@ impl Shared {
             request_id: id,
             deadline: Instant::now() + timeout,
         };
-        let span = info_span!(parent: &self.span, "request", id, handler = %request.handler_name());
+        let span = info_span!(
+            parent: &self.span,
+            "request",
+            id,
+            handler = %request.handler_name(),
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(trace) = &request.trace {
+            span.record("request_id", tracing::field::display(trace.request_id()));
+            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+        }
         let shared = Arc::clone(self);
         tokio::spawn(
             shared
@@ -251,6 +262,7 @@ impl Shared {
             }
             Err(refusal) => refusal,
         };
+        debug!(code = reply.code, status = reply.status, "handled");
         let _ = self.send(wire::encode(Message::Reply { id, reply })).await;
     }
 

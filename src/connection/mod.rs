@@ -174,8 +174,17 @@ impl Connection {
     ///
     /// The request is checked as the peer will check it (grammar and bounds) before anything
     /// is sent.
-    pub async fn call(&self, request: Request, timeout: Duration) -> Result<Reply, CallError> {
+    pub async fn call(&self, mut request: Request, timeout: Duration) -> Result<Reply, CallError> {
         let shared = &self.shared;
+        if !shared
+            .info
+            .features
+            .iter()
+            .any(|f| f == wire::TRACE_CONTEXT)
+        {
+            // A peer that does not speak it (a release-1 node) would drop it anyway.
+            request.trace = None;
+        }
         let limit = shared.peer_max_frame;
         if request.body.len() > limit {
             return Err(CallError::TooLarge {

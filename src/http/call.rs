@@ -10,7 +10,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use restpipe_handler::grammar::{self, GrammarError};
-use restpipe_handler::{Reply, Side};
+use restpipe_handler::{Reply, Side, TraceContext};
+use tracing::debug;
 
 use super::{error_response, BodyStalled, Pipe, Shared, RETURN_CODE_HEADER, TIMEOUT_HEADER};
 use crate::error::CallError;
@@ -102,6 +103,7 @@ fn decode_parameter(raw: &str) -> Result<String, String> {
 
 pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
     let method = request.method().clone();
+    let trace = request.extensions().get::<TraceContext>().cloned();
     if !grammar::is_verb(method.as_str()) {
         let mut response = error_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -169,6 +171,7 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         }
     };
     let event = restpipe_handler::Request {
+        trace,
         verb: method.as_str().to_string(),
         noun: target.noun,
         parameters: target.parameters,
@@ -183,10 +186,12 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
             server.call(&name, event, Some(timeout)).await
         }
     };
-    match result {
+    let response = match result {
         Ok(reply) => reply_response(reply),
         Err(err) => call_error_response(&err),
-    }
+    };
+    debug!(%method, status = response.status().as_u16(), "answered");
+    response
 }
 
 /// Whether reading a body failed because it went over the limit, rather than because it was

@@ -82,8 +82,11 @@ pub(super) fn encode_frame(mut frame: Frame) -> Encoded {
     // declare their fields in tag order, and prost writes them in that order).
     let (kind_tag, body_tag, body, mut inner, tail) = match &mut frame.kind {
         Some(Kind::Event(e)) if e.body.len() > SPLIT_BODY => {
+            // Every field numbered after the body (6).
             let tail = proto::Event {
                 timeout_ms: e.timeout_ms,
+                traceparent: e.traceparent.clone(),
+                request_id: e.request_id.clone(),
                 ..Default::default()
             }
             .encode_to_vec();
@@ -180,6 +183,8 @@ mod tests {
                 content_type: "application/octet-stream".into(),
                 body: body.clone(),
                 timeout_ms,
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                request_id: "r-1".into(),
             })
         };
         let reply = |http_status| {

@@ -12,7 +12,7 @@ use std::ops::RangeInclusive;
 use bytes::Bytes;
 use prost::Message as _;
 use restpipe_handler::grammar;
-use restpipe_handler::{Reply, Request, Side};
+use restpipe_handler::{Reply, Request, Side, TraceContext};
 
 use super::framing::{self, Encoded};
 use super::limits;
@@ -318,7 +318,13 @@ fn hello_from_wire(h: proto::Hello) -> Result<Hello, String> {
 }
 
 fn request_to_wire(request: Request, timeout_ms: u64) -> proto::Event {
+    let (traceparent, request_id) = match &request.trace {
+        Some(trace) => (trace.traceparent(), trace.request_id().to_string()),
+        None => (String::new(), String::new()),
+    };
     proto::Event {
+        traceparent,
+        request_id,
         verb: request.verb,
         noun: request.noun,
         parameters: request.parameters,
@@ -330,7 +336,17 @@ fn request_to_wire(request: Request, timeout_ms: u64) -> proto::Event {
 }
 
 fn request_from_wire(event: proto::Event) -> Result<Request, String> {
+    let trace = match (event.traceparent.as_str(), event.request_id.as_str()) {
+        ("", _) => None,
+        (traceparent, "") => Some(TraceContext::parse(traceparent).map_err(|e| e.to_string())?),
+        (traceparent, request_id) => Some(
+            TraceContext::parse(traceparent)
+                .and_then(|t| t.with_request_id(request_id))
+                .map_err(|e| e.to_string())?,
+        ),
+    };
     let request = Request {
+        trace,
         verb: event.verb,
         noun: event.noun,
         parameters: event.parameters,
@@ -403,9 +419,16 @@ mod tests {
             Message::Hello(hello()),
             Message::Event {
                 id: 7,
-                request: Request::new("POST", "jobs/42")
-                    .with_parameters(vec!["a b".into()])
-                    .with_body("application/octet-stream", body.clone()),
+                request: Request {
+                    trace: Some(
+                        TraceContext::new([3; 16], [4; 8])
+                            .with_request_id("req-1")
+                            .unwrap(),
+                    ),
+                    ..Request::new("POST", "jobs/42")
+                        .with_parameters(vec!["a b".into()])
+                        .with_body("application/octet-stream", body.clone())
+                },
                 timeout_ms: 30_000,
             },
             Message::Reply {

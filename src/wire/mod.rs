@@ -26,7 +26,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// The optional features this build offers in its hello. Those the peer offers too are in use.
-pub const FEATURES: &[&str] = &[];
+pub const FEATURES: &[&str] = &[TRACE_CONTEXT];
+
+/// The feature by which events carry their trace context (`traceparent`, request id).
+pub const TRACE_CONTEXT: &str = "trace-context";
 
 /// The default limit on an event's or a reply's body: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;

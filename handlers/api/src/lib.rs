@@ -55,6 +55,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub mod grammar;
+pub mod trace;
+
+pub use trace::TraceContext;
 pub mod spec;
 
 pub use spec::{BuildPlugin, NodeFacts, PluginSetup, PluginSpec, SettingSpec, SettingValue};
@@ -162,6 +165,9 @@ pub struct Request {
     pub content_type: String,
     /// The request body, byte for byte.
     pub body: Bytes,
+    /// The trace context that follows the request across the pipe, when the two nodes both
+    /// speak it (the `trace-context` feature).
+    pub trace: Option<TraceContext>,
 }
 
 impl Request {

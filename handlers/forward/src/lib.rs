@@ -14,7 +14,8 @@
 //! | parameters (after `//`) | appended to the base path, each one percent-encoded as one segment (`/` inside a parameter becomes `%2F`); no parameter: the base URL itself |
 //! | query string | the same query string |
 //! | body, content type | the same, byte for byte |
-//! | context | headers `X-Restpipe-Peer-Identity`, `X-Restpipe-Peer-Addr` (when known), `X-Restpipe-Request-Id` |
+//! | context | headers `X-Restpipe-Peer-Identity`, `X-Restpipe-Peer-Addr` (when known), `X-Restpipe-Request-Id` (the id on the pipe connection) |
+//! | trace context (when it crossed the pipe) | headers `traceparent` (W3C) and `X-Request-Id`, as the caller's front door answered it |
 //!
 //! So `POST /server/jobs/42//run?dry=1` calls `POST http://127.0.0.1:9000/api/42/run?dry=1`.
 //! The upstream's status, content type and body come back as the reply, with return code 0
@@ -274,6 +275,13 @@ impl Route {
         }
         if let Some(addr) = ctx.peer_addr {
             request = request.header("X-Restpipe-Peer-Addr", addr.to_string());
+        }
+        if let Some(trace) = &req.trace {
+            request = request.header("traceparent", trace.traceparent());
+            // Visible ASCII by construction, so always a valid header value.
+            if let Ok(value) = HeaderValue::from_str(trace.request_id()) {
+                request = request.header("X-Request-Id", value);
+            }
         }
         if !req.content_type.is_empty() {
             if let Ok(value) = HeaderValue::from_str(&req.content_type) {

@@ -77,8 +77,8 @@ pub struct Process {
 }
 
 impl Process {
-    /// Start `program args` in `dir` with a clean environment (`PATH` and `RUST_LOG=info`
-    /// only).
+    /// Start `program args` in `dir` with a clean environment (`PATH` only: the log level is
+    /// the node's own, info unless its settings ask for debug).
     pub fn spawn(dir: &Path, name: &str, program: &Path, args: Vec<String>) -> Process {
         let mut process = Process {
             name: name.to_string(),
@@ -110,7 +110,6 @@ impl Process {
             .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
             .current_dir(self.log.parent().expect("log directory"))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("clone the log file"))

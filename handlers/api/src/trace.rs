@@ -1,0 +1,191 @@
+//! Trace context: the W3C `traceparent` and the request id that follow one request across the
+//! pipe, so that its log lines on both nodes (and an upstream's, through `forward`) can be
+//! found from one another.
+//!
+//! A `traceparent` is `00-<trace id: 32 hex>-<parent id: 16 hex>-<flags: 2 hex>`, lower case,
+//! neither id all zeros (W3C Trace Context, level 1). The request id is what the front door
+//! answers in `X-Request-Id`: the caller's own, when it sent a usable one, else the trace id.
+
+use std::fmt;
+
+/// The longest request id carried, in bytes.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// The trace context of one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: [u8; 16],
+    parent_id: [u8; 8],
+    flags: u8,
+    request_id: String,
+}
+
+/// Why a `traceparent` or a request id was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceError(String);
+
+impl fmt::Display for TraceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TraceError {}
+
+impl TraceContext {
+    /// A new trace from random bytes (the caller supplies them: this crate has no random source).
+    /// All-zero ids are replaced by ones of value 1, which W3C allows.
+    pub fn new(trace_id: [u8; 16], parent_id: [u8; 8]) -> Self {
+        let mut trace = TraceContext {
+            trace_id,
+            parent_id,
+            flags: 1,
+            request_id: String::new(),
+        };
+        trace.fix_zero_ids();
+        trace.request_id = trace.trace_id_hex();
+        trace
+    }
+
+    /// Parse a `traceparent` header value.
+    pub fn parse(traceparent: &str) -> Result<Self, TraceError> {
+        let bad = |why: &str| TraceError(format!("traceparent {traceparent:?}: {why}"));
+        let parts: Vec<&str> = traceparent.trim().split('-').collect();
+        let [version, trace, parent, flags] = parts[..] else {
+            return Err(bad("not four fields joined by -"));
+        };
+        if version != "00" {
+            return Err(bad("version is not 00"));
+        }
+        let trace_id: [u8; 16] = hex(trace).ok_or_else(|| bad("trace id is not 32 hex digits"))?;
+        let parent_id: [u8; 8] =
+            hex(parent).ok_or_else(|| bad("parent id is not 16 hex digits"))?;
+        let [flags]: [u8; 1] = hex(flags).ok_or_else(|| bad("flags are not 2 hex digits"))?;
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return Err(bad("an id is all zeros"));
+        }
+        let mut context = TraceContext {
+            trace_id,
+            parent_id,
+            flags,
+            request_id: String::new(),
+        };
+        context.request_id = context.trace_id_hex();
+        Ok(context)
+    }
+
+    /// The same trace with the caller's request id, when it is usable: 1 to
+    /// [`MAX_REQUEST_ID`] bytes of visible ASCII.
+    pub fn with_request_id(mut self, request_id: &str) -> Result<Self, TraceError> {
+        if request_id.is_empty()
+            || request_id.len() > MAX_REQUEST_ID
+            || !request_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(TraceError(format!(
+                "request id {:?}: 1 to {MAX_REQUEST_ID} visible ASCII characters",
+                request_id.chars().take(32).collect::<String>()
+            )));
+        }
+        self.request_id = request_id.to_string();
+        Ok(self)
+    }
+
+    /// The same trace with a new parent id: what a hop that forwards the request sends on.
+    pub fn child(&self, parent_id: [u8; 8]) -> Self {
+        let mut child = self.clone();
+        child.parent_id = parent_id;
+        child.fix_zero_ids();
+        child
+    }
+
+    /// The `traceparent` header value.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            self.trace_id_hex(),
+            to_hex(&self.parent_id),
+            self.flags
+        )
+    }
+
+    /// The trace id, 32 lower-case hex digits.
+    pub fn trace_id_hex(&self) -> String {
+        to_hex(&self.trace_id)
+    }
+
+    /// The request id (`X-Request-Id`).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    fn fix_zero_ids(&mut self) {
+        if self.trace_id == [0; 16] {
+            self.trace_id[15] = 1;
+        }
+        if self.parent_id == [0; 8] {
+            self.parent_id[7] = 1;
+        }
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_formats_w3c_traceparent() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = TraceContext::parse(header).unwrap();
+        assert_eq!(t.traceparent(), header);
+        assert_eq!(t.request_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let child = t.child([1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            child.traceparent(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0102030405060708-01"
+        );
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+        ] {
+            assert!(TraceContext::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_bounded() {
+        let t = TraceContext::new([7; 16], [9; 8]);
+        assert_eq!(t.request_id(), t.trace_id_hex());
+        assert_eq!(
+            t.clone().with_request_id("abc-1").unwrap().request_id(),
+            "abc-1"
+        );
+        assert!(t.clone().with_request_id("").is_err());
+        assert!(t.clone().with_request_id("a b").is_err());
+        assert!(t.clone().with_request_id(&"x".repeat(129)).is_err());
+        assert!(TraceContext::new([0; 16], [0; 8])
+            .traceparent()
+            .contains("0001-"));
+    }
+}
