@@ -19,7 +19,7 @@
 //! `--compare-bin PATH` (with the `keepalive` scenario) also runs a pair of nodes of another
 //! `restpipe` binary, an older build, through the keepalive points in both directions,
 //! interleaved run by run with the new pair and the baseline, so that before and after are
-//! measured in the same run:
+//! measured in the same run (old and new swap places on every other run):
 //! `cargo bench --bench pipe -- --only keepalive --compare-bin /path/to/old/restpipe`. The
 //! report then has a table with, per point, req/s and p50 of the baseline, the old and the new
 //! binary, and the ratios new/baseline, old/baseline and new/old with their min–max over runs.
@@ -544,7 +544,19 @@ async fn requests(
         }
     }
     for run in 1..=plan.runs {
-        for series in report.series.iter_mut() {
+        // With an older binary to compare with, old and new swap places on every other run,
+        // so that neither always runs right after the other.
+        let mut order: Vec<usize> = (0..report.series.len()).collect();
+        if run % 2 == 0 {
+            for i in 0..order.len().saturating_sub(1) {
+                let (a, b) = (&report.series[i], &report.series[i + 1]);
+                if a.key.strip_prefix("old-") == Some(b.key) && a.conns == b.conns {
+                    order.swap(i, i + 1);
+                }
+            }
+        }
+        for &i in &order {
+            let series = &mut report.series[i];
             let t = targets
                 .iter()
                 .find(|t| t.key == series.key)
