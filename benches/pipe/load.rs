@@ -2,7 +2,10 @@
 //! task per connection, every latency recorded in an HDR histogram.
 //!
 //! The same code drives the bare baseline server and the nodes, so the two differ only in
-//! what answers.
+//! what answers. Every request carries `Host: <the address dialled>` (`127.0.0.1:port`), as
+//! a browser would: the nodes' front door refuses a request whose `Host` is not loopback. An
+//! answer other than 200 is counted apart from I/O errors ([`Sample::refused`]), so that a
+//! caller can refuse figures made of refusals.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +40,8 @@ pub struct Sample {
     pub requests: u64,
     /// Requests that failed (I/O error or a status other than 200), inside or outside it.
     pub errors: u64,
+    /// Of the `errors`, those answered with a status other than 200, and the last such status.
+    pub refused: (u64, Option<StatusCode>),
     /// The window's length.
     pub window: Duration,
     /// Latencies of the requests inside the window, ns.
@@ -60,8 +65,14 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_NS, 3).unwrap_or_else(|_| unreachable!())
 }
 
+/// An HTTP/1.1 connection, and the `Host` its requests carry.
+pub struct Conn {
+    sender: SendRequest<Empty<Bytes>>,
+    host: String,
+}
+
 /// An HTTP/1.1 connection to `addr`.
-pub async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Empty<Bytes>>> {
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to {addr}"))?;
@@ -70,22 +81,21 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Empty<Bytes
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(sender)
+    Ok(Conn {
+        sender,
+        host: addr.to_string(),
+    })
 }
 
-/// `GET path` on `sender`; returns the status and the number of body bytes read.
-pub async fn get(
-    sender: &mut SendRequest<Empty<Bytes>>,
-    path: &str,
-    close: bool,
-) -> anyhow::Result<(StatusCode, usize)> {
-    let mut request = Request::get(path).header(HOST, "127.0.0.1");
+/// `GET path` on `conn`; returns the status and the number of body bytes read.
+pub async fn get(conn: &mut Conn, path: &str, close: bool) -> anyhow::Result<(StatusCode, usize)> {
+    let mut request = Request::get(path).header(HOST, conn.host.as_str());
     if close {
         request = request.header(CONNECTION, "close");
     }
     let request = request.body(Empty::new())?;
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
+    conn.sender.ready().await?;
+    let response = conn.sender.send_request(request).await?;
     let status = response.status();
     let mut body = response.into_body();
     let mut read = 0;
@@ -99,12 +109,12 @@ pub async fn get(
 
 /// `GET path` on a fresh connection, the whole body as bytes (for checks).
 pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
-    let mut sender = connect(addr).await?;
+    let mut conn = connect(addr).await?;
     let request = Request::get(path)
-        .header(HOST, "127.0.0.1")
+        .header(HOST, conn.host.as_str())
         .body(Empty::new())?;
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
+    conn.sender.ready().await?;
+    let response = conn.sender.send_request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, body))
@@ -134,13 +144,16 @@ pub async fn run(
     let mut sample = Sample {
         requests: 0,
         errors: 0,
+        refused: (0, None),
         window,
         hist: histogram(),
     };
     for worker in workers {
-        let (requests, errors, hist) = worker.await??;
+        let (requests, errors, refused, hist) = worker.await??;
         sample.requests += requests;
         sample.errors += errors;
+        sample.refused.0 += refused.0;
+        sample.refused.1 = refused.1.or(sample.refused.1);
         sample.hist.add(&hist)?;
     }
     if sample.requests == 0 {
@@ -159,9 +172,10 @@ async fn worker(
     barrier: Arc<Barrier>,
     warmup: Duration,
     window: Duration,
-) -> anyhow::Result<(u64, u64, Histogram<u64>)> {
+) -> anyhow::Result<(u64, u64, (u64, Option<StatusCode>), Histogram<u64>)> {
     let mut hist = histogram();
     let (mut requests, mut errors) = (0u64, 0u64);
+    let mut refused: (u64, Option<StatusCode>) = (0, None);
     let mut sender = match mode {
         ConnMode::KeepAlive => Some(connect(addr).await?),
         ConnMode::Close => None,
@@ -196,14 +210,17 @@ async fn worker(
             Ok((StatusCode::OK, _)) => {}
             _ => {
                 errors += 1;
+                if let Ok((status, _)) = &outcome {
+                    refused = (refused.0 + 1, Some(*status));
+                }
                 if errors > 1000 && requests == 0 {
-                    bail!(
-                        "{addr}{path}: every request fails ({outcome:?})",
-                        outcome = outcome.err()
-                    );
+                    match outcome {
+                        Ok((status, _)) => bail!("{addr}{path}: every request answered {status}"),
+                        Err(e) => bail!("{addr}{path}: every request fails ({e:#})"),
+                    }
                 }
             }
         }
     }
-    Ok((requests, errors, hist))
+    Ok((requests, errors, refused, hist))
 }

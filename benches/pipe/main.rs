@@ -14,7 +14,23 @@
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
 //! `--only keepalive,close,bulk,scale`, `--out FILE` (markdown; a full run defaults to
-//! `docs/BENCHMARKS.md`, between its `bench:pipe` markers).
+//! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`.
+//!
+//! `--compare-bin PATH` (with the `keepalive` scenario) also runs a pair of nodes of another
+//! `restpipe` binary, an older build, through the keepalive points in both directions,
+//! interleaved run by run with the new pair and the baseline, so that before and after are
+//! measured in the same run (old and new swap places on every other run):
+//! `cargo bench --bench pipe -- --only keepalive --compare-bin /path/to/old/restpipe`. The
+//! report then has a table with, per point, req/s and p50 of the baseline, the old and the new
+//! binary, and the ratios new/baseline, old/baseline and new/old with their min–max over runs.
+//! Such a run writes no file unless given `--out` (the results between the `bench:pipe`
+//! markers are those of this binary alone). The older binary must take the same flags
+//! (`server`/`client`, `--bind-port`, `--http`, `--ca`, `--cert`, `--key`, `--statsd-host`,
+//! `--server-host`, `--server-port`, `--server-name`) and log its bound addresses as the test
+//! kit's [`restpipe_testkit::procs::Node`] expects.
+//!
+//! Every load point fails if any request is answered with a status other than 200 (the nodes'
+//! front door refuses a foreign `Host` with 403): figures of refusals would be meaningless.
 //!
 //! The modules: [`load`] (the load generator), [`procs`] (child processes, `/proc`),
 //! [`servers`] (the reference servers), [`bulk`], [`scale`], [`report`].
@@ -126,15 +142,21 @@ struct Options {
     mode: &'static str,
     only: Vec<String>,
     out: Option<PathBuf>,
+    /// Another `restpipe` binary to compare with on the keepalive points.
+    compare: Option<PathBuf>,
+    /// The arguments given, for the report.
+    args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale] [--out FILE]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale] [--out FILE] [--compare-bin OLD_RESTPIPE]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
         mode: "full",
         only: SCENARIOS.iter().map(|s| s.to_string()).collect(),
         out: None,
+        compare: None,
+        args: args.to_vec(),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -155,12 +177,23 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
                 }
             }
             "--out" => options.out = Some(it.next().context("--out needs a file")?.into()),
+            "--compare-bin" => {
+                let bin = PathBuf::from(it.next().context("--compare-bin needs a binary")?);
+                if !bin.is_file() {
+                    bail!("--compare-bin: no file at {}", bin.display());
+                }
+                // Absolute, since the nodes run in the scratch directory.
+                options.compare = Some(std::fs::canonicalize(&bin)?);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
+    }
+    if options.compare.is_some() && !options.only.iter().any(|s| s == "keepalive") {
+        bail!("--compare-bin compares the keepalive points: add keepalive to --only");
     }
     Ok(options)
 }
@@ -260,7 +293,7 @@ fn bench(options: Options) -> anyhow::Result<()> {
     println!("\n{text}");
     let out = match (&options.out, plan.mode) {
         (Some(path), _) => Some(path.clone()),
-        (None, "full") => {
+        (None, "full") if options.compare.is_none() => {
             Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md"))
         }
         (None, _) => None,
@@ -342,14 +375,12 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         mode: plan.mode,
         method: plan.method(),
         machine: machine(),
-        command: format!(
-            "cargo bench --bench pipe{}",
-            match plan.mode {
-                "full" => "",
-                "quick" => " -- --quick",
-                _ => " -- --smoke",
-            }
-        ),
+        command: if options.args.is_empty() {
+            "cargo bench --bench pipe".into()
+        } else {
+            format!("cargo bench --bench pipe -- {}", options.args.join(" "))
+        },
+        compare: options.compare.as_ref().map(|p| p.display().to_string()),
         ..Report::default()
     };
     println!(
@@ -359,7 +390,15 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         work.dir().display()
     );
     if wants("keepalive") || wants("close") {
-        requests(plan, &work, wants("keepalive"), wants("close"), &mut report).await?;
+        let compare = options.compare.as_deref();
+        requests(
+            plan,
+            &work,
+            (wants("keepalive"), wants("close")),
+            compare,
+            &mut report,
+        )
+        .await?;
     }
     if wants("bulk") {
         report.bulk = bulk_points(plan, &work).await?;
@@ -380,11 +419,13 @@ struct Target {
     path: &'static str,
 }
 
+/// The request points: `keepalive` and/or `close`; with `compare`, the keepalive points of a
+/// pair of that binary's nodes too.
 async fn requests(
     plan: &Plan,
     work: &restpipe_testkit::certs::Certs,
-    keepalive: bool,
-    close: bool,
+    (keepalive, close): (bool, bool),
+    compare: Option<&std::path::Path>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let sink = restpipe_testkit::statsd::Statsd::counting().await;
@@ -412,13 +453,35 @@ async fn requests(
     } else {
         None
     };
-    let mut targets = vec![
-        Target {
-            key: "baseline",
-            label: "baseline (bare axum)",
-            addr: baseline,
+    let mut old = match compare {
+        Some(bin) if keepalive => Some(
+            procs::pair(
+                work,
+                &procs::PairOptions {
+                    name: "old-pipe".into(),
+                    bin: Some(bin.to_path_buf()),
+                    ..Default::default()
+                },
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let mut targets = vec![Target {
+        key: "baseline",
+        label: "baseline (bare axum)",
+        addr: baseline,
+        path: "/server/time",
+    }];
+    if let Some(o) = &old {
+        targets.push(Target {
+            key: "old-c2s",
+            label: "old binary, client→server",
+            addr: o.client_http,
             path: "/server/time",
-        },
+        });
+    }
+    targets.extend([
         Target {
             key: "c2s",
             label: "pipe client→server",
@@ -431,7 +494,19 @@ async fn requests(
             addr: plain.server_http,
             path: "/client/dev-client/time",
         },
-    ];
+    ]);
+    if let Some(o) = &old {
+        // Between the new pair's two directions, so that old and new alternate.
+        targets.insert(
+            3,
+            Target {
+                key: "old-s2c",
+                label: "old binary, server→client",
+                addr: o.server_http,
+                path: "/client/dev-client/time",
+            },
+        );
+    }
     if let Some(m) = &metered {
         targets.push(Target {
             key: "c2s-metrics",
@@ -469,7 +544,19 @@ async fn requests(
         }
     }
     for run in 1..=plan.runs {
-        for series in report.series.iter_mut() {
+        // With an older binary to compare with, old and new swap places on every other run,
+        // so that neither always runs right after the other.
+        let mut order: Vec<usize> = (0..report.series.len()).collect();
+        if run % 2 == 0 {
+            for i in 0..order.len().saturating_sub(1) {
+                let (a, b) = (&report.series[i], &report.series[i + 1]);
+                if a.key.strip_prefix("old-") == Some(b.key) && a.conns == b.conns {
+                    order.swap(i, i + 1);
+                }
+            }
+        }
+        for &i in &order {
+            let series = &mut report.series[i];
             let t = targets
                 .iter()
                 .find(|t| t.key == series.key)
@@ -484,6 +571,13 @@ async fn requests(
             )
             .await
             .with_context(|| format!("{} at {} conns", t.label, series.conns))?;
+            if let (refused @ 1.., Some(status)) = sample.refused {
+                bail!(
+                    "{} at {} conns: {refused} request(s) answered {status}, not 200: the figures would be those of refusals",
+                    t.label,
+                    series.conns
+                );
+            }
             let r = Run::from(&sample);
             println!(
                 "  run {run}/{}: {:<32} {:>3} conns {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  errors {}",
@@ -501,6 +595,9 @@ async fn requests(
         plain.check_alive()?;
         if let Some(m) = metered.as_mut() {
             m.check_alive()?;
+        }
+        if let Some(o) = old.as_mut() {
+            o.check_alive()?;
         }
     }
     report.statsd_datagrams = sink.datagrams();

@@ -1,9 +1,11 @@
 //! The servers under test, each in its own process, started with the test kit's process
 //! harness ([`restpipe_testkit::procs`]) on port 0: `restpipe server` and `restpipe client`
-//! nodes, and this bench binary re-executed as the bare baseline server or the plain rustls
+//! nodes (of the binary cargo built, or of another one given to compare with), and this bench
+//! binary re-executed as the bare baseline server or the plain rustls
 //! copy server, which print the address they bound.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -107,6 +109,8 @@ pub struct PairOptions {
     pub extra: Vec<String>,
     /// More flags for the client node.
     pub client_extra: Vec<String>,
+    /// The `restpipe` binary of both nodes; `None` for the one cargo built.
+    pub bin: Option<PathBuf>,
 }
 
 /// A server node and a client node connected to it.
@@ -142,14 +146,23 @@ fn statsd_flags(statsd: Option<u16>) -> Vec<String> {
     }
 }
 
-/// A `restpipe server` process on loopback (pipe on `pipe_port`, HTTP on `http_port`, 0 for
-/// any), ready once `/health` answers 200.
+/// Start a node of `bin` (`None`: the `restpipe` cargo built) with `args`.
+async fn start_node(work: &Certs, name: &str, bin: Option<&Path>, args: Vec<String>) -> Node {
+    match bin {
+        Some(bin) => Node::start_bin(work.dir(), name, bin, args).await,
+        None => Node::start(work.dir(), name, args).await,
+    }
+}
+
+/// A `restpipe server` process of `bin` (`None`: the one cargo built) on loopback (pipe on
+/// `pipe_port`, HTTP on `http_port`, 0 for any), ready once `/health` answers 200.
 pub async fn server_node(
     work: &Certs,
     name: &str,
     (pipe_port, http_port): (u16, u16),
     statsd: Option<u16>,
     extra: &[String],
+    bin: Option<&Path>,
 ) -> anyhow::Result<Node> {
     let mut flags = statsd_flags(statsd);
     flags.extend_from_slice(extra);
@@ -157,7 +170,7 @@ pub async fn server_node(
     let mut args = procs::server_args(work, &flags);
     set_flag(&mut args, "--bind-port", &pipe_port.to_string());
     set_flag(&mut args, "--http", &loopback(http_port).to_string());
-    let mut node = Node::start(work.dir(), name, args).await;
+    let mut node = start_node(work, name, bin, args).await;
     let http = node.http;
     wait_for(
         &mut node,
@@ -177,7 +190,7 @@ fn set_flag(args: &mut [String], flag: &str, value: &str) {
 }
 
 /// A server node and a client node (identity `dev-client`), both with the `time` handlers,
-/// connected.
+/// connected, both of `options.bin`.
 pub async fn pair(work: &Certs, options: &PairOptions) -> anyhow::Result<Pair> {
     let server = server_node(
         work,
@@ -185,6 +198,7 @@ pub async fn pair(work: &Certs, options: &PairOptions) -> anyhow::Result<Pair> {
         (0, 0),
         options.statsd,
         &options.extra,
+        options.bin.as_deref(),
     )
     .await?;
     let mut flags = statsd_flags(options.statsd);
@@ -197,7 +211,13 @@ pub async fn pair(work: &Certs, options: &PairOptions) -> anyhow::Result<Pair> {
         key: work.paths.client_key.clone(),
     };
     let args = procs::client_args(work, &dev_client, server.pipe_addr(), &flags);
-    let mut client = Node::start(work.dir(), &format!("{}-client", options.name), args).await;
+    let mut client = start_node(
+        work,
+        &format!("{}-client", options.name),
+        options.bin.as_deref(),
+        args,
+    )
+    .await;
     let client_http = client.http;
     wait_for(
         &mut client,

@@ -41,7 +41,8 @@ impl From<&Sample> for Run {
 /// The runs of one request point: a target at a number of connections.
 #[derive(Clone, Debug)]
 pub struct Series {
-    /// Short key of the target (`baseline`, `c2s`, `s2c`, `c2s-metrics`).
+    /// Short key of the target (`baseline`, `c2s`, `s2c`, `c2s-metrics`, and `old-c2s`,
+    /// `old-s2c` for the binary compared with).
     pub key: &'static str,
     /// What the target is.
     pub label: &'static str,
@@ -100,6 +101,8 @@ pub struct Report {
     pub statsd_datagrams: u64,
     /// The command that produced it.
     pub command: String,
+    /// The other `restpipe` binary compared with (`--compare-bin`), if any.
+    pub compare: Option<String>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -226,6 +229,84 @@ impl Report {
         }
     }
 
+    /// Old binary against new, per keep-alive point and direction: req/s and p50 of the
+    /// baseline, the old and the new, the ratios to the baseline of the same run, and whether
+    /// new and old differ beyond the noise.
+    fn compare_table(&self, out: &mut String, bin: &str) {
+        let ka = ConnMode::KeepAlive;
+        let _ = writeln!(
+            out,
+            "### Old binary against new (`--compare-bin {bin}`)\n\nReq/s and p50 are medians over runs; ratios are per run against the baseline of the same run, median (min–max). A difference is called beyond the noise when every run of one binary beats every run of the other: the two ranges of ratios to the baseline do not overlap (req/s), or the two ranges of p50 do not.\n"
+        );
+        out.push_str("| direction | conns | baseline req/s | old req/s | new req/s | baseline p50 µs | old p50 µs | new p50 µs | old / baseline | new / baseline | new / old | beyond the noise? |\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
+        let mut conns: Vec<usize> = self
+            .series
+            .iter()
+            .filter(|s| s.mode == ka && s.key == "old-c2s")
+            .map(|s| s.conns)
+            .collect();
+        conns.dedup();
+        for (key, name) in [("c2s", "client→server"), ("s2c", "server→client")] {
+            let old_key = if key == "c2s" { "old-c2s" } else { "old-s2c" };
+            for &c in &conns {
+                let (Some(base), Some(old), Some(new)) = (
+                    self.find("baseline", c, ka),
+                    self.find(old_key, c, ka),
+                    self.find(key, c, ka),
+                ) else {
+                    continue;
+                };
+                let (Some(old_r), Some(new_r)) = (
+                    self.ratios(old_key, "baseline", c, ka),
+                    self.ratios(key, "baseline", c, ka),
+                ) else {
+                    continue;
+                };
+                let new_old: Vec<f64> = new_r.iter().zip(&old_r).map(|(n, o)| n / o).collect();
+                let rps = |s: &Series| thousands(median(&s.col(|r| r.rps)));
+                let (olo, ohi) = min_max(&old_r);
+                let (nlo, nhi) = min_max(&new_r);
+                let (op, np) = (min_max(&old.col(|r| r.p50)), min_max(&new.col(|r| r.p50)));
+                let mut said = Vec::new();
+                if nhi < olo {
+                    said.push("new fewer req/s in every run");
+                } else if nlo > ohi {
+                    said.push("new more req/s in every run");
+                }
+                if np.0 > op.1 {
+                    said.push("new later p50 in every run");
+                } else if np.1 < op.0 {
+                    said.push("new earlier p50 in every run");
+                }
+                let verdict = if old.runs.len() < 3 {
+                    "not judged (fewer than 3 runs)".to_string()
+                } else if said.is_empty() {
+                    "no (ranges overlap)".to_string()
+                } else {
+                    format!("**yes**: {}", said.join("; "))
+                };
+                let _ = writeln!(
+                    out,
+                    "| {name} | {c} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} ({}) | {verdict} |",
+                    rps(base),
+                    rps(old),
+                    rps(new),
+                    base.p50(),
+                    old.p50(),
+                    new.p50(),
+                    pct(median(&old_r)),
+                    pct_range(&old_r),
+                    pct(median(&new_r)),
+                    pct_range(&new_r),
+                    pct(median(&new_old)),
+                    pct_range(&new_old),
+                );
+            }
+        }
+        out.push('\n');
+    }
+
     /// The whole report as markdown.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
@@ -253,6 +334,9 @@ impl Report {
                 );
             }
             out.push('\n');
+        }
+        if let Some(bin) = &self.compare {
+            self.compare_table(&mut out, bin);
         }
         if self.series.iter().any(|s| s.mode == ConnMode::Close) {
             out.push_str("### A new TCP connection per request (`Connection: close`)\n\n");

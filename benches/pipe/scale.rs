@@ -176,7 +176,7 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
         issued.1
     );
 
-    let mut server = procs::server_node(work, "scale-server", (0, 0), None, &[]).await?;
+    let mut server = procs::server_node(work, "scale-server", (0, 0), None, &[], None).await?;
     let (pipe_port, http) = (server.pipe_addr().port(), server.http);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_empty = procs::rss_bytes(&server)?;
@@ -255,6 +255,7 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
         (pipe_port, http.port()),
         None,
         &[],
+        None,
     )
     .await?;
     let server_ready_secs = killed.elapsed().as_secs_f64();

@@ -5,11 +5,12 @@
 //!   descriptors, CPU time);
 //! - [`Node`]: a `restpipe server` or `restpipe client` process. It is started on port 0
 //!   (`--http 127.0.0.1:0`, `--bind-port 0`) and its bound addresses are read from the line
-//!   it prints when ready (`HTTP endpoint ready http=… pipe=…`). A restart reuses the ports
-//!   the first start got.
+//!   it prints when ready (`HTTP endpoint ready http=… pipe=…`); an older `restpipe` that does
+//!   not put `pipe=` on that line gives its pipe address on the line it logs before it,
+//!   `pipe listening addr=…` ([`PIPE_LINE`]). A restart reuses the ports the first start got.
 //!
 //! The `restpipe` binary is the one cargo built next to the test or bench executable
-//! ([`restpipe_bin`]).
+//! ([`restpipe_bin`]), unless another is given ([`Node::start_bin`]).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
@@ -23,6 +24,10 @@ use crate::certs::{CertFiles, Certs};
 /// What a `restpipe` node prints once its HTTP front door (and, for a server, its pipe) is
 /// bound.
 pub const READY_LINE: &str = "HTTP endpoint ready";
+
+/// What a `restpipe` server node logs once its pipe is bound, with `addr=<address>`: where an
+/// older binary, whose [`READY_LINE`] has no `pipe=`, gives its pipe address.
+pub const PIPE_LINE: &str = "pipe listening";
 
 /// How long a node may take to print [`READY_LINE`].
 pub const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -391,7 +396,13 @@ impl Node {
     /// The flags `--http` and `--bind-port` are then set to the bound addresses, so that a
     /// restart gets the same ports.
     pub async fn start(dir: &Path, name: &str, args: Vec<String>) -> Node {
-        let process = Process::spawn(dir, name, &restpipe_bin(), args);
+        Node::start_bin(dir, name, &restpipe_bin(), args).await
+    }
+
+    /// [`Node::start`] with another `restpipe` binary, `program` (an older build, to compare
+    /// against).
+    pub async fn start_bin(dir: &Path, name: &str, program: &Path, args: Vec<String>) -> Node {
+        let process = Process::spawn(dir, name, program, args);
         let mut node = Node {
             process,
             http: loopback(0),
@@ -419,7 +430,16 @@ impl Node {
             }))
         };
         let http = addr("http").unwrap_or_else(|| panic!("no http= in {line:?}"));
-        let pipe = addr("pipe");
+        let pipe = addr("pipe").or_else(|| {
+            // An older binary: the pipe address is on the line logged when it was bound,
+            // before the ready line, in this run.
+            let text = self.process.log_text_from(self.process.log_from);
+            let bound = text.lines().find(|l| l.contains(PIPE_LINE))?;
+            let value = log_field(bound, "addr")?;
+            Some(value.parse().unwrap_or_else(|e| {
+                panic!("{}: addr={value} in {bound:?}: {e}", self.process.name)
+            }))
+        });
         self.http = http;
         self.pipe = pipe;
     }
