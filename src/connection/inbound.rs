@@ -19,7 +19,7 @@ use restpipe_handler::{Context, HandlerError, Reply, Request};
 use tokio::io::{AsyncRead, ReadBuf, ReadHalf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, debug_span, info, warn, Instrument};
 
 use super::{budget_permit, Shared};
 use crate::error::CallError;
@@ -221,7 +221,8 @@ impl Shared {
             request_id: id,
             deadline: Instant::now() + timeout,
         };
-        let span = info_span!(
+        // Debug level, like the front door's: see `http::guard`.
+        let span = debug_span!(
             parent: &self.span,
             "request",
             id,
