@@ -689,7 +689,7 @@ async fn each_subcommand_lists_and_takes_only_its_own_options() {
     assert!(stderr.contains("/nonexistent/ca.pem"), "{stderr}");
     let output = restpipe(dir.path())
         .env("DEBUG", "maybe")
-        .args(["client", "--help"])
+        .args(["client", "--ca", "/nonexistent/ca.pem", "--statsd-host", ""])
         .output()
         .await
         .unwrap();
