@@ -427,13 +427,12 @@ pub async fn demo(
 
     let plugin_values = crate::plugins::demo_values(&files).map_err(anyhow::Error::msg)?;
     let base = |side: Side, http: SocketAddr| -> anyhow::Result<Settings> {
-        let mut s = Settings::resolve(crate::config::NodeArgs::default(), side)
-            .map_err(anyhow::Error::msg)?;
+        // Metrics and logs as the flags and environment say (RP_STATSD_*, DEBUG), like a node.
+        let mut s = Settings::resolve(args.node_args(), side).map_err(anyhow::Error::msg)?;
         s.http = http;
         s.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         s.handlers = args.handlers.clone();
         s.plugins = plugin_values.clone();
-        s.statsd.host = None;
         s.grace = Duration::from_secs(2);
         Ok(s)
     };
@@ -454,6 +453,18 @@ pub async fn demo(
 
     let c = client.http_addr;
     let s = server.http_addr;
+    let statsd = &server_settings.statsd;
+    let metrics = match &statsd.host {
+        Some(host) if server.pipe.core().metrics.is_enabled() => format!(
+            "both nodes send statsd metrics to {host}:{port}, names prefixed {prefix:?} (RP_STATSD_HOST= turns them off)",
+            port = statsd.port,
+            prefix = statsd.prefix,
+        ),
+        Some(host) => {
+            format!("off: the statsd host {host:?} cannot be used (see the warning above)")
+        }
+        None => "off (RP_STATSD_HOST is empty; set it and RP_STATSD_PORT to send them)".into(),
+    };
     println!(
         "\nrestpipe demo: a server node and a client node ({DEV_CLIENT_IDENTITY}) are connected over mutual TLS on {pipe}.\n\
          \n\
@@ -471,6 +482,8 @@ pub async fn demo(
          \x20 curl http://{c}/status\n\
          \x20 curl -i http://{c}/server/nope        # 404, X-Event-Return-Code: 255\n\
          \x20 curl -i http://{c}/server/bad..noun%20  # 400\n\
+         \n\
+         Metrics: {metrics}\n\
          \n\
          Ctrl-C stops both.\n",
         pipe = server_pipe.local_addr(),

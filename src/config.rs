@@ -6,6 +6,12 @@
 //! Unknown keys in the file are refused; every setting is checked at start-up and a problem
 //! is one clear line.
 //!
+//! Each subcommand takes only its own flags: [`ServerArgs`] and [`ClientArgs`] are the flags
+//! both sides take ([`CommonArgs`]) plus the side's own ([`ServerOnlyArgs`],
+//! [`ClientOnlyArgs`]); both become one [`NodeArgs`], which is also the shape of the file. The
+//! file knows every key of both sides, but a key of the other side's own (`bind_port` in a
+//! client's file) is refused with a line that names it, never silently ignored.
+//!
 //! The settings of the handler plug-ins are declared by the plug-ins themselves
 //! ([`restpipe_handler::SettingSpec`]); [`PluginValues`] turns those of the plug-ins this build
 //! registers ([`crate::plugins::REGISTERED`]) into flags and environment variables, and reads
@@ -41,12 +47,87 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a server node: listen for clients, serve /client/{identity}/... on loopback.
-    Server(NodeArgs),
+    Server(ServerArgs),
     /// Run a client node: dial the server, serve /server/... on loopback.
-    Client(NodeArgs),
+    Client(ClientArgs),
     /// Run a server and a client on this machine with throwaway certificates, and print
     /// curl lines to try.
     Demo(DemoArgs),
+    /// Print a running node's /status as a table.
+    Status(StatusArgs),
+    /// Print the completions of this command for a shell (bash, zsh, fish, elvish,
+    /// powershell).
+    Completions(CompletionsArgs),
+}
+
+/// Flags of `restpipe status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The node's HTTP endpoint: an address, or unix:<path> for a Unix socket.
+    #[arg(long, env = "RP_HTTP_BIND", default_value = "127.0.0.1:8080")]
+    pub http: HttpListen,
+    /// The node's HTTP endpoint as a Unix socket (the same as --http unix:<path>).
+    #[arg(long, value_name = "PATH", conflicts_with = "http")]
+    pub unix: Option<PathBuf>,
+    /// The bearer token the endpoint requires, if any.
+    #[arg(long, env = "RP_HTTP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the JSON of /status as the node sends it, not a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl StatusArgs {
+    /// Where to ask: `--unix` if given, else `--http`.
+    pub fn endpoint(&self) -> HttpListen {
+        match &self.unix {
+            Some(path) => HttpListen::Unix(path.clone()),
+            None => self.http.clone(),
+        }
+    }
+}
+
+/// Flags of `restpipe completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to print completions for.
+    pub shell: clap_complete::Shell,
+}
+
+/// The format of the logs on stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line, for log shippers.
+    Json,
+}
+
+/// The logging flags, shared by the nodes and the demo.
+#[derive(Debug, Default, Args)]
+pub struct LogArgs {
+    /// Debug logs (also DEBUG=1).
+    #[arg(long, env = "DEBUG", num_args = 0, default_missing_value = "true", value_parser = parse_flag)]
+    pub debug: Option<bool>,
+    /// The format of the logs on stderr [default: text].
+    #[arg(long, env = "RP_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Where metrics go: shared by the nodes and the demo.
+#[derive(Debug, Default, Args)]
+pub struct StatsdArgs {
+    /// The statsd host; empty disables metrics [default: localhost].
+    #[arg(long, env = "RP_STATSD_HOST")]
+    pub statsd_host: Option<String>,
+    /// The statsd port [default: 8125].
+    #[arg(long, env = "RP_STATSD_PORT")]
+    pub statsd_port: Option<u16>,
+    /// The prefix of every metric name [default: restpipe].
+    #[arg(long, env = "RP_STATSD_PREFIX")]
+    pub statsd_prefix: Option<String>,
 }
 
 /// Flags of `restpipe demo`.
@@ -61,21 +142,95 @@ pub struct DemoArgs {
     /// Handler sets both nodes run.
     #[arg(long, value_delimiter = ',', default_value = plugins::DEMO_HANDLERS)]
     pub handlers: Vec<String>,
-    /// Debug logs.
-    #[arg(long, env = "DEBUG", value_parser = parse_flag, default_value = "false")]
-    pub debug: bool,
+    /// Where both nodes send their metrics.
+    #[command(flatten)]
+    pub statsd: StatsdArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
-/// Flags of `restpipe server` and `restpipe client`. Defaults depend on the side.
-///
-/// The same struct reads the TOML file: every key optional (the flag's name with `_` for
-/// `-`), unknown keys refused.
-#[derive(Debug, Args, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NodeArgs {
+impl DemoArgs {
+    /// The node settings the demo's flags give (metrics and logs); the rest are defaults.
+    pub fn node_args(&self) -> NodeArgs {
+        NodeArgs {
+            statsd_host: self.statsd.statsd_host.clone(),
+            statsd_port: self.statsd.statsd_port,
+            statsd_prefix: self.statsd.statsd_prefix.clone(),
+            debug: self.log.debug,
+            log_format: self.log.log_format,
+            ..NodeArgs::default()
+        }
+    }
+}
+
+/// Flags of `restpipe server`: the common ones and the server's own.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The server's own settings.
+    #[command(flatten, next_help_heading = "Server")]
+    pub server: ServerOnlyArgs,
+    /// The settings both sides take.
+    #[command(flatten, next_help_heading = "Both sides")]
+    pub common: CommonArgs,
+}
+
+/// Flags of `restpipe client`: the common ones and the client's own.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The client's own settings.
+    #[command(flatten, next_help_heading = "Client")]
+    pub client: ClientOnlyArgs,
+    /// The settings both sides take.
+    #[command(flatten, next_help_heading = "Both sides")]
+    pub common: CommonArgs,
+}
+
+/// The flags only a server takes.
+#[derive(Debug, Default, Args)]
+pub struct ServerOnlyArgs {
+    /// The CA that client certificates must chain to, when not --ca.
+    #[arg(long, env = "RP_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// The interface the pipe listens on [default: 0.0.0.0].
+    #[arg(long, env = "RP_SERVER_BIND_INTERFACE")]
+    pub bind_interface: Option<IpAddr>,
+    /// The port the pipe listens on [default: 1234].
+    #[arg(long, env = "RP_SERVER_BIND_PORT")]
+    pub bind_port: Option<u16>,
+    /// Connections held at once [default: 16384].
+    #[arg(long, env = "RP_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// TLS handshakes pending at once, in total [default: 1024].
+    #[arg(long, env = "RP_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<usize>,
+    /// TLS handshakes pending at once from one source address [default: 64].
+    #[arg(long, env = "RP_MAX_HANDSHAKES_PER_SOURCE")]
+    pub max_handshakes_per_source: Option<usize>,
+}
+
+/// The flags only a client takes.
+#[derive(Debug, Default, Args)]
+pub struct ClientOnlyArgs {
+    /// The server's host name or address [default: localhost].
+    #[arg(long, env = "RP_CLIENT_TARGET_HOSTNAME")]
+    pub server_host: Option<String>,
+    /// The server's pipe port [default: 1234].
+    #[arg(long, env = "RP_CLIENT_TARGET_PORT")]
+    pub server_port: Option<u16>,
+    /// The name the server's certificate must carry [default: the server host].
+    #[arg(long, env = "RP_CLIENT_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// The longest reconnect delay, seconds [default: 10].
+    #[arg(long, env = "RP_CLIENT_RECONNECT_MAX_S")]
+    pub reconnect_max: Option<f64>,
+}
+
+/// The flags both a server and a client take. Defaults depend on the side.
+#[derive(Debug, Default, Args)]
+pub struct CommonArgs {
     /// A TOML file with any of these settings (keys as the flags, with `_` for `-`).
     #[arg(long, env = "RP_CONFIG")]
-    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// The CA certificate that peers must chain to [default: certs/ca.pem].
     #[arg(long, env = "RP_CA")]
@@ -86,41 +241,10 @@ pub struct NodeArgs {
     /// This node's private key [default: certs/server.key or certs/client.key].
     #[arg(long, env = "RP_KEY")]
     pub key: Option<PathBuf>,
-    /// Server: the CA that client certificates must chain to, when not --ca.
-    #[arg(long, env = "RP_CLIENT_CA")]
-    pub client_ca: Option<PathBuf>,
     /// A certificate revocation list (PEM) whose certificates are refused (repeatable; re-read
     /// on SIGHUP).
     #[arg(long = "crl", env = "RP_CRL", value_delimiter = ',')]
-    #[serde(alias = "crl")]
     pub crls: Option<Vec<PathBuf>>,
-    /// Server: the interface the pipe listens on [default: 0.0.0.0].
-    #[arg(long, env = "RP_SERVER_BIND_INTERFACE")]
-    pub bind_interface: Option<IpAddr>,
-    /// Server: the port the pipe listens on [default: 1234].
-    #[arg(long, env = "RP_SERVER_BIND_PORT")]
-    pub bind_port: Option<u16>,
-    /// Server: connections held at once [default: 16384].
-    #[arg(long, env = "RP_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Server: TLS handshakes pending at once, in total [default: 1024].
-    #[arg(long, env = "RP_MAX_HANDSHAKES")]
-    pub max_handshakes: Option<usize>,
-    /// Server: TLS handshakes pending at once from one source address [default: 64].
-    #[arg(long, env = "RP_MAX_HANDSHAKES_PER_SOURCE")]
-    pub max_handshakes_per_source: Option<usize>,
-    /// Client: the server's host name or address [default: localhost].
-    #[arg(long, env = "RP_CLIENT_TARGET_HOSTNAME")]
-    pub server_host: Option<String>,
-    /// Client: the server's pipe port [default: 1234].
-    #[arg(long, env = "RP_CLIENT_TARGET_PORT")]
-    pub server_port: Option<u16>,
-    /// Client: the name the server's certificate must carry [default: the server host].
-    #[arg(long, env = "RP_CLIENT_SERVER_NAME")]
-    pub server_name: Option<String>,
-    /// Client: the longest reconnect delay, seconds [default: 10].
-    #[arg(long, env = "RP_CLIENT_RECONNECT_MAX_S")]
-    pub reconnect_max: Option<f64>,
     /// The local HTTP endpoint: an address, or unix:<path> for a Unix socket [default:
     /// 127.0.0.1:8081 server, 127.0.0.1:8080 client].
     #[arg(long, env = "RP_HTTP_BIND")]
@@ -161,9 +285,8 @@ pub struct NodeArgs {
     #[arg(long, env = "RP_HANDLERS", value_delimiter = ',', help = handlers_help())]
     pub handlers: Option<Vec<String>>,
     /// The settings of the registered plug-ins: flags and environment variables they
-    /// declare. In the file, the tables and keys of [`PluginValues`].
+    /// declare.
     #[command(flatten)]
-    #[serde(skip)]
     pub plugins: PluginValues,
     /// Seconds between heartbeats [default: 5].
     #[arg(long, env = "RP_CLIENT_HEARTBEAT_INTERVAL_S")]
@@ -193,18 +316,256 @@ pub struct NodeArgs {
     /// Seconds given to in-flight requests at shutdown [default: 10].
     #[arg(long, env = "RP_SHUTDOWN_GRACE_S")]
     pub grace: Option<f64>,
-    /// The statsd host; empty disables metrics [default: localhost].
-    #[arg(long, env = "RP_STATSD_HOST")]
+    /// Where metrics go.
+    #[command(flatten)]
+    pub statsd: StatsdArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl CommonArgs {
+    /// The settings these flags give, none of a side's own.
+    fn into_node_args(self) -> NodeArgs {
+        NodeArgs {
+            config: self.config,
+            ca: self.ca,
+            cert: self.cert,
+            key: self.key,
+            crls: self.crls,
+            http: self.http,
+            http_allowed_hosts: self.http_allowed_hosts,
+            http_socket_mode: self.http_socket_mode,
+            http_header_timeout: self.http_header_timeout,
+            http_body_timeout: self.http_body_timeout,
+            http_idle_timeout: self.http_idle_timeout,
+            http_max_connections: self.http_max_connections,
+            http_token: self.http_token,
+            http_insecure: self.http_insecure,
+            policy: self.policy,
+            handlers: self.handlers,
+            plugins: self.plugins,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+            handshake_timeout: self.handshake_timeout,
+            connect_wait: self.connect_wait,
+            request_timeout: self.request_timeout,
+            max_frame: self.max_frame,
+            max_in_flight: self.max_in_flight,
+            max_in_flight_bytes: self.max_in_flight_bytes,
+            grace: self.grace,
+            statsd_host: self.statsd.statsd_host,
+            statsd_port: self.statsd.statsd_port,
+            statsd_prefix: self.statsd.statsd_prefix,
+            debug: self.log.debug,
+            log_format: self.log.log_format,
+            ..NodeArgs::default()
+        }
+    }
+}
+
+impl From<ServerArgs> for NodeArgs {
+    fn from(args: ServerArgs) -> NodeArgs {
+        let ServerOnlyArgs {
+            client_ca,
+            bind_interface,
+            bind_port,
+            max_connections,
+            max_handshakes,
+            max_handshakes_per_source,
+        } = args.server;
+        NodeArgs {
+            client_ca,
+            bind_interface,
+            bind_port,
+            max_connections,
+            max_handshakes,
+            max_handshakes_per_source,
+            ..args.common.into_node_args()
+        }
+    }
+}
+
+impl From<ClientArgs> for NodeArgs {
+    fn from(args: ClientArgs) -> NodeArgs {
+        let ClientOnlyArgs {
+            server_host,
+            server_port,
+            server_name,
+            reconnect_max,
+        } = args.client;
+        NodeArgs {
+            server_host,
+            server_port,
+            server_name,
+            reconnect_max,
+            ..args.common.into_node_args()
+        }
+    }
+}
+
+/// The settings of a server or a client node, as the flags ([`ServerArgs`], [`ClientArgs`])
+/// give them and as the TOML file holds them: every key optional (the flag's name with `_`
+/// for `-`), unknown keys refused. A file may hold the settings of both sides only in the
+/// sense that each key is known; a key of the other side's own is refused
+/// ([`Settings::resolve`]), so that a setting is never silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeArgs {
+    /// `--config`: the TOML file (not a key of the file).
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// `--ca`.
+    pub ca: Option<PathBuf>,
+    /// `--cert`.
+    pub cert: Option<PathBuf>,
+    /// `--key`.
+    pub key: Option<PathBuf>,
+    /// `--client-ca` (server).
+    pub client_ca: Option<PathBuf>,
+    /// `--crl`, repeatable.
+    #[serde(alias = "crl")]
+    pub crls: Option<Vec<PathBuf>>,
+    /// `--bind-interface` (server).
+    pub bind_interface: Option<IpAddr>,
+    /// `--bind-port` (server).
+    pub bind_port: Option<u16>,
+    /// `--max-connections` (server).
+    pub max_connections: Option<usize>,
+    /// `--max-handshakes` (server).
+    pub max_handshakes: Option<usize>,
+    /// `--max-handshakes-per-source` (server).
+    pub max_handshakes_per_source: Option<usize>,
+    /// `--server-host` (client).
+    pub server_host: Option<String>,
+    /// `--server-port` (client).
+    pub server_port: Option<u16>,
+    /// `--server-name` (client).
+    pub server_name: Option<String>,
+    /// `--reconnect-max` (client).
+    pub reconnect_max: Option<f64>,
+    /// `--http`.
+    pub http: Option<HttpListen>,
+    /// `--http-allowed-hosts`.
+    pub http_allowed_hosts: Option<Vec<String>>,
+    /// `--http-socket-mode`.
+    pub http_socket_mode: Option<String>,
+    /// `--http-header-timeout`.
+    pub http_header_timeout: Option<f64>,
+    /// `--http-body-timeout`.
+    pub http_body_timeout: Option<f64>,
+    /// `--http-idle-timeout`.
+    pub http_idle_timeout: Option<f64>,
+    /// `--http-max-connections`.
+    pub http_max_connections: Option<usize>,
+    /// `--http-token`.
+    pub http_token: Option<String>,
+    /// `--http-insecure`.
+    pub http_insecure: bool,
+    /// `--policy`.
+    pub policy: Option<PathBuf>,
+    /// `--handlers`.
+    pub handlers: Option<Vec<String>>,
+    /// The settings of the registered plug-ins. In the file, the tables and keys of
+    /// [`PluginValues`].
+    #[serde(skip)]
+    pub plugins: PluginValues,
+    /// `--heartbeat-interval`.
+    pub heartbeat_interval: Option<f64>,
+    /// `--heartbeat-timeout`.
+    pub heartbeat_timeout: Option<f64>,
+    /// `--handshake-timeout`.
+    pub handshake_timeout: Option<f64>,
+    /// `--connect-wait`.
+    pub connect_wait: Option<f64>,
+    /// `--request-timeout`.
+    pub request_timeout: Option<f64>,
+    /// `--max-frame`.
+    pub max_frame: Option<usize>,
+    /// `--max-in-flight`.
+    pub max_in_flight: Option<usize>,
+    /// `--max-in-flight-bytes`.
+    pub max_in_flight_bytes: Option<usize>,
+    /// `--grace`.
+    pub grace: Option<f64>,
+    /// `--statsd-host`.
     pub statsd_host: Option<String>,
-    /// The statsd port [default: 8125].
-    #[arg(long, env = "RP_STATSD_PORT")]
+    /// `--statsd-port`.
     pub statsd_port: Option<u16>,
-    /// The prefix of every metric name [default: restpipe].
-    #[arg(long, env = "RP_STATSD_PREFIX")]
+    /// `--statsd-prefix`.
     pub statsd_prefix: Option<String>,
-    /// Debug logs.
-    #[arg(long, env = "DEBUG", value_parser = parse_flag)]
+    /// `--debug`.
     pub debug: Option<bool>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+}
+
+/// Every flag of both sides at once: the keys the file knows, as flags (what a check that
+/// plug-in names stay apart from the node's settings looks at).
+impl Args for NodeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let cmd = ServerOnlyArgs::augment_args(cmd);
+        let cmd = ClientOnlyArgs::augment_args(cmd);
+        CommonArgs::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for NodeArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let server = NodeArgs::from(ServerArgs {
+            server: ServerOnlyArgs::from_arg_matches(matches)?,
+            common: CommonArgs::from_arg_matches(matches)?,
+        });
+        let client = NodeArgs::from(ClientArgs {
+            client: ClientOnlyArgs::from_arg_matches(matches)?,
+            common: CommonArgs::default(),
+        });
+        Ok(NodeArgs {
+            server_host: client.server_host,
+            server_port: client.server_port,
+            server_name: client.server_name,
+            reconnect_max: client.reconnect_max,
+            ..server
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = NodeArgs::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl NodeArgs {
+    /// The first key given here that belongs to the other side than `side`, by its name in
+    /// the file.
+    fn other_sides_key(&self, side: restpipe_handler::Side) -> Option<&'static str> {
+        let given = match side {
+            restpipe_handler::Side::Client => [
+                ("client_ca", self.client_ca.is_some()),
+                ("bind_interface", self.bind_interface.is_some()),
+                ("bind_port", self.bind_port.is_some()),
+                ("max_connections", self.max_connections.is_some()),
+                ("max_handshakes", self.max_handshakes.is_some()),
+                (
+                    "max_handshakes_per_source",
+                    self.max_handshakes_per_source.is_some(),
+                ),
+            ]
+            .to_vec(),
+            restpipe_handler::Side::Server => [
+                ("server_host", self.server_host.is_some()),
+                ("server_port", self.server_port.is_some()),
+                ("server_name", self.server_name.is_some()),
+                ("reconnect_max", self.reconnect_max.is_some()),
+            ]
+            .to_vec(),
+        };
+        given.into_iter().find(|(_, set)| *set).map(|(key, _)| key)
+    }
 }
 
 /// The help of `--handlers`: the plug-ins of this build and the default.
@@ -218,7 +579,7 @@ fn handlers_help() -> String {
 
 /// The values given to the settings of the registered plug-ins, by plug-in name then key.
 ///
-/// As a part of [`NodeArgs`] it adds each declared setting as a flag (with its environment
+/// As a part of [`CommonArgs`] it adds each declared setting as a flag (with its environment
 /// variable) and reads it back; repeatable settings take many flags and commas. The file's
 /// tables and keys are in the module documentation.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -378,6 +739,8 @@ pub struct Settings {
     pub statsd: StatsdSettings,
     /// Debug logs.
     pub debug: bool,
+    /// The format of the logs.
+    pub log_format: LogFormat,
 }
 
 impl std::fmt::Debug for Settings {
@@ -434,9 +797,26 @@ impl Settings {
 
     /// Merge flags (with their env vars), the config file and the defaults for `side`, and
     /// check the result.
-    pub fn resolve(args: NodeArgs, side: restpipe_handler::Side) -> Result<Settings, String> {
+    pub fn resolve(
+        args: impl Into<NodeArgs>,
+        side: restpipe_handler::Side,
+    ) -> Result<Settings, String> {
+        let args: NodeArgs = args.into();
         let (file, file_plugins) = match &args.config {
-            Some(path) => read_file(path)?,
+            Some(path) => {
+                let (file, plugins) = read_file(path)?;
+                if let Some(key) = file.other_sides_key(side) {
+                    let (theirs, mine) = match side {
+                        restpipe_handler::Side::Client => ("server", "client"),
+                        restpipe_handler::Side::Server => ("client", "server"),
+                    };
+                    return Err(format!(
+                        "config file {}: `{key}` is a {theirs} setting, which a {mine} node does not take; remove it, or give each side its own file",
+                        path.display()
+                    ));
+                }
+                (file, plugins)
+            }
             None => (NodeArgs::default(), PluginValues::default()),
         };
         let server_side = side == restpipe_handler::Side::Server;
@@ -593,6 +973,7 @@ impl Settings {
                 prefix: pick!(statsd_prefix).unwrap_or_else(|| "restpipe".into()),
             },
             debug: pick!(debug).unwrap_or(false),
+            log_format: pick!(log_format).unwrap_or_default(),
         })
     }
 }
@@ -758,7 +1139,7 @@ mod tests {
         let Command::Server(args) = cli.command else {
             panic!("not the server command");
         };
-        args
+        args.into()
     }
 
     fn list(values: &[&str]) -> SettingValue {

@@ -1,42 +1,66 @@
-//! The `restpipe` command: parse the arguments, set up logging, run a node.
+//! The `restpipe` command: parse the arguments, set up logging, run a node, the demo, or one of
+//! the operator's commands (`status`, `completions`).
+
+mod status_cmd;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use restpipe::app;
-use restpipe::config::{Cli, Command, Settings};
+use restpipe::config::{Cli, Command, LogFormat, NodeArgs, Settings};
 use restpipe::handler::Side;
 use tracing_subscriber::EnvFilter;
 
-fn init_logs(debug: bool) {
+/// Logs on stderr: `RUST_LOG` if set, else info (debug with `debug`), as text or as one JSON
+/// object a line.
+fn init_logs(debug: bool, format: LogFormat) {
     let default = if debug { "debug" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     if let Err(e) = restpipe::util::raise_open_files_limit() {
         tracing::warn!(cause = %e, "cannot raise the open-files limit");
     }
 }
 
+/// Run a node of `side` from its flags until SIGINT or SIGTERM.
+async fn run_node(side: Side, args: NodeArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(args, side).map_err(anyhow::Error::msg)?;
+    init_logs(settings.debug, settings.log_format);
+    app::run(side, settings, app::shutdown_signal()).await
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Server(args) => {
-            let settings = Settings::resolve(args, Side::Server).map_err(anyhow::Error::msg)?;
-            init_logs(settings.debug);
-            app::run(Side::Server, settings, app::shutdown_signal()).await
-        }
-        Command::Client(args) => {
-            let settings = Settings::resolve(args, Side::Client).map_err(anyhow::Error::msg)?;
-            init_logs(settings.debug);
-            app::run(Side::Client, settings, app::shutdown_signal()).await
-        }
+        Command::Server(args) => run_node(Side::Server, args.into()).await,
+        Command::Client(args) => run_node(Side::Client, args.into()).await,
         Command::Demo(args) => {
-            init_logs(args.debug);
+            init_logs(
+                args.log.debug.unwrap_or(false),
+                args.log.log_format.unwrap_or_default(),
+            );
             app::demo(args, app::shutdown_signal()).await
+        }
+        Command::Status(args) => status_cmd::run(&args).await,
+        Command::Completions(args) => {
+            clap_complete::generate(
+                args.shell,
+                &mut Cli::command(),
+                "restpipe",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
     }
 }

@@ -216,6 +216,7 @@ async fn check_curl_line(curl: &CurlLine) {
 async fn demo_prints_curl_lines_that_work_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = restpipe(dir.path())
+        .env("RP_STATSD_HOST", "")
         .args([
             "demo",
             "--client-http",
@@ -254,6 +255,11 @@ async fn demo_prints_curl_lines_that_work_and_stops_on_sigterm() {
         );
     }
     assert!(curls.len() >= 9, "too few curl lines:\n{printed}");
+    // RP_STATSD_HOST is empty: the demo says its metrics are off.
+    assert!(
+        printed.lines().any(|l| l.starts_with("Metrics: off")),
+        "{printed}"
+    );
     for curl in &curls {
         assert!(!curl.url.contains(":0/"), "port 0 printed: {}", curl.line);
         check_curl_line(curl).await;
@@ -563,4 +569,504 @@ async fn a_server_and_a_client_process_talk_both_ways_and_stop_on_sigterm() {
     for log in [server_log.await.unwrap(), client_log.await.unwrap()] {
         assert!(!log.contains("panicked"), "{log}");
     }
+}
+
+// ----------------------------------------------------------------------------------------
+// The command line: help, flags, completions
+
+/// Run the command to its end; returns the exit code, stdout and stderr.
+async fn output_of(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = within(
+        Duration::from_secs(20),
+        "the command to end",
+        restpipe(dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Each subcommand's help lists only the options that apply to it; `--debug` takes no value
+/// (and `DEBUG=1` still works); a flag of the other side is refused.
+#[tokio::test]
+async fn each_subcommand_lists_and_takes_only_its_own_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = |side: &'static str| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let (code, stdout, stderr) = output_of(&dir, &[side, "--help"]).await;
+            assert_eq!(code, Some(0), "{side} --help: {stderr}");
+            stdout
+        }
+    };
+    let server = help("server").await;
+    let client = help("client").await;
+    let demo = help("demo").await;
+    let status = help("status").await;
+    let server_only = [
+        "--bind-port",
+        "--bind-interface",
+        "--max-connections",
+        "--max-handshakes",
+        "--max-handshakes-per-source",
+        "--client-ca",
+    ];
+    let client_only = [
+        "--server-host",
+        "--server-port",
+        "--server-name",
+        "--reconnect-max",
+    ];
+    let both = [
+        "--ca",
+        "--http",
+        "--http-token",
+        "--policy",
+        "--files-root",
+        "--statsd-host",
+        "--debug",
+        "--log-format",
+    ];
+    let has = |help: &str, flag: &str| {
+        help.lines()
+            .any(|l| l.split([' ', ',', '=']).any(|word| word == flag))
+    };
+    for flag in server_only {
+        assert!(has(&server, flag), "server --help lacks {flag}:\n{server}");
+        assert!(!has(&client, flag), "client --help lists {flag}:\n{client}");
+    }
+    for flag in client_only {
+        assert!(has(&client, flag), "client --help lacks {flag}:\n{client}");
+        assert!(!has(&server, flag), "server --help lists {flag}:\n{server}");
+    }
+    for flag in both {
+        assert!(has(&server, flag), "server --help lacks {flag}:\n{server}");
+        assert!(has(&client, flag), "client --help lacks {flag}:\n{client}");
+    }
+    for flag in ["--statsd-host", "--statsd-port", "--debug", "--log-format"] {
+        assert!(has(&demo, flag), "demo --help lacks {flag}:\n{demo}");
+    }
+    for flag in ["--http", "--unix", "--token"] {
+        assert!(has(&status, flag), "status --help lacks {flag}:\n{status}");
+    }
+    for help in [&server, &client, &demo] {
+        assert!(
+            !help.contains("--debug <"),
+            "--debug asks for a value:\n{help}"
+        );
+    }
+
+    // The other side's flags are refused, and --debug takes no value.
+    for args in [
+        &["client", "--bind-port", "1"][..],
+        &["server", "--server-host", "h"],
+        &["client", "--debug", "1"],
+        &["client", "--debug=1"],
+        &["server", "--log-format", "xml"],
+    ] {
+        let (code, _, stderr) = output_of(dir.path(), args).await;
+        assert_eq!(code, Some(2), "restpipe {args:?} was taken: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    }
+    // `DEBUG=1` is the flag's environment variable: the node starts at debug level (and
+    // fails on the missing certificates after saying so).
+    let output = restpipe(dir.path())
+        .env("DEBUG", "1")
+        .args(["client", "--ca", "/nonexistent/ca.pem", "--statsd-host", ""])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ca.pem"), "{stderr}");
+    let output = restpipe(dir.path())
+        .env("DEBUG", "maybe")
+        .args(["client", "--ca", "/nonexistent/ca.pem", "--statsd-host", ""])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "DEBUG=maybe is refused");
+}
+
+/// `restpipe completions bash` prints a script bash parses and sources, which completes
+/// `restpipe`.
+#[tokio::test]
+async fn completions_for_bash_source_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, script, stderr) = output_of(dir.path(), &["completions", "bash"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(script.contains("restpipe"), "{script}");
+    let path = dir.path().join("restpipe.bash");
+    std::fs::write(&path, &script).unwrap();
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    let sourced = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p restpipe", path.display()))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&sourced.stdout);
+    assert!(
+        sourced.status.success() && said.contains("restpipe"),
+        "{said}{}",
+        String::from_utf8_lossy(&sourced.stderr)
+    );
+    let (code, _, _) = output_of(dir.path(), &["completions", "tcsh"]).await;
+    assert_eq!(code, Some(2), "an unknown shell is refused");
+}
+
+/// `--log-format json` writes JSON lines; `restpipe status` shows a running server with its
+/// connected client's identity, and the client with its server; against a closed port it
+/// exits 1 with one line.
+#[tokio::test]
+async fn status_shows_the_node_and_its_peers_and_json_logs_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let DevOutcome::Written(paths) = write_dev_set(&dir.path().join("certs"), false).unwrap()
+    else {
+        panic!("a fresh directory already held certificates");
+    };
+    let server = spawn_node(
+        dir.path(),
+        &[
+            "server",
+            "--log-format",
+            "json",
+            "--ca",
+            paths.ca_cert.to_str().unwrap(),
+            "--cert",
+            paths.server_cert.to_str().unwrap(),
+            "--key",
+            paths.server_key.to_str().unwrap(),
+            "--bind-interface",
+            "127.0.0.1",
+            "--bind-port",
+            "0",
+            "--http",
+            "127.0.0.1:0",
+            "--statsd-host",
+            "",
+        ],
+    )
+    .await;
+    // The ready line is one JSON object whose fields are at the top level.
+    let ready: Value = serde_json::from_str(&server.ready)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", server.ready));
+    assert_eq!(ready["level"], "INFO", "{ready}");
+    assert_eq!(ready["message"], READY_LINE, "{ready}");
+    let server_http: SocketAddr = ready["http"].as_str().unwrap().parse().unwrap();
+    let pipe: SocketAddr = ready["pipe"].as_str().unwrap().parse().unwrap();
+    let client = spawn_node(
+        dir.path(),
+        &[
+            "client",
+            "--debug",
+            "--ca",
+            paths.ca_cert.to_str().unwrap(),
+            "--cert",
+            paths.client_cert.to_str().unwrap(),
+            "--key",
+            paths.client_key.to_str().unwrap(),
+            "--server-host",
+            "127.0.0.1",
+            "--server-port",
+            &pipe.port().to_string(),
+            "--server-name",
+            "localhost",
+            "--http",
+            "127.0.0.1:0",
+            "--statsd-host",
+            "",
+        ],
+    )
+    .await;
+    let client_http = client.addr("http");
+    let Spawned {
+        child: mut server,
+        log: server_log,
+        ..
+    } = server;
+    let Spawned {
+        child: mut client,
+        log: client_log,
+        ..
+    } = client;
+
+    let connected = wait_until_async(Duration::from_secs(15), || async move {
+        match http()
+            .get(format!("http://{server_http}/clients"))
+            .send()
+            .await
+        {
+            Ok(r) => r
+                .json::<Value>()
+                .await
+                .is_ok_and(|v| v[0]["identity"] == DEV_CLIENT_IDENTITY),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(connected, "the client never connected");
+
+    let (code, table, stderr) =
+        output_of(dir.path(), &["status", "--http", &server_http.to_string()]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let field = |table: &str, key: &str| -> String {
+        table
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in:\n{table}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(field(&table, "role"), "server", "{table}");
+    assert_eq!(field(&table, "identity"), "localhost", "{table}");
+    assert!(
+        field(&table, "certificate").contains("days left"),
+        "{table}"
+    );
+    assert_eq!(field(&table, "last reload"), "none since start", "{table}");
+    let peer = table
+        .lines()
+        .find(|l| l.starts_with(DEV_CLIENT_IDENTITY))
+        .unwrap_or_else(|| panic!("no row for {DEV_CLIENT_IDENTITY}:\n{table}"));
+    assert!(peer.contains("127.0.0.1:"), "{table}");
+
+    let (code, table, stderr) =
+        output_of(dir.path(), &["status", "--http", &client_http.to_string()]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(field(&table, "role"), "client", "{table}");
+    assert!(field(&table, "server").ends_with("(connected)"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("localhost ")),
+        "{table}"
+    );
+
+    // A closed port: one line, exit code 1.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert_fails_with(
+        dir.path(),
+        &["status", "--http", &closed.to_string()],
+        "no node answers",
+    )
+    .await;
+
+    terminate(&client);
+    terminate(&server);
+    assert_exits_cleanly(&mut client, "the client process").await;
+    assert_exits_cleanly(&mut server, "the server process").await;
+    let server_log = server_log.await.unwrap();
+    for line in server_log.lines() {
+        let event: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {line}"));
+        assert!(event["message"].is_string(), "{line}");
+    }
+    let client_log = client_log.await.unwrap();
+    assert!(
+        client_log.contains("DEBUG"),
+        "--debug gave no debug line:\n{client_log}"
+    );
+}
+
+/// The demo honours `RP_STATSD_HOST` and `RP_STATSD_PORT`: it says where its metrics go and
+/// sends them there.
+#[tokio::test]
+async fn the_demo_sends_metrics_to_the_statsd_it_is_given() {
+    let statsd = restpipe_testkit::statsd::Statsd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = restpipe(dir.path())
+        .env("RP_STATSD_HOST", "127.0.0.1")
+        .env("RP_STATSD_PORT", statsd.port().to_string())
+        .args([
+            "demo",
+            "--client-http",
+            "127.0.0.1:0",
+            "--server-http",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = collect_stderr(&mut child);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    let finished = within(Duration::from_secs(30), "the demo's instructions", async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.trim() == "Ctrl-C stops both." {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if !finished {
+        child.kill().await.unwrap();
+        panic!(
+            "the demo ended before its instructions:\n{printed}\nstderr:\n{}",
+            stderr.await.unwrap()
+        );
+    }
+    let metrics = printed
+        .lines()
+        .find(|l| l.starts_with("Metrics:"))
+        .unwrap_or_else(|| panic!("the demo does not say where its metrics go:\n{printed}"));
+    assert!(
+        metrics.contains(&format!("127.0.0.1:{}", statsd.port())),
+        "{metrics}"
+    );
+    let time = printed
+        .lines()
+        .filter_map(parse_curl_line)
+        .find(|c| c.url.ends_with("/server/time"))
+        .unwrap_or_else(|| panic!("no /server/time line:\n{printed}"));
+    get_json(&time.url).await;
+    statsd
+        .expect("the demo's 2xx tick", |l| {
+            l.starts_with("restpipe.http.status.2xx.tick:")
+        })
+        .await;
+    statsd.assert_all_well_formed();
+
+    terminate(&child);
+    assert_exits_cleanly(&mut child, "the demo").await;
+    let stderr = stderr.await.unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+// ----------------------------------------------------------------------------------------
+// contrib/: the systemd units, the settings files, nginx
+
+/// The `[Service]` keys of a unit file, each with its values in order.
+fn unit_keys(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .map(|l| {
+            let (key, value) = l.split_once('=').unwrap_or_else(|| panic!("{l:?}"));
+            (key.trim().to_string(), value.trim().to_string())
+        })
+        .collect()
+}
+
+/// The units run the right subcommand with the usual hardening, reload on SIGHUP and serve the
+/// front door in their runtime directory; `systemd-analyze verify` accepts them when it is
+/// installed; the settings files are read by the binary (and refused by the other side).
+#[tokio::test]
+async fn contrib_units_are_hardened_and_their_files_are_read() {
+    let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+    let dir = tempfile::tempdir().unwrap();
+    for side in ["server", "client"] {
+        let path = contrib
+            .join("systemd")
+            .join(format!("restpipe-{side}.service"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keys = unit_keys(&text);
+        let one = |key: &str| -> String {
+            keys.iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{} has no {key}=", path.display()))
+        };
+        assert!(
+            one("User") == "restpipe" || one("DynamicUser") == "yes",
+            "{side}"
+        );
+        assert_eq!(one("NoNewPrivileges"), "yes");
+        assert_eq!(one("ProtectSystem"), "strict");
+        assert!(one("LimitNOFILE").parse::<u64>().unwrap() >= 65536);
+        assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
+        let runtime = one("RuntimeDirectory");
+        let start = one("ExecStart");
+        let words: Vec<&str> = start.split_whitespace().collect();
+        assert_eq!(words[1], side, "{start}");
+        assert!(
+            start.contains(&format!("--http unix:/run/{runtime}/")),
+            "{start}"
+        );
+        assert!(
+            start.contains(&format!("--config /etc/restpipe/{side}.toml")),
+            "{start}"
+        );
+    }
+    let nginx = std::fs::read_to_string(contrib.join("nginx/restpipe.conf")).unwrap();
+    assert!(nginx.contains("server unix:/run/restpipe-client/node.sock;"));
+    assert!(nginx.contains("proxy_set_header Host localhost;"));
+
+    let have_systemd = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_systemd {
+        let mut units = Vec::new();
+        for side in ["server", "client"] {
+            let name = format!("restpipe-{side}.service");
+            let text = std::fs::read_to_string(contrib.join("systemd").join(&name)).unwrap();
+            let unit = dir.path().join(&name);
+            std::fs::write(&unit, text.replace("/usr/local/bin/restpipe", BIN)).unwrap();
+            units.push(unit);
+        }
+        let verified = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .args(&units)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&verified.stderr);
+        assert!(
+            verified.status.success() && said.trim().is_empty(),
+            "systemd-analyze verify: {said}"
+        );
+    } else {
+        eprintln!("systemd-analyze is not installed: the units were checked by parsing only");
+    }
+
+    // The settings files parse and resolve: the node gets as far as its certificates.
+    let server_toml = contrib.join("server.toml");
+    let client_toml = contrib.join("client.toml");
+    let (server_toml, client_toml) = (server_toml.to_str().unwrap(), client_toml.to_str().unwrap());
+    assert_fails_with(
+        dir.path(),
+        &["server", "--config", server_toml],
+        "/etc/restpipe/certs/",
+    )
+    .await;
+    assert_fails_with(
+        dir.path(),
+        &["client", "--config", client_toml],
+        "/etc/restpipe/certs/",
+    )
+    .await;
+    // Each side refuses the other's own keys, naming the key.
+    assert_fails_with(
+        dir.path(),
+        &["client", "--config", server_toml],
+        "`bind_interface` is a server setting",
+    )
+    .await;
+    assert_fails_with(
+        dir.path(),
+        &["server", "--config", client_toml],
+        "`server_host` is a client setting",
+    )
+    .await;
 }
