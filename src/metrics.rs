@@ -389,9 +389,10 @@ impl HandlerMetrics {
         for name in registered {
             let name = name.as_ref();
             match name.strip_suffix('*') {
-                Some(prefix) => {
-                    prefixes.push((prefix.to_string(), HandlerMetricNames::new(prefix, &mut stats)))
-                }
+                Some(prefix) => prefixes.push((
+                    prefix.to_string(),
+                    HandlerMetricNames::new(prefix, &mut stats),
+                )),
                 None => {
                     exact.insert(name.to_string(), HandlerMetricNames::new(name, &mut stats));
                 }

@@ -28,14 +28,13 @@ const CALLS: u64 = 7;
 
 /// Whether `check` says the tool is there; if not, skip (print why) outside CI, fail in CI.
 fn tool(name: &str, check: &mut Command) -> bool {
-    let there = check
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let there = check.output().map(|o| o.status.success()).unwrap_or(false);
     if !there {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true");
         assert!(!ci, "{name} is missing, and CI=true: .ci/run installs it");
-        eprintln!("SKIPPED: {name} is not installed (.ci/run installs it; CI=true makes this a failure)");
+        eprintln!(
+            "SKIPPED: {name} is not installed (.ci/run installs it; CI=true makes this a failure)"
+        );
     }
     there
 }
@@ -69,7 +68,10 @@ async fn pair(certs: &Certs) -> (Node, Node) {
 
 /// `/metrics` parsed by `prometheus_client`: family name -> (type, samples as
 /// `[name, labels, value]`).
-fn parse(text: &str, dir: &Path) -> BTreeMap<String, (String, Vec<(String, BTreeMap<String, String>, f64)>)> {
+fn parse(
+    text: &str,
+    dir: &Path,
+) -> BTreeMap<String, (String, Vec<(String, BTreeMap<String, String>, f64)>)> {
     let file = dir.join("metrics.txt");
     std::fs::write(&file, text).unwrap();
     let script = r#"
@@ -101,7 +103,11 @@ print(json.dumps(out))
                 .iter()
                 .map(|s| {
                     let labels = serde_json::from_value(s[1].clone()).unwrap();
-                    (s[0].as_str().unwrap().to_string(), labels, s[2].as_f64().unwrap())
+                    (
+                        s[0].as_str().unwrap().to_string(),
+                        labels,
+                        s[2].as_f64().unwrap(),
+                    )
                 })
                 .collect();
             (name, (kind, samples))
@@ -119,16 +125,26 @@ fn value(families: &Families, family: &str, sample: &str, labels: &[(&str, &str)
     samples
         .iter()
         .find(|(name, l, _)| {
-            name == sample && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
+            name == sample
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
         })
         .map(|(_, _, v)| *v)
         .unwrap_or_else(|| panic!("no {sample}{labels:?} in {family}: {samples:?}"))
 }
 
 async fn scrape(node: &Node) -> String {
-    let response = http_client().get(node.url("/metrics")).send().await.unwrap();
+    let response = http_client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    let kind = response.headers()["content-type"].to_str().unwrap().to_string();
+    let kind = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
     response.text().await.unwrap()
 }
@@ -172,20 +188,38 @@ async fn metrics_after_real_traffic_parse_with_the_expected_families() {
     let last = std::cell::RefCell::new(Families::new());
     let counted = wait_until_async(Duration::from_secs(10), || async {
         let families = parse(&scrape(&server).await, dir.path());
-        let seen = value(&families, "restpipe_tls_handshake_rejected", "restpipe_tls_handshake_rejected_total", &[("reason", "not_tls")]) >= 1.0
-            && value(&families, "restpipe_heartbeat_rtt_seconds", "restpipe_heartbeat_rtt_seconds_count", &[]) >= 2.0;
+        let seen = value(
+            &families,
+            "restpipe_tls_handshake_rejected",
+            "restpipe_tls_handshake_rejected_total",
+            &[("reason", "not_tls")],
+        ) >= 1.0
+            && value(
+                &families,
+                "restpipe_heartbeat_rtt_seconds",
+                "restpipe_heartbeat_rtt_seconds_count",
+                &[],
+            ) >= 2.0;
         *last.borrow_mut() = families;
         seen
     })
     .await;
     let families = last.into_inner();
-    assert!(counted, "the refusal and the heartbeats never showed: {families:?}");
+    assert!(
+        counted,
+        "the refusal and the heartbeats never showed: {families:?}"
+    );
 
     for (node, families) in [
         ("server", families),
         ("client", parse(&scrape(&client).await, dir.path())),
     ] {
-        let kind = |f: &str| families.get(f).map(|(k, _)| k.as_str()).unwrap_or("missing");
+        let kind = |f: &str| {
+            families
+                .get(f)
+                .map(|(k, _)| k.as_str())
+                .unwrap_or("missing")
+        };
         for (family, expected) in [
             ("restpipe_message_send", "counter"),
             ("restpipe_message_receive", "counter"),
@@ -203,27 +237,80 @@ async fn metrics_after_real_traffic_parse_with_the_expected_families() {
             assert_eq!(kind(family), expected, "{node}: {family}");
         }
         // Each side sent CALLS requests and handled CALLS with the time handler.
-        let sent = value(&families, "restpipe_message_send", "restpipe_message_send_total", &[]);
+        let sent = value(
+            &families,
+            "restpipe_message_send",
+            "restpipe_message_send_total",
+            &[],
+        );
         assert_eq!(sent, CALLS as f64, "{node}");
-        let round_trips = value(&families, "restpipe_message_send_duration_seconds", "restpipe_message_send_duration_seconds_count", &[]);
+        let round_trips = value(
+            &families,
+            "restpipe_message_send_duration_seconds",
+            "restpipe_message_send_duration_seconds_count",
+            &[],
+        );
         assert_eq!(round_trips, CALLS as f64, "{node}");
         let (_, samples) = &families["restpipe_message_send_duration_seconds"];
-        let buckets: Vec<_> = samples.iter().filter(|(n, _, _)| n.ends_with("_bucket")).collect();
+        let buckets: Vec<_> = samples
+            .iter()
+            .filter(|(n, _, _)| n.ends_with("_bucket"))
+            .collect();
         assert_eq!(buckets.len(), 18, "{node}: 17 bounds and +Inf");
         assert_eq!(buckets.last().unwrap().1["le"], "+Inf");
         assert_eq!(buckets.last().unwrap().2, CALLS as f64);
-        assert!(buckets.windows(2).all(|w| w[0].2 <= w[1].2), "{node}: buckets are cumulative");
-        let handled = value(&families, "restpipe_handler_duration_seconds", "restpipe_handler_duration_seconds_count", &[("handler", "get_time")]);
+        assert!(
+            buckets.windows(2).all(|w| w[0].2 <= w[1].2),
+            "{node}: buckets are cumulative"
+        );
+        let handled = value(
+            &families,
+            "restpipe_handler_duration_seconds",
+            "restpipe_handler_duration_seconds_count",
+            &[("handler", "get_time")],
+        );
         assert_eq!(handled, CALLS as f64, "{node}");
-        assert!(value(&families, "restpipe_http_responses", "restpipe_http_responses_total", &[("class", "2xx")]) >= CALLS as f64);
-        assert_eq!(value(&families, "restpipe_peers_connected", "restpipe_peers_connected", &[]), 1.0);
-        assert!(value(&families, "restpipe_certificate_days_left", "restpipe_certificate_days_left", &[]) > 0.0);
+        assert!(
+            value(
+                &families,
+                "restpipe_http_responses",
+                "restpipe_http_responses_total",
+                &[("class", "2xx")]
+            ) >= CALLS as f64
+        );
+        assert_eq!(
+            value(
+                &families,
+                "restpipe_peers_connected",
+                "restpipe_peers_connected",
+                &[]
+            ),
+            1.0
+        );
+        assert!(
+            value(
+                &families,
+                "restpipe_certificate_days_left",
+                "restpipe_certificate_days_left",
+                &[]
+            ) > 0.0
+        );
         // Bounded labels: no series names a path or a peer.
         for (_, (_, samples)) in families.iter() {
             for (name, labels, _) in samples {
                 for key in labels.keys() {
                     assert!(
-                        ["handler", "class", "reason", "le", "direction", "role", "identity", "version"].contains(&key.as_str()),
+                        [
+                            "handler",
+                            "class",
+                            "reason",
+                            "le",
+                            "direction",
+                            "role",
+                            "identity",
+                            "version"
+                        ]
+                        .contains(&key.as_str()),
                         "{node}: {name} has the label {key}"
                     );
                 }
@@ -242,7 +329,12 @@ async fn metrics_after_real_traffic_parse_with_the_expected_families() {
             .spawn()
             .unwrap();
         use std::io::Write as _;
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
@@ -265,11 +357,26 @@ async fn the_guard_covers_metrics_and_the_page() {
     // The page's headers: a strict CSP with the nonce of its inline script and style.
     let response = http_client().get(server.url("/")).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    let csp = response.headers()["content-security-policy"].to_str().unwrap().to_string();
+    let csp = response.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let body = response.text().await.unwrap();
-    assert!(csp.starts_with("default-src 'none'; script-src 'nonce-"), "{csp}");
-    let nonce = csp.split("'nonce-").nth(1).unwrap().split('\'').next().unwrap();
-    assert!(body.contains(&format!("<script nonce=\"{nonce}\">")), "{body}");
+    assert!(
+        csp.starts_with("default-src 'none'; script-src 'nonce-"),
+        "{csp}"
+    );
+    let nonce = csp
+        .split("'nonce-")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap();
+    assert!(
+        body.contains(&format!("<script nonce=\"{nonce}\">")),
+        "{body}"
+    );
     assert!(!body.contains("https://") && !body.contains(" src="));
 }
 
@@ -287,7 +394,9 @@ async fn the_page_in_headless_chromium_names_the_connected_client() {
     assert!(
         wait_until_async(Duration::from_secs(10), || async {
             let h = get_json(&http, &server.url("/status/history")).await;
-            h["rtts"][0]["samples"].as_array().is_some_and(|s| s.len() >= 5)
+            h["rtts"][0]["samples"]
+                .as_array()
+                .is_some_and(|s| s.len() >= 5)
                 && h["errors"].as_array().is_some_and(|e| !e.is_empty())
         })
         .await,
@@ -297,29 +406,53 @@ async fn the_page_in_headless_chromium_names_the_connected_client() {
     let profile = tempfile::tempdir().unwrap();
     let chromium = |extra: &[String]| {
         let mut cmd = Command::new("chromium");
-        cmd.args(["--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars"])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            // Lets the page's timers and fetches run before the DOM is dumped.
-            .arg("--virtual-time-budget=5000")
-            .args(extra)
-            .arg(server.url("/"));
+        cmd.args([
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        // Lets the page's timers and fetches run before the DOM is dumped.
+        .arg("--virtual-time-budget=5000")
+        .args(extra)
+        .arg(server.url("/"));
         cmd.output().unwrap()
     };
     let dom = chromium(&["--dump-dom".into()]);
     let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
-    assert!(dom.contains("data-loaded=\"1\""), "the script did not run: {dom}");
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the script did not run: {dom}"
+    );
     let peers = dom.split("<table id=\"peers\">").nth(1).unwrap();
-    assert!(peers.contains(&format!("<td>{CLIENT}</td>")), "no {CLIENT} among the peers: {dom}");
+    assert!(
+        peers.contains(&format!("<td>{CLIENT}</td>")),
+        "no {CLIENT} among the peers: {dom}"
+    );
     assert!(dom.contains("<polyline"), "no sparkline: {dom}");
-    assert!(dom.contains("/client/nobody-here/time"), "the 5xx is not among the last errors: {dom}");
+    assert!(
+        dom.contains("/client/nobody-here/time"),
+        "the 5xx is not among the last errors: {dom}"
+    );
 
     let shot_dir = tempfile::tempdir().unwrap();
     let shot = shot_dir.path().join("status-page.png");
-    let out = chromium(&[format!("--screenshot={}", shot.display()), "--window-size=1200,800".into()]);
+    let out = chromium(&[
+        format!("--screenshot={}", shot.display()),
+        "--window-size=1200,800".into(),
+    ]);
     let png = std::fs::read(&shot).unwrap_or_else(|e| {
-        panic!("no screenshot ({e}): {}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "no screenshot ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
     // `RESTPIPE_UPDATE_SCREENSHOT=1` refreshes the picture in docs/.
     if std::env::var("RESTPIPE_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1") {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status-page.png");

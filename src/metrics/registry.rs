@@ -73,7 +73,10 @@ impl Histogram {
         for (i, bucket) in self.buckets.iter().enumerate() {
             cumulative += bucket.load(Ordering::Relaxed);
             let le = BUCKET_LABELS.get(i).copied().unwrap_or("+Inf");
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
         }
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let braces = |l: &str| {
@@ -90,17 +93,61 @@ impl Histogram {
 
 /// The plain counters, one per statsd counter name: (statsd name, Prometheus name, help).
 const COUNTERS: [(&str, &str, &str); 11] = [
-    ("client.connect.new.tick", "restpipe_client_connect_attempts_total", "Dial attempts of a client node (TCP, TLS and hello)."),
-    ("client.connect.connected.tick", "restpipe_client_connect_connected_total", "Dial attempts of a client node that ended connected."),
-    ("client.connect.broken.tick", "restpipe_client_connect_broken_total", "Established connections of a client node that were lost."),
-    ("client.connect.heartbeat.success.tick", "restpipe_heartbeat_success_total", "Heartbeats that came back."),
-    ("client.connect.heartbeat.fail.tick", "restpipe_heartbeat_fail_total", "Peers silent past the heartbeat timeout (the connection is closed)."),
-    ("message.send.tick", "restpipe_message_send_total", "Requests sent across the pipe."),
-    ("message.receive.tick", "restpipe_message_receive_total", "Requests received from the peer, refused ones included."),
-    ("message.receive.forbidden.tick", "restpipe_message_receive_forbidden_total", "Requests from the peer that this node's policy refused."),
-    ("server.identity.cut.tick", "restpipe_server_identity_cut_total", "Server: identities cut to their length limit."),
-    ("server.identity.replaced.tick", "restpipe_server_identity_replaced_total", "Server: connections replaced by a newer one with the same identity."),
-    ("tls.handshake.log_held_back.tick", "restpipe_tls_handshake_log_held_back_total", "Server: refused handshakes not logged (over the log's rate)."),
+    (
+        "client.connect.new.tick",
+        "restpipe_client_connect_attempts_total",
+        "Dial attempts of a client node (TCP, TLS and hello).",
+    ),
+    (
+        "client.connect.connected.tick",
+        "restpipe_client_connect_connected_total",
+        "Dial attempts of a client node that ended connected.",
+    ),
+    (
+        "client.connect.broken.tick",
+        "restpipe_client_connect_broken_total",
+        "Established connections of a client node that were lost.",
+    ),
+    (
+        "client.connect.heartbeat.success.tick",
+        "restpipe_heartbeat_success_total",
+        "Heartbeats that came back.",
+    ),
+    (
+        "client.connect.heartbeat.fail.tick",
+        "restpipe_heartbeat_fail_total",
+        "Peers silent past the heartbeat timeout (the connection is closed).",
+    ),
+    (
+        "message.send.tick",
+        "restpipe_message_send_total",
+        "Requests sent across the pipe.",
+    ),
+    (
+        "message.receive.tick",
+        "restpipe_message_receive_total",
+        "Requests received from the peer, refused ones included.",
+    ),
+    (
+        "message.receive.forbidden.tick",
+        "restpipe_message_receive_forbidden_total",
+        "Requests from the peer that this node's policy refused.",
+    ),
+    (
+        "server.identity.cut.tick",
+        "restpipe_server_identity_cut_total",
+        "Server: identities cut to their length limit.",
+    ),
+    (
+        "server.identity.replaced.tick",
+        "restpipe_server_identity_replaced_total",
+        "Server: connections replaced by a newer one with the same identity.",
+    ),
+    (
+        "tls.handshake.log_held_back.tick",
+        "restpipe_tls_handshake_log_held_back_total",
+        "Server: refused handshakes not logged (over the log's rate).",
+    ),
 ];
 
 /// The classes of `http.status.<class>.tick`.
@@ -325,27 +372,65 @@ impl Registry {
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
         let name = "restpipe_http_responses_total";
-        head(&mut out, name, "counter", "Answers of the front door, by status class.");
+        head(
+            &mut out,
+            name,
+            "counter",
+            "Answers of the front door, by status class.",
+        );
         for (class, value) in STATUS_CLASSES.iter().zip(&self.status) {
-            let _ = writeln!(out, "{name}{{class=\"{class}\"}} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}{{class=\"{class}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         let name = "restpipe_tls_handshake_rejected_total";
-        head(&mut out, name, "counter", "Server: connections refused before they joined, by reason.");
+        head(
+            &mut out,
+            name,
+            "counter",
+            "Server: connections refused before they joined, by reason.",
+        );
         for (reason, value) in REJECT_REASONS.iter().zip(&self.rejected) {
-            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{reason}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         let name = "restpipe_unmapped_events_total";
-        head(&mut out, name, "counter", "Events with a statsd name no series carries.");
+        head(
+            &mut out,
+            name,
+            "counter",
+            "Events with a statsd name no series carries.",
+        );
         let _ = writeln!(out, "{name} {}", self.unmapped.load(Ordering::Relaxed));
 
         let name = "restpipe_message_send_duration_seconds";
-        head(&mut out, name, "histogram", "A request from sending to its reply, timeout or failure.");
+        head(
+            &mut out,
+            name,
+            "histogram",
+            "A request from sending to its reply, timeout or failure.",
+        );
         self.send.render(&mut out, name, "");
         let name = "restpipe_heartbeat_rtt_seconds";
-        head(&mut out, name, "histogram", "Heartbeat round trips (both sides measure).");
+        head(
+            &mut out,
+            name,
+            "histogram",
+            "Heartbeat round trips (both sides measure).",
+        );
         self.heartbeat.render(&mut out, name, "");
         let name = "restpipe_handler_duration_seconds";
-        head(&mut out, name, "histogram", "Time of a received request in its handler, by handler.");
+        head(
+            &mut out,
+            name,
+            "histogram",
+            "Time of a received request in its handler, by handler.",
+        );
         for (label, stats) in lock(&self.handlers).iter() {
             stats
                 .duration
@@ -357,7 +442,12 @@ impl Registry {
             let _ = writeln!(out, "{name} {value}");
         };
         let name = "restpipe_node_info";
-        head(&mut out, name, "gauge", "This node: its role, identity and version (always 1).");
+        head(
+            &mut out,
+            name,
+            "gauge",
+            "This node: its role, identity and version (always 1).",
+        );
         let _ = writeln!(
             out,
             "{name}{{role=\"{}\",identity=\"{}\",version=\"{}\"}} 1",
@@ -365,21 +455,51 @@ impl Registry {
             escape_label(&gauges.identity),
             env!("CARGO_PKG_VERSION")
         );
-        gauge(&mut out, "restpipe_peers_connected", "Peers connected now (a server's clients; 0 or 1 on a client).", &gauges.peers);
+        gauge(
+            &mut out,
+            "restpipe_peers_connected",
+            "Peers connected now (a server's clients; 0 or 1 on a client).",
+            &gauges.peers,
+        );
         let name = "restpipe_requests_in_flight";
-        head(&mut out, name, "gauge", "Requests in flight now: out (sent, waiting for the reply) and in (being handled).");
+        head(
+            &mut out,
+            name,
+            "gauge",
+            "Requests in flight now: out (sent, waiting for the reply) and in (being handled).",
+        );
         let _ = writeln!(out, "{name}{{direction=\"out\"}} {}", gauges.in_flight_out);
         let _ = writeln!(out, "{name}{{direction=\"in\"}} {}", gauges.in_flight_in);
         if let Some(days) = gauges.certificate_days_left {
-            gauge(&mut out, "restpipe_certificate_days_left", "Days left on this node's certificate.", &days);
+            gauge(
+                &mut out,
+                "restpipe_certificate_days_left",
+                "Days left on this node's certificate.",
+                &days,
+            );
         }
         if let Some(days) = gauges.peer_certificate_days_left_min {
-            gauge(&mut out, "restpipe_peer_certificate_days_left_min", "The fewest days left on a connected peer's certificate.", &days);
+            gauge(
+                &mut out,
+                "restpipe_peer_certificate_days_left_min",
+                "The fewest days left on a connected peer's certificate.",
+                &days,
+            );
         }
         let name = "restpipe_statsd_dropped_total";
-        head(&mut out, name, "counter", "Metrics lost on the way to statsd (queue full or send failed).");
+        head(
+            &mut out,
+            name,
+            "counter",
+            "Metrics lost on the way to statsd (queue full or send failed).",
+        );
         let _ = writeln!(out, "{name} {}", gauges.statsd_dropped);
-        gauge(&mut out, "restpipe_uptime_seconds", "Seconds since the front door started.", &gauges.uptime_s);
+        gauge(
+            &mut out,
+            "restpipe_uptime_seconds",
+            "Seconds since the front door started.",
+            &gauges.uptime_s,
+        );
         out
     }
 }
@@ -413,7 +533,10 @@ mod tests {
         r.tick("tls.handshake.rejected.something_new.tick");
         assert_eq!(r.unmapped.load(Ordering::Relaxed), 0);
         assert!(r.counters.iter().all(|c| c.load(Ordering::Relaxed) == 1));
-        assert_eq!(r.rejected[REJECT_REASONS.len() - 1].load(Ordering::Relaxed), 2);
+        assert_eq!(
+            r.rejected[REJECT_REASONS.len() - 1].load(Ordering::Relaxed),
+            2
+        );
         r.tick("no.such.tick");
         assert_eq!(r.unmapped.load(Ordering::Relaxed), 1);
     }
