@@ -26,6 +26,11 @@ const CLIENT: &str = "operator-view-c1";
 /// Calls made each way.
 const CALLS: u64 = 7;
 
+/// One sample: its name, labels and value.
+type Sample = (String, BTreeMap<String, String>, f64);
+/// Parsed families: name -> (type, samples).
+type Families = BTreeMap<String, (String, Vec<Sample>)>;
+
 /// Whether `check` says the tool is there; if not, skip (print why) outside CI, fail in CI.
 fn tool(name: &str, check: &mut Command) -> bool {
     let there = check.output().map(|o| o.status.success()).unwrap_or(false);
@@ -68,10 +73,7 @@ async fn pair(certs: &Certs) -> (Node, Node) {
 
 /// `/metrics` parsed by `prometheus_client`: family name -> (type, samples as
 /// `[name, labels, value]`).
-fn parse(
-    text: &str,
-    dir: &Path,
-) -> BTreeMap<String, (String, Vec<(String, BTreeMap<String, String>, f64)>)> {
+fn parse(text: &str, dir: &Path) -> Families {
     let file = dir.join("metrics.txt");
     std::fs::write(&file, text).unwrap();
     let script = r#"
@@ -114,8 +116,6 @@ print(json.dumps(out))
         })
         .collect()
 }
-
-type Families = BTreeMap<String, (String, Vec<(String, BTreeMap<String, String>, f64)>)>;
 
 /// The value of `sample` in `family` whose labels include `labels`.
 fn value(families: &Families, family: &str, sample: &str, labels: &[(&str, &str)]) -> f64 {
