@@ -1,8 +1,9 @@
 //! The local HTTP front door of a node: REST requests in, events across the pipe, replies out.
 //!
 //! On a client node `ANY /server/{noun...}` calls the server; on a server node
-//! `ANY /client/{identity}/{noun...}` calls that client. Both serve `GET /health` and
-//! `GET /status`; the server also serves `GET /clients`. The path maps to an event as docs/HTTP.md
+//! `ANY /client/{identity}/{noun...}` calls that client. Both serve `GET /health`,
+//! `GET /status`, `GET /metrics` and a status page at `GET /`; the server also serves
+//! `GET /clients`. The path maps to an event as docs/HTTP.md
 //! says: the noun's segments are checked, the parameters after `//` are
 //! percent-decoded, and the query string travels with the event. Every failure is a JSON
 //! `{"error": ...}` with the status docs/HTTP.md gives; no request waits past its deadline.
@@ -15,6 +16,7 @@
 //! - `call`: a call through the door, from the path to the event and from the reply (or the
 //!   failure) to the response;
 //! - `guard`: the Host and Origin guard every request passes first;
+//! - `page`: the operator's view, `GET /metrics` (Prometheus) and the status page at `GET /`;
 //! - `listen`: where the door listens ([`HttpListen`], TCP or a Unix socket) and how
 //!   ([`ServeOptions`]);
 //! - `serve`: the accept loop, with header, body and idle timeouts and a cap on connections
@@ -23,6 +25,7 @@
 mod call;
 mod guard;
 mod listen;
+mod page;
 mod serve;
 mod trace;
 
@@ -157,7 +160,10 @@ pub fn router(
     });
     let mut app = Router::new()
         .route("/health", get(health))
-        .route("/status", get(status));
+        .route("/status", get(status))
+        .route("/status/history", get(page::history))
+        .route("/metrics", get(page::metrics))
+        .route("/", get(page::page));
     app = match side {
         Side::Client => app
             .route("/server", any(missing_noun))
@@ -210,8 +216,16 @@ async fn checked(state: &AppState, request: Request, next: Next) -> Response {
         count_status(&state.options.metrics, response.status());
         return response;
     }
+    // Clones that share the request's buffers: nothing is allocated per request.
+    let (method, uri) = (request.method().clone(), request.uri().clone());
     let response = next.run(request).await;
     count_status(&state.options.metrics, response.status());
+    if response.status().is_server_error() {
+        state.options.metrics.error_event(
+            "http 5xx",
+            &format!("{} {method} {}", response.status().as_u16(), uri.path()),
+        );
+    }
     response
 }
 

@@ -10,6 +10,12 @@
 //! quiet node. With no statsd host configured every call is a no-op.
 //!
 //! The names are RestPipe's (the README's Metrics table); the README's "Metrics" section lists them.
+//!
+//! Every call also feeds the in-process [`registry::Registry`], whether statsd is on or
+//! off: `GET /metrics` renders it in the Prometheus text format, and the status page reads its
+//! recent errors and round trips.
+
+pub mod registry;
 
 use std::collections::HashMap;
 use std::io;
@@ -23,6 +29,8 @@ use cadence::prelude::*;
 use cadence::{BufferedUdpMetricSink, MetricSink, StatsdClient};
 use crossbeam_queue::ArrayQueue;
 use serde::Serialize;
+
+use registry::{HandlerStats, Registry};
 
 /// Metrics queued at most before new ones are dropped.
 const QUEUE_CAPACITY: usize = 16 * 1024;
@@ -38,6 +46,8 @@ pub const DRAIN_EVERY: Duration = Duration::from_millis(20);
 #[derive(Clone, Default)]
 pub struct Metrics {
     inner: Option<Arc<Inner>>,
+    /// Always there: `/metrics` works with statsd off.
+    registry: Arc<Registry>,
 }
 
 struct Inner {
@@ -116,7 +126,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Metrics that go nowhere.
+    /// Metrics that go to no statsd (the in-process registry still counts them).
     pub fn disabled() -> Self {
         Metrics::default()
     }
@@ -165,7 +175,27 @@ impl Metrics {
         let client = StatsdClient::from_sink(prefix, CountingSink(sink.clone()));
         Ok(Metrics {
             inner: Some(Arc::new(Inner { client, sink })),
+            registry: Arc::default(),
         })
+    }
+
+    /// The in-process registry behind `/metrics` and the status page.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Keep an error event (`kind`: a few words) for the status page's last errors.
+    pub fn error_event(&self, kind: &'static str, message: &str) {
+        self.registry.error_event(kind, message);
+    }
+
+    /// Metric names for the handlers listed as `Handlers::names` lists them, their time
+    /// recorded in this registry: see [`HandlerMetrics::new`].
+    pub fn handler_metrics<S: AsRef<str>>(
+        &self,
+        registered: impl IntoIterator<Item = S>,
+    ) -> HandlerMetrics {
+        HandlerMetrics::build(registered, |label| self.registry.handler(label))
     }
 
     /// Whether metrics go anywhere.
@@ -205,6 +235,7 @@ impl Metrics {
 
     /// Count one occurrence of `name` (`name:1|c`).
     pub fn tick(&self, name: &str) {
+        self.registry.tick(name);
         if let Some(inner) = &self.inner {
             // A refusal is counted by the sink.
             let _ = inner.client.count(name, 1);
@@ -213,6 +244,7 @@ impl Metrics {
 
     /// Record a duration under `name` (`name:<ms>|ms`).
     pub fn timing(&self, name: &str, duration: Duration) {
+        self.registry.timing(name, duration);
         if let Some(inner) = &self.inner {
             let _ = inner.client.time(name, duration);
         }
@@ -240,11 +272,12 @@ impl Metrics {
     /// `message.receive.handle.timing`, and the handler's own tick and timing under the
     /// names `names` made for it.
     pub fn handled(&self, names: &HandlerMetrics, handler: &str, elapsed: Duration) {
-        if self.is_enabled() {
-            self.timing("message.receive.handle.timing", elapsed);
-            let names = names.get(handler);
-            self.tick(&names.tick);
-            self.timing(&names.timing, elapsed);
+        let names = names.get(handler);
+        names.stats.duration.observe(elapsed);
+        if let Some(inner) = &self.inner {
+            let _ = inner.client.time("message.receive.handle.timing", elapsed);
+            let _ = inner.client.count(&names.tick, 1);
+            let _ = inner.client.time(&names.timing, elapsed);
         }
     }
 }
@@ -270,15 +303,34 @@ fn spawn_drainer(sink: Weak<Sink>) -> Result<(), String> {
         .map_err(|e| format!("cannot start the statsd thread: {e}"))
 }
 
-/// The `message.received.handle.<handler>.tick` and `.timing` names of one handler.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The `message.received.handle.<handler>.tick` and `.timing` names of one handler, and its
+/// time in the registry (`restpipe_handler_duration_seconds{handler=...}`).
+#[derive(Clone)]
 pub struct HandlerMetricNames {
     tick: String,
     timing: String,
+    stats: Arc<HandlerStats>,
 }
 
+impl std::fmt::Debug for HandlerMetricNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerMetricNames")
+            .field("tick", &self.tick)
+            .field("timing", &self.timing)
+            .finish()
+    }
+}
+
+impl PartialEq for HandlerMetricNames {
+    fn eq(&self, other: &Self) -> bool {
+        self.tick == other.tick && self.timing == other.timing
+    }
+}
+
+impl Eq for HandlerMetricNames {}
+
 impl HandlerMetricNames {
-    fn new(handler: &str) -> Self {
+    fn new(handler: &str, stats: &mut impl FnMut(&str) -> Arc<HandlerStats>) -> Self {
         // Only characters that are safe in a statsd line and a Graphite path.
         let handler: String = handler
             .chars()
@@ -293,6 +345,7 @@ impl HandlerMetricNames {
         HandlerMetricNames {
             tick: format!("message.received.handle.{handler}.tick"),
             timing: format!("message.received.handle.{handler}.timing"),
+            stats: stats(&handler),
         }
     }
 
@@ -321,17 +374,27 @@ pub struct HandlerMetrics {
 impl HandlerMetrics {
     /// Names for the handlers listed as `Handlers::names` lists them: `get_time` for a
     /// handler of that name, `get_jobs*` for the prefix handler of `GET jobs/...`.
+    /// Their time is kept apart from any registry; a node uses
+    /// [`Metrics::handler_metrics`] instead.
     pub fn new<S: AsRef<str>>(registered: impl IntoIterator<Item = S>) -> Self {
+        Self::build(registered, |_| Arc::default())
+    }
+
+    fn build<S: AsRef<str>>(
+        registered: impl IntoIterator<Item = S>,
+        mut stats: impl FnMut(&str) -> Arc<HandlerStats>,
+    ) -> Self {
         let mut exact = HashMap::new();
         let mut prefixes = Vec::new();
         for name in registered {
             let name = name.as_ref();
             match name.strip_suffix('*') {
-                Some(prefix) => {
-                    prefixes.push((prefix.to_string(), HandlerMetricNames::new(prefix)))
-                }
+                Some(prefix) => prefixes.push((
+                    prefix.to_string(),
+                    HandlerMetricNames::new(prefix, &mut stats),
+                )),
                 None => {
-                    exact.insert(name.to_string(), HandlerMetricNames::new(name));
+                    exact.insert(name.to_string(), HandlerMetricNames::new(name, &mut stats));
                 }
             }
         }
@@ -339,7 +402,7 @@ impl HandlerMetrics {
         HandlerMetrics {
             exact,
             prefixes,
-            other: HandlerMetricNames::new("other"),
+            other: HandlerMetricNames::new("other", &mut stats),
         }
     }
 

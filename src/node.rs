@@ -200,7 +200,7 @@ impl NodeCore {
     pub(crate) fn new(side: Side, options: &NodeOptions) -> Result<Self, NodeError> {
         options.pipe.validate()?;
         let handlers = all_handlers(side, &options.handlers, &options.plugins)?;
-        let handler_metrics = HandlerMetrics::new(handlers.names());
+        let handler_metrics = options.metrics.handler_metrics(handlers.names());
         let own_cert = options.tls.own_cert()?;
         Ok(NodeCore {
             side,
@@ -239,7 +239,10 @@ impl NodeCore {
     pub(crate) fn record_reload(&self, record: ReloadRecord) {
         match &record.error {
             None => tracing::info!(closed = ?record.closed, "reload: new material in use"),
-            Some(e) => warn!(cause = %e, "reload refused; the node keeps everything it had"),
+            Some(e) => {
+                warn!(cause = %e, "reload refused; the node keeps everything it had");
+                self.metrics.error_event("reload refused", e);
+            }
         }
         self.last_reload.store(Some(Arc::new(record)));
     }

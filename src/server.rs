@@ -298,7 +298,14 @@ impl Inner {
         self.core
             .metrics
             .tick(&format!("tls.handshake.rejected.{reason}.tick"));
-        match self.refusal_log.allow() {
+        let allowed = self.refusal_log.allow();
+        if allowed.is_some() {
+            // Within the log's rate, so that a flood of refusals costs the page nothing.
+            self.core
+                .metrics
+                .error_event("handshake refused", &format!("{addr}: {reason}: {cause}"));
+        }
+        match allowed {
             Some(0) => info!(peer = %addr, %reason, %cause, "handshake refused"),
             Some(held_back) => {
                 info!(peer = %addr, %reason, %cause, held_back, "handshake refused (and {held_back} more, not logged)")
@@ -331,6 +338,8 @@ async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, slot: Slot) 
         Err(e) => {
             warn!(peer = %addr, %identity, cause = %e, "hello refused");
             core.metrics.tick("tls.handshake.rejected.hello.tick");
+            core.metrics
+                .error_event("hello refused", &format!("{identity} ({addr}): {e}"));
             return;
         }
     };

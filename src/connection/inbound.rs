@@ -140,6 +140,14 @@ impl Shared {
                 let rtt = now.saturating_sub(nonce).max(1);
                 self.last_rtt_us.store(rtt, Ordering::Relaxed);
                 self.core.metrics.heartbeat_ok(Duration::from_micros(rtt));
+                if !self.closed.is_cancelled() {
+                    self.core.metrics.registry().rtt_sample(
+                        self.id,
+                        &self.info.identity,
+                        &self.info.addr.to_string(),
+                        Duration::from_micros(rtt),
+                    );
+                }
             }
             Message::Close(reason) => {
                 info!(%reason, "peer closed the connection");

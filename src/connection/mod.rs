@@ -307,6 +307,12 @@ impl Shared {
         if self.close_reason.set(reason).is_ok() {
             let reason = self.close_reason.get().cloned().unwrap_or_default();
             debug!(parent: &self.span, %reason, "connection closing");
+            let metrics = &self.core.metrics;
+            metrics.registry().connection_ended(self.id);
+            metrics.error_event(
+                "connection ended",
+                &format!("{} ({}): {reason}", self.info.identity, self.info.addr),
+            );
         }
         let pending = lock(&self.pending).take();
         self.closed.cancel();
