@@ -100,12 +100,14 @@ impl TraceContext {
 
     /// The `traceparent` header value.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id_hex(),
-            to_hex(&self.parent_id),
-            self.flags
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        out.push_str(&self.trace_id_hex());
+        out.push('-');
+        out.push_str(&to_hex(&self.parent_id));
+        out.push('-');
+        out.push_str(&to_hex(&[self.flags]));
+        out
     }
 
     /// The trace id, 32 lower-case hex digits.
@@ -128,8 +130,15 @@ impl TraceContext {
     }
 }
 
+/// Lower-case hex of `bytes`, in one allocation (this runs for every request).
 fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
