@@ -667,8 +667,18 @@ async fn requests(
                 plan.warmup,
                 plan.window,
             )
-            .await
-            .with_context(|| format!("{} at {} conns", t.label, series.conns))?;
+            .await;
+            let sample = match sample {
+                Ok(sample) => sample,
+                Err(e) => {
+                    // A node that exited says why in its log.
+                    plain.check_alive()?;
+                    if let Some(p) = policed.as_mut() {
+                        p.check_alive()?;
+                    }
+                    return Err(e.context(format!("{} at {} conns", t.label, series.conns)));
+                }
+            };
             if let (refused @ 1.., Some(status)) = sample.refused {
                 bail!(
                     "{} at {} conns: {refused} request(s) answered {status}, not 200: the figures would be those of refusals",
