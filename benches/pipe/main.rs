@@ -14,7 +14,8 @@
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
 //! `--only keepalive,close,bulk,scale`, `--out FILE` (markdown; a full run defaults to
-//! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`.
+//! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`,
+//! `--policy-rules N`.
 //!
 //! `--compare-bin PATH` (with the `keepalive` scenario) also runs a pair of nodes of another
 //! `restpipe` binary, an older build, through the keepalive points in both directions,
@@ -28,6 +29,17 @@
 //! (`server`/`client`, `--bind-port`, `--http`, `--ca`, `--cert`, `--key`, `--statsd-host`,
 //! `--server-host`, `--server-port`, `--server-name`) and log its bound addresses as the test
 //! kit's [`restpipe_testkit::procs::Node`] expects.
+//!
+//! `--policy-rules N` (with the `keepalive` scenario) writes a policy file of N `[[allow]]`
+//! rules (N - 1 for peers that never call, then, last, the one that allows the bench's client
+//! and server, so that every call walks every rule) and runs a pair of nodes whose server and
+//! client both run with `--policy FILE`, through the keepalive points in both directions,
+//! interleaved run by run with the baseline and the policy-free pair (the two pairs swap
+//! places on every other run; the metrics-on pair is left out):
+//! `cargo bench --bench pipe -- --only keepalive --policy-rules 100`. The report then has a
+//! table with, per point, req/s and p50 with and without the policy and the ratio
+//! policy / no policy with its min–max over runs. Such a run writes no file unless given
+//! `--out`.
 //!
 //! Every load point fails if any request is answered with a status other than 200 (the nodes'
 //! front door refuses a foreign `Host` with 403): figures of refusals would be meaningless.
@@ -144,11 +156,13 @@ struct Options {
     out: Option<PathBuf>,
     /// Another `restpipe` binary to compare with on the keepalive points.
     compare: Option<PathBuf>,
+    /// Rules of the policy to measure against none on the keepalive points.
+    policy_rules: Option<usize>,
     /// The arguments given, for the report.
     args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale] [--out FILE] [--compare-bin OLD_RESTPIPE]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
@@ -156,6 +170,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
         only: SCENARIOS.iter().map(|s| s.to_string()).collect(),
         out: None,
         compare: None,
+        policy_rules: None,
         args: args.to_vec(),
     };
     let mut it = args.iter();
@@ -185,6 +200,18 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
                 // Absolute, since the nodes run in the scratch directory.
                 options.compare = Some(std::fs::canonicalize(&bin)?);
             }
+            "--policy-rules" => {
+                let n = it
+                    .next()
+                    .context("--policy-rules needs a number of rules")?;
+                let n: usize = n
+                    .parse()
+                    .with_context(|| format!("--policy-rules: {n:?} is not a number"))?;
+                if n == 0 {
+                    bail!("--policy-rules needs at least 1 rule (the one that allows the bench)");
+                }
+                options.policy_rules = Some(n);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -194,6 +221,12 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
     }
     if options.compare.is_some() && !options.only.iter().any(|s| s == "keepalive") {
         bail!("--compare-bin compares the keepalive points: add keepalive to --only");
+    }
+    if options.policy_rules.is_some() && !options.only.iter().any(|s| s == "keepalive") {
+        bail!("--policy-rules measures the keepalive points: add keepalive to --only");
+    }
+    if options.policy_rules.is_some() && options.compare.is_some() {
+        bail!("--policy-rules and --compare-bin: one comparison per run");
     }
     Ok(options)
 }
@@ -293,7 +326,7 @@ fn bench(options: Options) -> anyhow::Result<()> {
     println!("\n{text}");
     let out = match (&options.out, plan.mode) {
         (Some(path), _) => Some(path.clone()),
-        (None, "full") if options.compare.is_none() => {
+        (None, "full") if options.compare.is_none() && options.policy_rules.is_none() => {
             Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md"))
         }
         (None, _) => None,
@@ -381,6 +414,7 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
             format!("cargo bench --bench pipe -- {}", options.args.join(" "))
         },
         compare: options.compare.as_ref().map(|p| p.display().to_string()),
+        policy_rules: options.policy_rules,
         ..Report::default()
     };
     println!(
@@ -390,12 +424,15 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         work.dir().display()
     );
     if wants("keepalive") || wants("close") {
-        let compare = options.compare.as_deref();
+        let others = Others {
+            compare: options.compare.as_deref(),
+            policy_rules: options.policy_rules,
+        };
         requests(
             plan,
             &work,
             (wants("keepalive"), wants("close")),
-            compare,
+            &others,
             &mut report,
         )
         .await?;
@@ -419,15 +456,25 @@ struct Target {
     path: &'static str,
 }
 
-/// The request points: `keepalive` and/or `close`; with `compare`, the keepalive points of a
-/// pair of that binary's nodes too.
+/// The other node pairs measured on the keepalive points, besides the policy-free pair of the
+/// binary cargo built.
+struct Others<'a> {
+    /// A pair of this older binary's nodes (`--compare-bin`).
+    compare: Option<&'a std::path::Path>,
+    /// A pair of nodes with a policy of this many rules (`--policy-rules`).
+    policy_rules: Option<usize>,
+}
+
+/// The request points: `keepalive` and/or `close`; with `others`, the keepalive points of an
+/// older binary's pair or of a pair with a policy too.
 async fn requests(
     plan: &Plan,
     work: &restpipe_testkit::certs::Certs,
     (keepalive, close): (bool, bool),
-    compare: Option<&std::path::Path>,
+    others: &Others<'_>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    let compare = others.compare;
     let sink = restpipe_testkit::statsd::Statsd::counting().await;
     let (_baseline, baseline) = procs::baseline(work).await?;
     let mut plain = procs::pair(
@@ -438,7 +485,9 @@ async fn requests(
         },
     )
     .await?;
-    let mut metered = if keepalive {
+    // With a policy, the metrics pair is left out: it is not what is compared, and the run
+    // stays within minutes.
+    let mut metered = if keepalive && others.policy_rules.is_none() {
         Some(
             procs::pair(
                 work,
@@ -465,6 +514,23 @@ async fn requests(
             )
             .await?,
         ),
+        _ => None,
+    };
+    let mut policed = match others.policy_rules {
+        Some(rules) if keepalive => {
+            let file = procs::policy_file(work, rules)?;
+            Some(
+                procs::pair(
+                    work,
+                    &procs::PairOptions {
+                        name: "pipe-policy".into(),
+                        extra: vec!["--policy".into(), file.display().to_string()],
+                        ..Default::default()
+                    },
+                )
+                .await?,
+            )
+        }
         _ => None,
     };
     let mut targets = vec![Target {
@@ -507,6 +573,35 @@ async fn requests(
             },
         );
     }
+    if let Some(p) = &policed {
+        // Each right after the policy-free pair's same direction.
+        for (after, target) in [
+            (
+                "c2s",
+                Target {
+                    key: "pol-c2s",
+                    label: "pipe client→server, with the policy",
+                    addr: p.client_http,
+                    path: "/server/time",
+                },
+            ),
+            (
+                "s2c",
+                Target {
+                    key: "pol-s2c",
+                    label: "pipe server→client, with the policy",
+                    addr: p.server_http,
+                    path: "/client/dev-client/time",
+                },
+            ),
+        ] {
+            let at = targets
+                .iter()
+                .position(|t| t.key == after)
+                .map_or(targets.len(), |i| i + 1);
+            targets.insert(at, target);
+        }
+    }
     if let Some(m) = &metered {
         targets.push(Target {
             key: "c2s-metrics",
@@ -545,12 +640,15 @@ async fn requests(
     }
     for run in 1..=plan.runs {
         // With an older binary to compare with, old and new swap places on every other run,
-        // so that neither always runs right after the other.
+        // so that neither always runs right after the other; so do the pairs with and
+        // without a policy.
         let mut order: Vec<usize> = (0..report.series.len()).collect();
         if run % 2 == 0 {
             for i in 0..order.len().saturating_sub(1) {
                 let (a, b) = (&report.series[i], &report.series[i + 1]);
-                if a.key.strip_prefix("old-") == Some(b.key) && a.conns == b.conns {
+                let paired = a.key.strip_prefix("old-") == Some(b.key)
+                    || b.key.strip_prefix("pol-") == Some(a.key);
+                if paired && a.conns == b.conns {
                     order.swap(i, i + 1);
                 }
             }
@@ -569,8 +667,18 @@ async fn requests(
                 plan.warmup,
                 plan.window,
             )
-            .await
-            .with_context(|| format!("{} at {} conns", t.label, series.conns))?;
+            .await;
+            let sample = match sample {
+                Ok(sample) => sample,
+                Err(e) => {
+                    // A node that exited says why in its log.
+                    plain.check_alive()?;
+                    if let Some(p) = policed.as_mut() {
+                        p.check_alive()?;
+                    }
+                    return Err(e.context(format!("{} at {} conns", t.label, series.conns)));
+                }
+            };
             if let (refused @ 1.., Some(status)) = sample.refused {
                 bail!(
                     "{} at {} conns: {refused} request(s) answered {status}, not 200: the figures would be those of refusals",
@@ -598,6 +706,9 @@ async fn requests(
         }
         if let Some(o) = old.as_mut() {
             o.check_alive()?;
+        }
+        if let Some(p) = policed.as_mut() {
+            p.check_alive()?;
         }
     }
     report.statsd_datagrams = sink.datagrams();

@@ -98,6 +98,33 @@ pub async fn rustls_copy(work: &Certs) -> anyhow::Result<(Process, SocketAddr)> 
     reference_server(work, "rustls-copy", "--serve-rustls", &[dir]).await
 }
 
+/// Write a policy file (docs/POLICY.md) of `rules` `[[allow]]` rules into the scratch
+/// directory: `rules - 1` rules for peers that never call (`nobody-I-*`, on `get_t*`), then,
+/// last, the one that lets the bench's client and server call `get_time` on each other, so
+/// that every allowed call walks every rule. Returns its path.
+pub fn policy_file(work: &Certs, rules: usize) -> anyhow::Result<PathBuf> {
+    if rules == 0 {
+        bail!("a policy for the bench needs at least 1 rule");
+    }
+    let mut text = format!(
+        "# Written by the pipe bench: {} rule(s) that match no caller, then the one that does.\n",
+        rules - 1
+    );
+    for i in 0..rules - 1 {
+        text.push_str(&format!(
+            "\n[[allow]]\npeers = [\"nobody-{i}-*\"]\nhandlers = [\"get_t*\"]\n"
+        ));
+    }
+    text.push_str(&format!(
+        "\n[[allow]]\npeers = [\"{}\", \"{}\"]\nhandlers = [\"get_time\"]\n",
+        restpipe_certs::DEV_CLIENT_IDENTITY,
+        restpipe_certs::DEV_SERVER_NAME
+    ));
+    let path = work.dir().join(format!("policy-{rules}-rules.toml"));
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
 /// How to start a pair of nodes.
 #[derive(Clone, Debug, Default)]
 pub struct PairOptions {

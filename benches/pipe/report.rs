@@ -41,8 +41,9 @@ impl From<&Sample> for Run {
 /// The runs of one request point: a target at a number of connections.
 #[derive(Clone, Debug)]
 pub struct Series {
-    /// Short key of the target (`baseline`, `c2s`, `s2c`, `c2s-metrics`, and `old-c2s`,
-    /// `old-s2c` for the binary compared with).
+    /// Short key of the target (`baseline`, `c2s`, `s2c`, `c2s-metrics`, `old-c2s` and
+    /// `old-s2c` for the binary compared with, `pol-c2s` and `pol-s2c` for the pair with a
+    /// policy).
     pub key: &'static str,
     /// What the target is.
     pub label: &'static str,
@@ -103,6 +104,8 @@ pub struct Report {
     pub command: String,
     /// The other `restpipe` binary compared with (`--compare-bin`), if any.
     pub compare: Option<String>,
+    /// The rules of the policy measured against none (`--policy-rules`), if any.
+    pub policy_rules: Option<usize>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -307,6 +310,88 @@ impl Report {
         out.push('\n');
     }
 
+    /// A policy against none, per keep-alive point and direction: req/s and p50 of the
+    /// baseline, the pair without a policy and the pair with one, the ratios to the baseline
+    /// of the same run, the per-run ratio policy / no policy, and whether the two differ
+    /// beyond the noise (their ranges of ratios to the baseline, or of p50, do not overlap).
+    fn policy_table(&self, out: &mut String, rules: usize) {
+        let ka = ConnMode::KeepAlive;
+        let _ = writeln!(
+            out,
+            "### A policy of {rules} rules against none\n\nBoth nodes of the second pair run with `--policy` (a file of {rules} `[[allow]]` rules: {} for peers that never call, then the one that allows the bench's client and server, so that every call walks every rule); policy / no policy is per run, then median (min–max).\n",
+            rules - 1
+        );
+        out.push_str("| direction | conns | baseline req/s | no policy req/s | policy req/s | baseline p50 µs | no policy p50 µs | policy p50 µs | no policy / baseline | policy / baseline | policy / no policy | beyond the noise? |\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
+        let mut conns: Vec<usize> = self
+            .series
+            .iter()
+            .filter(|s| s.mode == ka && s.key == "pol-c2s")
+            .map(|s| s.conns)
+            .collect();
+        conns.dedup();
+        for (key, pol_key, name) in [
+            ("c2s", "pol-c2s", "client→server"),
+            ("s2c", "pol-s2c", "server→client"),
+        ] {
+            for &c in &conns {
+                let (Some(base), Some(none), Some(pol)) = (
+                    self.find("baseline", c, ka),
+                    self.find(key, c, ka),
+                    self.find(pol_key, c, ka),
+                ) else {
+                    continue;
+                };
+                let (Some(none_r), Some(pol_r), Some(pol_none)) = (
+                    self.ratios(key, "baseline", c, ka),
+                    self.ratios(pol_key, "baseline", c, ka),
+                    self.ratios(pol_key, key, c, ka),
+                ) else {
+                    continue;
+                };
+                let rps = |s: &Series| thousands(median(&s.col(|r| r.rps)));
+                let (nlo, nhi) = min_max(&none_r);
+                let (plo, phi) = min_max(&pol_r);
+                let (np, pp) = (min_max(&none.col(|r| r.p50)), min_max(&pol.col(|r| r.p50)));
+                let mut said = Vec::new();
+                if phi < nlo {
+                    said.push("policy fewer req/s in every run");
+                } else if plo > nhi {
+                    said.push("policy more req/s in every run");
+                }
+                if pp.0 > np.1 {
+                    said.push("policy later p50 in every run");
+                } else if pp.1 < np.0 {
+                    said.push("policy earlier p50 in every run");
+                }
+                let verdict = if pol.runs.len() < 3 {
+                    "not judged (fewer than 3 runs)".to_string()
+                } else if said.is_empty() {
+                    "no (ranges overlap)".to_string()
+                } else {
+                    format!("**yes**: {}", said.join("; "))
+                };
+                let _ = writeln!(
+                    out,
+                    "| {name} | {c} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} ({}) | {verdict} |",
+                    rps(base),
+                    rps(none),
+                    rps(pol),
+                    base.p50(),
+                    none.p50(),
+                    pol.p50(),
+                    pct(median(&none_r)),
+                    pct_range(&none_r),
+                    pct(median(&pol_r)),
+                    pct_range(&pol_r),
+                    pct(median(&pol_none)),
+                    pct_range(&pol_none),
+                );
+            }
+        }
+        out.push('\n');
+    }
+
     /// The whole report as markdown.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
@@ -337,6 +422,9 @@ impl Report {
         }
         if let Some(bin) = &self.compare {
             self.compare_table(&mut out, bin);
+        }
+        if let Some(rules) = self.policy_rules {
+            self.policy_table(&mut out, rules);
         }
         if self.series.iter().any(|s| s.mode == ConnMode::Close) {
             out.push_str("### A new TCP connection per request (`Connection: close`)\n\n");
