@@ -36,6 +36,11 @@ pub struct Policy {
     path: Option<PathBuf>,
     /// The `[[allow]]` rules; `None` for the open policy, which allows everything.
     rules: Option<Vec<Rule>>,
+    /// Every rule's peer patterns in one set, and the rule each pattern belongs to: a call
+    /// matches the caller against all rules at once, then asks only the rules it matched for
+    /// the handler (a policy of 100 rules asked rule by rule cost ~10% of req/s at c32).
+    peers: GlobSet,
+    peer_rule: Vec<usize>,
     tokens: Vec<Token>,
 }
 
@@ -43,7 +48,6 @@ pub struct Policy {
 /// `handlers`.
 #[derive(Clone)]
 struct Rule {
-    peers: GlobSet,
     handlers: GlobSet,
     /// The patterns as written (peers, handlers), for `Debug`.
     written: (Vec<String>, Vec<String>),
@@ -85,6 +89,8 @@ impl Policy {
         let source = Source::new(path, text);
         let raw: RawPolicy = source.parse()?;
         let mut rules = Vec::with_capacity(raw.allow.len());
+        let mut all_peers = GlobSetBuilder::new();
+        let mut peer_rule = Vec::new();
         for rule in raw.allow {
             let at = rule.span().start;
             let rule = rule.into_inner();
@@ -94,17 +100,17 @@ impl Policy {
                     "an [[allow]] rule needs at least one pattern in `peers` and in `handlers`",
                 ));
             }
-            let mut peers = GlobSetBuilder::new();
             let mut handlers = GlobSetBuilder::new();
             let mut written = (Vec::new(), Vec::new());
             for pattern in &rule.peers {
-                peers.add(glob(
+                written.0.push(pattern.get_ref().clone());
+                all_peers.add(glob(
                     &source,
                     pattern.span().start,
                     pattern.get_ref(),
                     "peer",
                 )?);
-                written.0.push(pattern.get_ref().clone());
+                peer_rule.push(rules.len());
             }
             for pattern in &rule.handlers {
                 let text = pattern.get_ref();
@@ -134,15 +140,19 @@ impl Policy {
                     .map_err(|e| source.error(at, &format!("the rule does not compile: {e}")))
             };
             rules.push(Rule {
-                peers: build(peers)?,
                 handlers: build(handlers)?,
                 written,
             });
         }
         let tokens = token::compile(&source, raw.token)?;
+        let peers = all_peers
+            .build()
+            .map_err(|e| source.error(0, &format!("the peer patterns do not compile: {e}")))?;
         Ok(Policy {
             path: Some(path.to_path_buf()),
             rules: Some(rules),
+            peers,
+            peer_rule,
             tokens,
         })
     }
@@ -153,9 +163,12 @@ impl Policy {
     pub fn allows(&self, peer: &str, handler: &str) -> bool {
         match &self.rules {
             None => true,
-            Some(rules) => rules
-                .iter()
-                .any(|rule| rule.peers.is_match(peer) && rule.handlers.is_match(handler)),
+            Some(rules) => self
+                .peers
+                .matches(peer)
+                .into_iter()
+                .filter_map(|i| self.peer_rule.get(i).and_then(|&r| rules.get(r)))
+                .any(|rule| rule.handlers.is_match(handler)),
         }
     }
 
