@@ -65,6 +65,53 @@ async fn assert_exits_cleanly(child: &mut Child, what: &str) {
 }
 
 /// Collect everything the child writes on stderr, to show it when a test fails.
+/// Start `restpipe demo` on ports 0 with `env`, and read its output until its instructions
+/// end ("Ctrl-C stops both."). Returns the child, its stderr (collected until it exits) and
+/// what it printed. Fails the test if the demo ends first.
+async fn start_demo(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Child, tokio::task::JoinHandle<String>, String) {
+    let mut command = restpipe(dir);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command
+        .args([
+            "demo",
+            "--client-http",
+            "127.0.0.1:0",
+            "--server-http",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = collect_stderr(&mut child);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    let finished = within(Duration::from_secs(30), "the demo's instructions", async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.trim() == "Ctrl-C stops both." {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if !finished {
+        child.kill().await.unwrap();
+        panic!(
+            "the demo ended before its instructions:\n{printed}\nstderr:\n{}",
+            stderr.await.unwrap()
+        );
+    }
+    (child, stderr, printed)
+}
+
 fn collect_stderr(child: &mut Child) -> tokio::task::JoinHandle<String> {
     let mut stderr = child.stderr.take().unwrap();
     tokio::spawn(async move {
@@ -215,45 +262,8 @@ async fn check_curl_line(curl: &CurlLine) {
 #[tokio::test]
 async fn demo_prints_curl_lines_that_work_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = restpipe(dir.path())
-        .env("RP_STATSD_HOST", "")
-        .args([
-            "demo",
-            "--client-http",
-            "127.0.0.1:0",
-            "--server-http",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = collect_stderr(&mut child);
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-
-    let mut curls = Vec::new();
-    let mut printed = String::new();
-    let finished = within(Duration::from_secs(30), "the demo's instructions", async {
-        while let Some(line) = stdout.next_line().await.unwrap() {
-            printed.push_str(&line);
-            printed.push('\n');
-            if line.trim() == "Ctrl-C stops both." {
-                return true;
-            }
-            if let Some(curl) = parse_curl_line(&line) {
-                curls.push(curl);
-            }
-        }
-        false
-    })
-    .await;
-    if !finished {
-        child.kill().await.unwrap();
-        panic!(
-            "the demo ended before its instructions:\n{printed}\nstderr:\n{}",
-            stderr.await.unwrap()
-        );
-    }
+    let (mut child, stderr, printed) = start_demo(dir.path(), &[("RP_STATSD_HOST", "")]).await;
+    let curls: Vec<_> = printed.lines().filter_map(parse_curl_line).collect();
     assert!(curls.len() >= 9, "too few curl lines:\n{printed}");
     // RP_STATSD_HOST is empty: the demo says its metrics are off.
     assert!(
@@ -892,41 +902,12 @@ async fn status_shows_the_node_and_its_peers_and_json_logs_parse() {
 async fn the_demo_sends_metrics_to_the_statsd_it_is_given() {
     let statsd = restpipe_testkit::statsd::Statsd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = restpipe(dir.path())
-        .env("RP_STATSD_HOST", "127.0.0.1")
-        .env("RP_STATSD_PORT", statsd.port().to_string())
-        .args([
-            "demo",
-            "--client-http",
-            "127.0.0.1:0",
-            "--server-http",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = collect_stderr(&mut child);
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut printed = String::new();
-    let finished = within(Duration::from_secs(30), "the demo's instructions", async {
-        while let Some(line) = stdout.next_line().await.unwrap() {
-            printed.push_str(&line);
-            printed.push('\n');
-            if line.trim() == "Ctrl-C stops both." {
-                return true;
-            }
-        }
-        false
-    })
+    let port = statsd.port().to_string();
+    let (mut child, stderr, printed) = start_demo(
+        dir.path(),
+        &[("RP_STATSD_HOST", "127.0.0.1"), ("RP_STATSD_PORT", &port)],
+    )
     .await;
-    if !finished {
-        child.kill().await.unwrap();
-        panic!(
-            "the demo ended before its instructions:\n{printed}\nstderr:\n{}",
-            stderr.await.unwrap()
-        );
-    }
     let metrics = printed
         .lines()
         .find(|l| l.starts_with("Metrics:"))
