@@ -421,10 +421,11 @@ where
     // One timer, checked lazily: the phase changes several times per request, and waking this
     // loop or re-registering a timer on each change cost the front door measurable
     // throughput. When the timer fires, the deadline of the phase the connection is in now
-    // decides: past it, the connection ends; otherwise the timer is set to it (while a request
-    // is being served, to the next check).
+    // decides: past it, the connection ends; otherwise the timer is set to it, but never
+    // further than the shorter timeout, since the phase may change to one with a nearer
+    // deadline meanwhile (an idle connection checked every `recheck` at most).
     let recheck = limits.header_timeout.min(limits.idle_timeout);
-    let timer = tokio::time::sleep(limits.header_timeout);
+    let timer = tokio::time::sleep(recheck);
     tokio::pin!(timer);
     let mut stopping = false;
     loop {
@@ -446,7 +447,7 @@ where
                     debug!("HTTP connection closed by its header or idle timeout");
                     return;
                 }
-                timer.as_mut().reset(deadline);
+                timer.as_mut().reset(deadline.min(now + recheck));
             }
             () = stop.cancelled(), if !stopping => {
                 stopping = true;
