@@ -137,24 +137,13 @@ impl ClientNode {
     /// its requests in flight fail with 502 and the node re-dials. Nothing changes when the
     /// material cannot be used. Returns the identities closed.
     pub fn reload_tls(&self, material: &TlsMaterial) -> Result<Vec<String>, NodeError> {
-        let core = &self.inner.core;
-        core.check_same_identity(material)?;
-        let connector = material.connector()?;
-        let own = material.own_cert()?;
-        self.inner.connector.store(Arc::new(connector));
-        core.own_cert.store(Arc::new(own));
-        let mut closed = Vec::new();
-        if let Some(conn) = self.connection() {
-            if let Err(why) = material.verify_peer(&conn.peer().cert, Some(&self.inner.server_name))
-            {
-                warn!(server = %self.inner.server, cause = %why, "the server's certificate is no longer accepted; closing");
-                conn.close(format!(
-                    "the server's certificate is no longer accepted ({why})"
-                ));
-                closed.push(conn.peer().identity.clone());
-            }
-        }
-        Ok(closed)
+        self.inner.core.adopt_tls(
+            material,
+            |m| m.connector(),
+            |connector| self.inner.connector.store(Arc::new(connector)),
+            self.connection(),
+            Some(&self.inner.server_name),
+        )
     }
 
     /// Replace the policy: calls dispatched from now on are judged by `policy`; those already

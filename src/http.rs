@@ -86,12 +86,10 @@ impl Pipe {
         }
     }
 
-    /// The policy in force on the node, with the tokens of its front door.
-    fn policy(&self) -> Arc<Policy> {
-        match self {
-            Pipe::Server(s) => s.policy(),
-            Pipe::Client(c) => c.policy(),
-        }
+    /// The policy in force on the node, with the tokens of its front door: a cheap guard,
+    /// taken on every request (no reference count touched).
+    fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.core().policy.load()
     }
 
     fn pipe_config(&self) -> &crate::node::PipeConfig {

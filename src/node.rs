@@ -235,6 +235,42 @@ impl NodeCore {
         )))
     }
 
+    /// Switch to new TLS material, whole or not at all: check its identity, `build` what this
+    /// side needs from it (an acceptor, a connector), and only when all of it is usable
+    /// `install` it and the new own certificate. Then close the connections among `peers`
+    /// whose certificate the material no longer accepts (revoked by a new CRL, or no longer
+    /// chaining to the CA); their requests in flight fail with 502. `server_name` is what a
+    /// client node verifies the server against. Returns the identities closed.
+    pub(crate) fn adopt_tls<T>(
+        &self,
+        material: &TlsMaterial,
+        build: impl FnOnce(&TlsMaterial) -> Result<T, crate::tls::TlsError>,
+        install: impl FnOnce(T),
+        peers: impl IntoIterator<Item = crate::connection::Connection>,
+        server_name: Option<&str>,
+    ) -> Result<Vec<String>, NodeError> {
+        self.check_same_identity(material)?;
+        let built = build(material)?;
+        let own = material.own_cert()?;
+        install(built);
+        self.own_cert.store(Arc::new(own));
+        let peer = self.side.peer();
+        let mut closed = Vec::new();
+        for conn in peers {
+            if let Err(why) = material.verify_peer(&conn.peer().cert, server_name) {
+                warn!(peer = %conn.peer().identity, cause = %why, "the {peer}'s certificate is no longer accepted; closing");
+                if self.side == Side::Server {
+                    self.metrics.tick("server.identity.cut.tick");
+                }
+                conn.close(format!(
+                    "the {peer}'s certificate is no longer accepted ({why})"
+                ));
+                closed.push(conn.peer().identity.clone());
+            }
+        }
+        Ok(closed)
+    }
+
     /// Record the outcome of a reload for `/status`, and log it.
     pub(crate) fn record_reload(&self, record: ReloadRecord) {
         match &record.error {

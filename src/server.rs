@@ -160,24 +160,13 @@ impl ServerNode {
     /// cannot be used (another identity, a certificate that does not fit its key). Returns the
     /// identities closed.
     pub fn reload_tls(&self, material: &TlsMaterial) -> Result<Vec<String>, NodeError> {
-        let core = &self.inner.core;
-        core.check_same_identity(material)?;
-        let acceptor = material.acceptor()?;
-        let own = material.own_cert()?;
-        self.inner.acceptor.store(Arc::new(acceptor));
-        core.own_cert.store(Arc::new(own));
-        let mut closed = Vec::new();
-        for conn in self.inner.registry.all() {
-            if let Err(why) = material.verify_peer(&conn.peer().cert, None) {
-                warn!(peer = %conn.peer().identity, cause = %why, "certificate no longer accepted; closing");
-                core.metrics.tick("server.identity.cut.tick");
-                conn.close(format!(
-                    "the client's certificate is no longer accepted ({why})"
-                ));
-                closed.push(conn.peer().identity.clone());
-            }
-        }
-        Ok(closed)
+        self.inner.core.adopt_tls(
+            material,
+            |m| m.acceptor(),
+            |acceptor| self.inner.acceptor.store(Arc::new(acceptor)),
+            self.inner.registry.all(),
+            None,
+        )
     }
 
     /// Handshakes pending now (TCP accepted, TLS and hello not finished).

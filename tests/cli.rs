@@ -292,21 +292,8 @@ async fn demo_prints_curl_lines_that_work_and_stops_on_sigterm() {
 
 /// Run the command to its end; returns the exit code and stderr.
 async fn run_to_end(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let output = within(
-        Duration::from_secs(20),
-        "the command to fail",
-        restpipe(dir)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output(),
-    )
-    .await
-    .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let (code, _, stderr) = output_of(dir, args).await;
+    (code, stderr)
 }
 
 /// Assert a start-up failure: exit code 1 and one line on stderr, `error: ...`, naming

@@ -124,12 +124,13 @@ where
     };
 
     let protocol_version = negotiate(&ours, &peer_hello.versions).unwrap_or(wire::PROTOCOL_VERSION);
-    let features = peer_hello
+    let features: Vec<String> = peer_hello
         .features
         .iter()
         .filter(|f| wire::FEATURES.contains(&f.as_str()))
         .cloned()
         .collect();
+    let trace_context = features.iter().any(|f| f == wire::TRACE_CONTEXT);
     let peer_max_frame = usize::try_from(peer_hello.max_frame_bytes)
         .unwrap_or(usize::MAX)
         .min(core.pipe.max_frame)
@@ -165,6 +166,7 @@ where
         inbound_bytes: Arc::new(Semaphore::new(budgets)),
         outbound_bytes: Arc::new(Semaphore::new(budgets)),
         peer_max_frame,
+        trace_context,
         last_rtt_us: AtomicU64::new(0),
         requests_sent: AtomicU64::new(0),
         requests_received: AtomicU64::new(0),

@@ -135,6 +135,8 @@ struct Shared {
     /// Bytes of outgoing events that wait for their reply.
     outbound_bytes: Arc<Semaphore>,
     peer_max_frame: usize,
+    /// Whether both sides speak the `trace-context` feature (decided once, at the hello).
+    trace_context: bool,
     last_rtt_us: AtomicU64,
     requests_sent: AtomicU64,
     requests_received: AtomicU64,
@@ -176,12 +178,7 @@ impl Connection {
     /// is sent.
     pub async fn call(&self, mut request: Request, timeout: Duration) -> Result<Reply, CallError> {
         let shared = &self.shared;
-        if !shared
-            .info
-            .features
-            .iter()
-            .any(|f| f == wire::TRACE_CONTEXT)
-        {
+        if !shared.trace_context {
             // A peer that does not speak it (a release-1 node) would drop it anyway.
             request.trace = None;
         }
