@@ -308,7 +308,7 @@ impl NodeCore {
             return no_handler_reply(&name, self.side);
         };
         let deadline = tokio::time::Instant::from_std(ctx.deadline);
-        let call = AssertUnwindSafe(handler.call(ctx, request)).catch_unwind();
+        let call = AssertUnwindSafe(handler.call(ctx, request, None)).catch_unwind();
         let reply = match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(Ok(reply))) => reply,
             Ok(Ok(Err(err))) => err.into_reply(),
@@ -354,6 +354,7 @@ impl NodeCore {
             code: codes::FORBIDDEN,
             body: Bytes::from(body.to_string()),
             status: Some(403),
+            ..Reply::default()
         }
     }
 }

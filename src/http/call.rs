@@ -178,6 +178,7 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         query,
         content_type,
         body,
+        ..restpipe_handler::Request::default()
     };
     let result = match &state.pipe {
         Pipe::Client(client) => client.call(event, Some(timeout)).await,

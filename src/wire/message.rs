@@ -52,7 +52,7 @@ pub enum ErrorKind {
 }
 
 /// One message on the pipe.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub enum Message {
     /// The opening of a connection.
     Hello(Hello),
@@ -353,6 +353,7 @@ fn request_from_wire(event: proto::Event) -> Result<Request, String> {
         query: event.query,
         content_type: event.content_type,
         body: event.body,
+        ..Request::default()
     };
     check_request(&request).map_err(|e| e.to_string())?;
     Ok(request)
@@ -378,6 +379,7 @@ fn reply_from_wire(reply: proto::Reply) -> Result<Reply, String> {
         code: reply.code,
         body: reply.body,
         status,
+        ..Reply::default()
     })
 }
 
@@ -415,38 +417,40 @@ mod tests {
     #[test]
     fn every_message_round_trips() {
         let body = Bytes::from([0u8, 255, 1, 2].repeat(10_000));
-        let messages = [
-            Message::Hello(hello()),
-            Message::Event {
-                id: 7,
-                request: Request {
-                    trace: Some(
-                        TraceContext::new([3; 16], [4; 8])
-                            .with_request_id("req-1")
-                            .unwrap(),
-                    ),
-                    ..Request::new("POST", "jobs/42")
-                        .with_parameters(vec!["a b".into()])
-                        .with_body("application/octet-stream", body.clone())
+        let messages = || {
+            [
+                Message::Hello(hello()),
+                Message::Event {
+                    id: 7,
+                    request: Request {
+                        trace: Some(
+                            TraceContext::new([3; 16], [4; 8])
+                                .with_request_id("req-1")
+                                .unwrap(),
+                        ),
+                        ..Request::new("POST", "jobs/42")
+                            .with_parameters(vec!["a b".into()])
+                            .with_body("application/octet-stream", body.clone())
+                    },
+                    timeout_ms: 30_000,
                 },
-                timeout_ms: 30_000,
-            },
-            Message::Reply {
-                id: 7,
-                reply: Reply::bytes("text/csv", body).with_status(201),
-            },
-            Message::Error {
-                id: 9,
-                kind: ErrorKind::Overloaded,
-                message: "busy".into(),
-            },
-            Message::Ping(1),
-            Message::Pong(2),
-            Message::Close("bye".into()),
-            Message::Unknown { id: 3 },
-        ];
-        for m in messages {
-            assert_eq!(round_trip(m.clone()).unwrap(), m);
+                Message::Reply {
+                    id: 7,
+                    reply: Reply::bytes("text/csv", body.clone()).with_status(201),
+                },
+                Message::Error {
+                    id: 9,
+                    kind: ErrorKind::Overloaded,
+                    message: "busy".into(),
+                },
+                Message::Ping(1),
+                Message::Pong(2),
+                Message::Close("bye".into()),
+                Message::Unknown { id: 3 },
+            ]
+        };
+        for (m, expected) in messages().into_iter().zip(messages()) {
+            assert_eq!(round_trip(m).unwrap(), expected);
         }
     }
 

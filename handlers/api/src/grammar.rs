@@ -10,10 +10,10 @@
 use std::fmt;
 
 /// The verbs that cross the pipe, upper case.
-pub const VERBS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+pub const VERBS: [&str; 6] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
 
 /// The verbs as an HTTP `Allow` header value.
-pub const ALLOW: &str = "GET, POST, PUT, PATCH, DELETE";
+pub const ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE";
 
 /// The longest noun, in bytes.
 pub const MAX_NOUN: usize = 1024;

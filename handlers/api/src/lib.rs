@@ -54,8 +54,13 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub mod body;
 pub mod grammar;
+pub mod headers;
 pub mod trace;
+
+pub use body::{BodyError, BodyStream};
+pub use headers::Headers;
 
 pub use trace::TraceContext;
 pub mod spec;
@@ -163,8 +168,12 @@ pub struct Request {
     pub query: String,
     /// The request's content type (empty when there was none).
     pub content_type: String,
-    /// The request body, byte for byte.
+    /// The request body, byte for byte. A handler registered with [`Handlers::add_streaming`]
+    /// gets the body as a [`BodyStream`] instead, and this is empty.
     pub body: Bytes,
+    /// The allow-listed headers of the request ([`headers::ALLOWED`]: `Range`,
+    /// `If-None-Match`, ...).
+    pub headers: Headers,
     /// The trace context that follows the request across the pipe, when the two nodes both
     /// speak it (the `trace-context` feature).
     pub trace: Option<TraceContext>,
@@ -263,16 +272,35 @@ fn decode_query_part(s: &str) -> String {
 }
 
 /// What a handler answers.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, Default)]
 pub struct Reply {
     /// The content type of the body.
     pub content_type: String,
     /// The return code (`X-Event-Return-Code`); 0 is success.
     pub code: u32,
-    /// The body, byte for byte.
+    /// The body, byte for byte (empty when the body is [`Reply::stream`]ed).
     pub body: Bytes,
     /// The HTTP status to answer with; `None` means 200 for code 0, else 500.
     pub status: Option<u16>,
+    /// The allow-listed headers of the reply ([`headers::ALLOWED`]: `ETag`, `Content-Range`,
+    /// ...).
+    pub headers: Headers,
+    /// The body as a stream, sent chunk by chunk with flow control, in place of `body`.
+    pub stream: Option<BodyStream>,
+}
+
+/// Two replies are equal when everything but a stream is, and neither has a stream (a stream
+/// cannot be compared without being read).
+impl PartialEq for Reply {
+    fn eq(&self, other: &Self) -> bool {
+        self.stream.is_none()
+            && other.stream.is_none()
+            && self.content_type == other.content_type
+            && self.code == other.code
+            && self.body == other.body
+            && self.status == other.status
+            && self.headers == other.headers
+    }
 }
 
 impl Reply {
@@ -282,7 +310,32 @@ impl Reply {
             content_type: content_type.into(),
             code: codes::OK,
             body: body.into(),
-            status: None,
+            ..Reply::default()
+        }
+    }
+
+    /// A reply whose body is a stream, with code 0. The caller's HTTP response carries
+    /// `Content-Length` when the stream knows its length ([`BodyStream::length`]).
+    pub fn stream(content_type: impl Into<String>, body: BodyStream) -> Self {
+        Reply {
+            content_type: content_type.into(),
+            stream: Some(body),
+            ..Reply::default()
+        }
+    }
+
+    /// The same reply with this header added (one of [`headers::ALLOWED`]; another is left
+    /// out).
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers = self.headers.with(name, value);
+        self
+    }
+
+    /// The body whole: `body`, or the stream collected up to `limit` bytes.
+    pub async fn collect_body(&mut self, limit: usize) -> Result<Bytes, BodyError> {
+        match self.stream.take() {
+            Some(stream) => stream.collect(limit).await,
+            None => Ok(std::mem::take(&mut self.body)),
         }
     }
 
@@ -367,6 +420,7 @@ impl HandlerError {
             code: codes::HANDLER_FAILED,
             body: Bytes::from(body.to_string()),
             status: Some(self.status.unwrap_or(500)),
+            ..Reply::default()
         }
     }
 }
@@ -420,16 +474,25 @@ impl<T: Serialize> IntoReply for T {
 /// A boxed future, as handlers return it.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// A handler: one async function of a context and a request.
+/// A handler: one async function of a context, a request, and its body when the body is
+/// streamed.
 ///
 /// Closures `Fn(Context, Request) -> impl Future<Output = Result<impl IntoReply, HandlerError>>`
-/// are handlers; see [`Handlers::add`].
+/// are handlers (see [`Handlers::add`]), and so are closures that also take the body as a
+/// [`BodyStream`] (see [`Handlers::add_streaming`]).
 pub trait Handler: Send + Sync + 'static {
-    /// Handle one request.
-    fn call(&self, ctx: Context, request: Request) -> BoxFuture<Result<Reply, HandlerError>>;
+    /// Handle one request. `body` is `Some` when the body is streamed; `request.body` then
+    /// is empty.
+    fn call(
+        &self,
+        ctx: Context,
+        request: Request,
+        body: Option<BodyStream>,
+    ) -> BoxFuture<Result<Reply, HandlerError>>;
 }
 
-struct FnHandler<F>(F);
+/// A handler that takes its body whole, collected up to [`body::COLLECT_LIMIT`].
+struct FnHandler<F>(Arc<F>);
 
 impl<F, Fut, T> Handler for FnHandler<F>
 where
@@ -437,10 +500,57 @@ where
     Fut: Future<Output = Result<T, HandlerError>> + Send + 'static,
     T: IntoReply,
 {
-    fn call(&self, ctx: Context, request: Request) -> BoxFuture<Result<Reply, HandlerError>> {
-        let fut = (self.0)(ctx, request);
+    fn call(
+        &self,
+        ctx: Context,
+        mut request: Request,
+        body: Option<BodyStream>,
+    ) -> BoxFuture<Result<Reply, HandlerError>> {
+        let Some(body) = body else {
+            let fut = (self.0)(ctx, request);
+            return Box::pin(async move { fut.await?.into_reply() });
+        };
+        let handler = Arc::clone(&self.0);
+        Box::pin(async move {
+            request.body = body
+                .collect(body::COLLECT_LIMIT)
+                .await
+                .map_err(body_error)?;
+            handler(ctx, request).await?.into_reply()
+        })
+    }
+}
+
+/// A handler that reads its body as a stream.
+struct StreamHandler<F>(F);
+
+impl<F, Fut, T> Handler for StreamHandler<F>
+where
+    F: Fn(Context, Request, BodyStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, HandlerError>> + Send + 'static,
+    T: IntoReply,
+{
+    fn call(
+        &self,
+        ctx: Context,
+        mut request: Request,
+        body: Option<BodyStream>,
+    ) -> BoxFuture<Result<Reply, HandlerError>> {
+        let body = body.unwrap_or_else(|| BodyStream::once(std::mem::take(&mut request.body)));
+        let fut = (self.0)(ctx, request, body);
         Box::pin(async move { fut.await?.into_reply() })
     }
+}
+
+/// The failure of a body that could not be read whole: 413 when it is too large, else 400.
+fn body_error(err: BodyError) -> HandlerError {
+    let (class, status) = match err {
+        BodyError::TooLarge { .. } => ("BodyTooLarge", 413),
+        _ => ("BodyIncomplete", 400),
+    };
+    HandlerError::new(err.to_string())
+        .with_class(class)
+        .with_status(status)
 }
 
 /// A registry of handlers by name.
@@ -471,7 +581,39 @@ impl Handlers {
         Fut: Future<Output = Result<T, HandlerError>> + Send + 'static,
         T: IntoReply,
     {
-        self.add_handler(name, Arc::new(FnHandler(handler)))
+        self.add_handler(name, Arc::new(FnHandler(Arc::new(handler))))
+    }
+
+    /// Register a closure under `name` that reads the request body as a [`BodyStream`], at its
+    /// own pace and of any size. [`Request::body`] is then empty.
+    ///
+    /// ```
+    /// use restpipe_handler::{BodyStream, Context, HandlerError, Handlers, Reply, Request};
+    ///
+    /// let mut handlers = Handlers::new();
+    /// // Count the bytes of an upload of any size, holding one chunk at a time.
+    /// handlers.add_streaming("post_count", |_ctx: Context, _req: Request, mut body: BodyStream| async move {
+    ///     let mut bytes = 0u64;
+    ///     while let Some(chunk) = body.chunk().await {
+    ///         bytes += chunk?.len() as u64;
+    ///     }
+    ///     Ok::<_, HandlerError>(serde_json::json!({ "bytes": bytes }))
+    /// });
+    /// // And reply with a stream whose length is known: the response has `Content-Length`.
+    /// handlers.add("get_zeros", |_ctx: Context, _req: Request| async move {
+    ///     let file = tokio::io::repeat(0);
+    ///     use tokio::io::AsyncReadExt;
+    ///     let body = BodyStream::from_reader(file.take(1 << 30), Some(1 << 30));
+    ///     Ok::<_, HandlerError>(Reply::stream("application/octet-stream", body))
+    /// });
+    /// ```
+    pub fn add_streaming<F, Fut, T>(&mut self, name: impl Into<String>, handler: F) -> &mut Self
+    where
+        F: Fn(Context, Request, BodyStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, HandlerError>> + Send + 'static,
+        T: IntoReply,
+    {
+        self.add_handler(name, Arc::new(StreamHandler(handler)))
     }
 
     /// Register a [`Handler`] under `name`.
@@ -490,12 +632,37 @@ impl Handlers {
         Fut: Future<Output = Result<T, HandlerError>> + Send + 'static,
         T: IntoReply,
     {
+        self.add_prefix_handler(verb, noun_prefix, Arc::new(FnHandler(Arc::new(handler))))
+    }
+
+    /// [`Handlers::add_prefix`] for a handler that reads the request body as a stream (see
+    /// [`Handlers::add_streaming`]).
+    pub fn add_prefix_streaming<F, Fut, T>(
+        &mut self,
+        verb: &str,
+        noun_prefix: &str,
+        handler: F,
+    ) -> &mut Self
+    where
+        F: Fn(Context, Request, BodyStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, HandlerError>> + Send + 'static,
+        T: IntoReply,
+    {
+        self.add_prefix_handler(verb, noun_prefix, Arc::new(StreamHandler(handler)))
+    }
+
+    fn add_prefix_handler(
+        &mut self,
+        verb: &str,
+        noun_prefix: &str,
+        handler: Arc<dyn Handler>,
+    ) -> &mut Self {
         let key = (
             verb.to_ascii_uppercase(),
             noun_prefix.trim_matches('/').to_string(),
         );
         self.prefixes.retain(|(k, _)| *k != key);
-        self.prefixes.push((key, Arc::new(FnHandler(handler))));
+        self.prefixes.push((key, handler));
         sort_prefixes(&mut self.prefixes);
         self
     }
@@ -527,16 +694,28 @@ impl Handlers {
     }
 
     /// The handler that serves `request`: the one registered under its name, else the one
-    /// with the longest noun prefix for its verb (see [`Handlers::add_prefix`]).
+    /// with the longest noun prefix for its verb (see [`Handlers::add_prefix`]). A `HEAD`
+    /// that no handler takes is served by the `GET` handler, which sees the verb `HEAD` (and
+    /// may skip the body: the node sends none for a `HEAD`).
     pub fn resolve(&self, request: &Request) -> Option<&Arc<dyn Handler>> {
-        self.map.get(&request.handler_name()).or_else(|| {
-            self.prefixes
-                .iter()
-                .find(|((verb, prefix), _)| {
-                    verb.eq_ignore_ascii_case(&request.verb) && request.noun_rest(prefix).is_some()
-                })
-                .map(|(_, h)| h)
+        self.resolve_verb(&request.verb, request).or_else(|| {
+            (request.verb == "HEAD")
+                .then(|| self.resolve_verb("GET", request))
+                .flatten()
         })
+    }
+
+    fn resolve_verb(&self, verb: &str, request: &Request) -> Option<&Arc<dyn Handler>> {
+        self.map
+            .get(&handler_name(verb, &request.noun))
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|((v, prefix), _)| {
+                        v.eq_ignore_ascii_case(verb) && request.noun_rest(prefix).is_some()
+                    })
+                    .map(|(_, h)| h)
+            })
     }
 
     /// The registered names and prefixes (shown as `prefix*`), sorted.
@@ -565,8 +744,18 @@ impl Handlers {
     /// status 404; a failure is the reply of [`HandlerError::into_reply`]. (The node also
     /// catches panics; this does not.)
     pub async fn call(&self, ctx: Context, request: Request) -> Result<Reply, HandlerError> {
+        self.call_with_body(ctx, request, None).await
+    }
+
+    /// [`Handlers::call`] with the request body as a stream (`request.body` is then ignored).
+    pub async fn call_with_body(
+        &self,
+        ctx: Context,
+        request: Request,
+        body: Option<BodyStream>,
+    ) -> Result<Reply, HandlerError> {
         match self.resolve(&request) {
-            Some(handler) => handler.call(ctx, request).await,
+            Some(handler) => handler.call(ctx, request, body).await,
             None => Ok(no_handler_reply(&request.handler_name(), ctx.side)),
         }
     }
@@ -586,6 +775,7 @@ pub fn no_handler_reply(name: &str, side: Side) -> Reply {
         code: codes::NO_HANDLER,
         body: Bytes::from(body.to_string()),
         status: Some(404),
+        ..Reply::default()
     }
 }
 

@@ -124,7 +124,7 @@ pub struct ForwardPlugin {
 
 impl ForwardPlugin {
     /// The verbs every route serves: all that cross the pipe ([`grammar::VERBS`]).
-    pub const VERBS: [&'static str; 5] = grammar::VERBS;
+    pub const VERBS: [&'static str; 6] = grammar::VERBS;
 
     /// The default of [`ForwardPlugin::timeout`]: 60 s. The caller's deadline, usually
     /// shorter, applies first.
