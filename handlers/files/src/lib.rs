@@ -11,12 +11,8 @@
 //!   reads them, whatever the size, with its length (`Content-Length`) and a content type
 //!   guessed from its extension (see [`content_type_for`]; for a symbolic link, the extension
 //!   of the file it points to). See [Files](#files) for caching, ranges and `HEAD`.
-//! - `get_files` (`GET .../files//reports`, or `GET .../files` for the root): the reply is
-//!   `{"path": "reports", "entries": [{"name": "q3.csv", "type": "file", "size": 1234}, ...]}`,
-//!   sorted by name. `type` is `file`, `dir` or `other`; `size` is the file's length in bytes
-//!   and 0 for anything else. `path` is the parameters joined by `/` (empty for the root).
-//!   A symbolic link is listed as what it points to when that is inside the root, else as
-//!   `other`. Names that are not UTF-8 are left out: no request could name them.
+//! - `get_files` (`GET .../files//reports`, or `GET .../files` for the root): one page of the
+//!   directory's listing, see [Listings](#listings).
 //!
 //! # Files
 //!
@@ -54,6 +50,34 @@
 //! shrinks ends the stream with an error (the caller sees an incomplete body). Dropping the
 //! stream (the caller went away) closes the file.
 //!
+//! # Listings
+//!
+//! `get_files` answers one page of a directory, in name order (byte-wise):
+//!
+//! ```json
+//! {"path": "reports",
+//!  "entries": [{"name": "q3.csv", "type": "file", "size": 1234}, ...],
+//!  "next": "q3.csv"}
+//! ```
+//!
+//! `type` is `file`, `dir` or `other`; `size` is the file's length in bytes and 0 for anything
+//! else. `path` is the parameters joined by `/` (empty for the root). A symbolic link is listed
+//! as what it points to when that is inside the root, else as `other`. Names that are not
+//! UTF-8 are left out: no request could name them.
+//!
+//! The query parameters choose the page:
+//!
+//! - `limit`: how many entries at most, from 1 to [`FilesPlugin::MAX_PAGE`] (10,000; a
+//!   larger number counts as 10,000), [`FilesPlugin::DEFAULT_PAGE`] (1,000) when absent;
+//! - `after`: only names that sort after this one.
+//!
+//! `next` is the last name of the page when more entries follow it, else `null`; pass it as
+//! `after` (percent-encoded: `+` in a query means a space) for the next page:
+//! `GET .../files//reports?limit=500&after=q3.csv`. Each page reads the whole directory but
+//! keeps only the `limit` smallest names after `after`: the memory a listing takes is bounded
+//! by `limit`, not by the size of the directory. A directory that changes between pages may
+//! show a name twice or miss one added before the cursor, as any listing by cursor does.
+//!
 //! # No request reads outside the root
 //!
 //! | request | HTTP status | class |
@@ -62,6 +86,7 @@
 //! | a path that leaves the root once symbolic links are followed | 403 | `PathRefused` |
 //! | no such file or directory | 404 | `NotFound` |
 //! | `get_file` of a directory or of a special file, `get_files` of a file | 400 | `NotAFile` / `NotADirectory` |
+//! | `get_files` with a `limit` that is 0 or not a number | 400 | `BadQuery` |
 //! | the operating system refuses access | 403 | `PermissionDenied` |
 //!
 //! A symbolic link inside the root that points inside the root is followed. The path is
@@ -115,12 +140,14 @@
 //! # });
 //! ```
 
+use std::collections::BinaryHeap;
 use std::io::{self, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use restpipe_handler::body::CHUNK;
 use restpipe_handler::{
     BodyStream, Context, HandlerError, Handlers, Headers, Plugin, PluginSetup, PluginSpec, Reply,
     Request, SettingSpec, Side,
@@ -167,13 +194,19 @@ fn build(setup: &PluginSetup) -> Result<Arc<dyn Plugin>, String> {
 /// Serves `get_file` and `get_files` for the files under one root directory.
 ///
 /// Register it with a node under the name `files`. Files are streamed, so their size is not
-/// bounded by the pipe's frame limit.
+/// bounded by the pipe's frame limit; listings are paged (see the [crate](crate#listings)).
 #[derive(Clone, Debug)]
 pub struct FilesPlugin {
     root: PathBuf,
 }
 
 impl FilesPlugin {
+    /// The entries of a `get_files` page when the query gives no `limit`: 1,000.
+    pub const DEFAULT_PAGE: usize = 1000;
+
+    /// The most entries of a `get_files` page: 10,000. A larger `limit` is taken as this.
+    pub const MAX_PAGE: usize = 10_000;
+
     /// Serve the files under `root`. The root is made absolute with every symbolic link
     /// resolved; it is an error if it does not exist or is not a directory.
     pub fn new(root: impl AsRef<Path>) -> io::Result<Self> {
@@ -247,11 +280,13 @@ struct Entry {
     size: u64,
 }
 
-/// The reply of `get_files`.
+/// The reply of `get_files`: one page.
 #[derive(Debug, Serialize)]
 struct Listing {
     path: String,
     entries: Vec<Entry>,
+    /// The `after` of the next page; `None` (`null`) on the last page.
+    next: Option<String>,
 }
 
 impl FilesPlugin {
@@ -320,6 +355,7 @@ impl FilesPlugin {
     }
 
     async fn list_dir(&self, req: &Request) -> Result<Reply, HandlerError> {
+        let page = Page::of(&req.query_pairs())?;
         let parameters = &req.parameters;
         let shown = parameters.join("/");
         let path = self.resolve(parameters).await?;
@@ -336,35 +372,63 @@ impl FilesPlugin {
         let mut dir = tokio::fs::read_dir(&path)
             .await
             .map_err(|e| io_error(&shown, e))?;
-        let mut entries = Vec::new();
+        // The `limit` smallest names after `after`, in a max-heap: its top is the first to go
+        // when a smaller name comes. Whatever the size of the directory, it holds `limit`.
+        let mut smallest: BinaryHeap<String> = BinaryHeap::new();
+        let mut more = false;
         while let Some(entry) = dir.next_entry().await.map_err(|e| io_error(&shown, e))? {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            let (kind, size) = self.describe(&entry).await;
+            if page
+                .after
+                .as_deref()
+                .is_some_and(|after| name.as_str() <= after)
+            {
+                continue;
+            }
+            if smallest.len() < page.limit {
+                smallest.push(name);
+                continue;
+            }
+            // One name of those after `after` is left out of the page: this one or the top.
+            more = true;
+            if let Some(mut largest) = smallest.peek_mut() {
+                if name < *largest {
+                    *largest = name;
+                }
+            }
+        }
+        let names = smallest.into_sorted_vec();
+        let next = if more { names.last().cloned() } else { None };
+        let mut entries = Vec::with_capacity(names.len());
+        for name in names {
+            let (kind, size) = self.describe(&path.join(&name)).await;
             entries.push(Entry { name, kind, size });
         }
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        Reply::json(&Listing {
+        let json = Reply::json(&Listing {
             path: shown,
             entries,
-        })
+            next,
+        })?;
+        // As a stream of chunks: a page of long names may be larger than a frame.
+        Ok(Reply::stream(json.content_type, chunks_of(json.body)))
     }
 
     /// The type and size of one directory entry. A symbolic link is described by its target
     /// when the target is inside the root, else as `other`; an entry that vanished or cannot be
     /// read is `other`.
-    async fn describe(&self, entry: &tokio::fs::DirEntry) -> (&'static str, u64) {
-        let Ok(file_type) = entry.file_type().await else {
+    async fn describe(&self, entry: &Path) -> (&'static str, u64) {
+        let Ok(meta) = tokio::fs::symlink_metadata(entry).await else {
             return ("other", 0);
         };
-        let meta = if file_type.is_symlink() {
-            match tokio::fs::canonicalize(entry.path()).await {
+        let meta = if meta.file_type().is_symlink() {
+            match tokio::fs::canonicalize(entry).await {
                 Ok(target) if target.starts_with(&self.root) => tokio::fs::metadata(&target).await,
                 _ => return ("other", 0),
             }
         } else {
-            entry.metadata().await
+            Ok(meta)
         };
         match meta {
             Ok(m) if m.is_file() => ("file", m.len()),
@@ -448,6 +512,16 @@ where
         Some(reader) => BodyStream::from_reader(reader, Some(len)),
         None => BodyStream::new(futures_util::stream::empty(), Some(len)),
     }
+}
+
+/// `bytes` as a stream of chunks of at most [`CHUNK`] bytes, with its length.
+fn chunks_of(bytes: Bytes) -> BodyStream {
+    let len = bytes.len();
+    let chunks: Vec<Result<Bytes, _>> = (0..len)
+        .step_by(CHUNK)
+        .map(|at| Ok(bytes.slice(at..len.min(at + CHUNK))))
+        .collect();
+    BodyStream::new(futures_util::stream::iter(chunks), Some(len as u64))
 }
 
 /// The latest time an IMF-fixdate can show (the end of year 9999), in seconds after 1970.
@@ -679,6 +753,48 @@ impl ByteRange {
     }
 }
 
+/// The page of a `get_files` listing that the query asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Page {
+    /// The most entries, 1 to [`FilesPlugin::MAX_PAGE`].
+    limit: usize,
+    /// Only names after this one.
+    after: Option<String>,
+}
+
+impl Page {
+    /// The page from the query's `limit` and `after` (other keys are ignored; a key given
+    /// twice counts the last time).
+    fn of(query: &[(String, String)]) -> Result<Page, HandlerError> {
+        let mut page = Page {
+            limit: FilesPlugin::DEFAULT_PAGE,
+            after: None,
+        };
+        for (key, value) in query {
+            match key.as_str() {
+                "limit" => {
+                    page.limit = match number(value) {
+                        Some(0) | None => {
+                            return Err(HandlerError::new(format!(
+                                "limit={value:?}: the limit of a listing is a number from 1 to {}",
+                                FilesPlugin::MAX_PAGE
+                            ))
+                            .with_class("BadQuery")
+                            .with_status(400));
+                        }
+                        Some(n) => usize::try_from(n)
+                            .unwrap_or(usize::MAX)
+                            .min(FilesPlugin::MAX_PAGE),
+                    }
+                }
+                "after" => page.after = Some(value.clone()).filter(|a| !a.is_empty()),
+                _ => {}
+            }
+        }
+        Ok(page)
+    }
+}
+
 /// Refuse a parameter that is not exactly one plain file name.
 fn check_segment(segment: &str) -> Result<(), HandlerError> {
     let refuse = |why: &str| {
@@ -730,7 +846,7 @@ fn io_error(shown: &str, err: io::Error) -> HandlerError {
 #[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 mod tests {
     use super::*;
-    use restpipe_handler::body::CHUNK;
+    use futures_util::Stream as _;
     use restpipe_handler::codes;
     use serde_json::{json, Value};
 
@@ -885,6 +1001,8 @@ mod tests {
         let plugin = FilesPlugin::new(dir.path()).unwrap();
         assert_eq!(plugin.name(), "files");
         assert_eq!(plugin.root(), std::fs::canonicalize(dir.path()).unwrap());
+        assert_eq!(FilesPlugin::DEFAULT_PAGE, 1000);
+        assert_eq!(FilesPlugin::MAX_PAGE, 10_000);
         for side in [Side::Server, Side::Client] {
             assert_eq!(plugin.handlers(side).names(), ["get_file", "get_files"]);
         }
@@ -1411,6 +1529,15 @@ mod tests {
         assert_eq!(Suffix(3).within(0), Answer::Whole);
     }
 
+    #[test]
+    fn chunks_of_a_listing_are_bounded() {
+        let bytes = Bytes::from(vec![1u8; 2 * CHUNK + 1]);
+        let stream = chunks_of(bytes);
+        assert_eq!(stream.length(), Some(2 * CHUNK as u64 + 1));
+        assert_eq!(stream.size_hint(), (3, Some(3)));
+        assert_eq!(chunks_of(Bytes::new()).size_hint(), (0, Some(0)));
+    }
+
     #[tokio::test]
     async fn missing_file_is_404() {
         let fx = fixture();
@@ -1465,7 +1592,8 @@ mod tests {
                     {"name": "data.bin", "type": "file", "size": 512},
                     {"name": "hello.txt", "type": "file", "size": 6},
                     {"name": "sub", "type": "dir", "size": 0},
-                ]
+                ],
+                "next": null
             })
         );
     }
@@ -1480,12 +1608,13 @@ mod tests {
                 "entries": [
                     {"name": "deep", "type": "dir", "size": 0},
                     {"name": "inner.csv", "type": "file", "size": 8},
-                ]
+                ],
+                "next": null
             })
         );
         assert_eq!(
             listing(&fx, &["sub", "deep"], "").await,
-            json!({"path": "sub/deep", "entries": []})
+            json!({"path": "sub/deep", "entries": [], "next": null})
         );
     }
 
@@ -1497,6 +1626,152 @@ mod tests {
             (err.class.as_str(), err.status),
             ("NotADirectory", Some(400))
         );
+    }
+
+    /// A directory `many` of 25 files, `f-00` to `f-24`, of 0 to 24 bytes, created out of
+    /// order.
+    fn many(fx: &Fixture) -> Vec<String> {
+        let many = fx.root.join("many");
+        std::fs::create_dir(&many).unwrap();
+        let mut names = Vec::new();
+        for i in (0..25).map(|i| (i * 7) % 25) {
+            std::fs::write(many.join(format!("f-{i:02}")), vec![b'x'; i]).unwrap();
+            names.push(format!("f-{i:02}"));
+        }
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_listing_pages_through_every_entry_once() {
+        let fx = fixture();
+        let names = many(&fx);
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = Vec::new();
+        loop {
+            let query = match &after {
+                Some(a) => format!("limit=10&after={a}"),
+                None => "limit=10".into(),
+            };
+            let page = listing(&fx, &["many"], &query).await;
+            let entries = page["entries"].as_array().unwrap();
+            pages.push(entries.len());
+            for e in entries {
+                let name = e["name"].as_str().unwrap().to_string();
+                let size: usize = name[2..].parse().unwrap();
+                assert_eq!(e["type"], "file");
+                assert_eq!(e["size"], size);
+                seen.push(name);
+            }
+            assert_eq!(page["path"], "many");
+            match &page["next"] {
+                Value::Null => break,
+                Value::String(next) => {
+                    assert_eq!(Some(next), seen.last());
+                    after = Some(next.clone());
+                }
+                other => panic!("next is {other}"),
+            }
+        }
+        assert_eq!(pages, [10, 10, 5]);
+        assert_eq!(seen, names);
+
+        // A page that ends exactly at the last entry says so.
+        let page = listing(&fx, &["many"], "limit=25").await;
+        assert_eq!(page["entries"].as_array().unwrap().len(), 25);
+        assert_eq!(page["next"], Value::Null);
+        let page = listing(&fx, &["many"], "limit=5&after=f-19").await;
+        assert_eq!(page["entries"].as_array().unwrap().len(), 5);
+        assert_eq!(page["next"], Value::Null);
+        // One by one, and after a name that is not there.
+        let page = listing(&fx, &["many"], "limit=1&after=f-07x").await;
+        assert_eq!(
+            page["entries"],
+            json!([{"name": "f-08", "type": "file", "size": 8}])
+        );
+        assert_eq!(page["next"], "f-08");
+        // After the last name: nothing more.
+        let page = listing(&fx, &["many"], "after=f-24").await;
+        assert_eq!(page["entries"], json!([]));
+        assert_eq!(page["next"], Value::Null);
+        // The default page holds them all.
+        let page = listing(&fx, &["many"], "").await;
+        assert_eq!(page["entries"].as_array().unwrap().len(), 25);
+    }
+
+    #[tokio::test]
+    async fn a_cursor_with_odd_characters_is_decoded() {
+        let fx = fixture();
+        let dir = fx.root.join("odd");
+        std::fs::create_dir(&dir).unwrap();
+        for name in ["a b", "a+b", "a&b", "é"] {
+            std::fs::write(dir.join(name), "").unwrap();
+        }
+        let names = |page: &Value| -> Vec<String> {
+            let entries = page["entries"].as_array().unwrap();
+            entries
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().into())
+                .collect()
+        };
+        let page = listing(&fx, &["odd"], "limit=2").await;
+        assert_eq!(names(&page), ["a b", "a&b"]);
+        assert_eq!(page["next"], "a&b");
+        let page = listing(&fx, &["odd"], "limit=2&after=a%26b").await;
+        assert_eq!(names(&page), ["a+b", "é"]);
+        let page = listing(&fx, &["odd"], "after=a%2Bb").await;
+        assert_eq!(names(&page), ["é"]);
+    }
+
+    #[test]
+    fn the_limit_of_a_page_is_bounded() {
+        let pairs = |q: &str| {
+            let mut r = Request::new("GET", "files");
+            r.query = q.into();
+            r.query_pairs()
+        };
+        let page = |q: &str| Page::of(&pairs(q));
+        let limit = |q: &str| page(q).unwrap().limit;
+        assert_eq!(limit(""), FilesPlugin::DEFAULT_PAGE);
+        assert_eq!(limit("limit=1"), 1);
+        assert_eq!(limit("limit=10000"), 10_000);
+        assert_eq!(limit("limit=10001"), FilesPlugin::MAX_PAGE);
+        assert_eq!(
+            limit("limit=99999999999999999999999999"),
+            FilesPlugin::MAX_PAGE
+        );
+        assert_eq!(limit("limit=5&limit=7&other=x"), 7);
+        for bad in [
+            "limit=0",
+            "limit=",
+            "limit=x",
+            "limit=-1",
+            "limit=+5",
+            "limit=1.5",
+        ] {
+            let err = page(bad).unwrap_err();
+            assert_eq!(
+                (err.class.as_str(), err.status),
+                ("BadQuery", Some(400)),
+                "{bad}"
+            );
+        }
+        assert_eq!(page("after=").unwrap().after, None);
+        assert_eq!(page("after=x%20y").unwrap().after.as_deref(), Some("x y"));
+    }
+
+    #[tokio::test]
+    async fn a_bad_limit_is_400() {
+        let fx = fixture();
+        let mut request = Request::new("GET", "files");
+        request.query = "limit=0".into();
+        let err = fx
+            .handlers
+            .call(Context::for_test(Side::Client), request)
+            .await
+            .unwrap_err();
+        assert_eq!((err.class.as_str(), err.status), ("BadQuery", Some(400)));
     }
 
     #[tokio::test]
