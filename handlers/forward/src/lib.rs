@@ -607,14 +607,17 @@ fn check_base(noun: &str, base: &Url) -> Result<(), String> {
 #[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 mod tests {
     use super::*;
-    use axum::body::Bytes;
+    use axum::body::{Body, Bytes};
+    use axum::extract::{Query, State};
     use axum::http::{HeaderMap, Method as AxumMethod, StatusCode, Uri};
     use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
     use axum::Router;
     use restpipe_handler::codes;
     use serde_json::{json, Value};
     use std::net::SocketAddr;
     use std::time::Instant;
+    use tokio::sync::mpsc;
 
     /// The upstream of the tests. Every path answers:
     /// - `.../teapot`: 418, `text/plain`, `short and stout`;
@@ -1055,5 +1058,482 @@ mod tests {
             ("UpstreamError", Some(502))
         );
         assert!(err.message.contains("over the limit"), "{err}");
+    }
+
+    // The streaming upstream: it tells the test what it sees, as it sees it.
+
+    /// A chunk the test feeds to `/feed`, or the error that makes the upstream fail there.
+    type Feed = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+    /// What the streaming upstream saw, sent to the test as it happens.
+    #[derive(Debug)]
+    enum Seen {
+        /// `/sink` got the first bytes of its request body.
+        Started,
+        /// `/sink` read its request body to the end (`Ok`, the bytes) or to an error (`Err`,
+        /// how many bytes came before it).
+        Sink {
+            content_length: Option<String>,
+            transfer_encoding: Option<String>,
+            body: Result<Vec<u8>, usize>,
+        },
+        /// `/feed` answered its headers: the test sends the chunks of its body (dropping
+        /// every sender ends the body).
+        Feed(Feed),
+        /// The method of a request to `/sized`.
+        Method(String),
+    }
+
+    type Events = mpsc::UnboundedSender<Seen>;
+
+    fn header_of(headers: &HeaderMap, name: &str) -> Option<String> {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// `/sink`: reads the request body chunk by chunk, says when the first one came and how
+    /// the body ended, and answers `ok`.
+    async fn sink(State(seen): State<Events>, headers: HeaderMap, body: Body) -> &'static str {
+        let mut chunks = body.into_data_stream();
+        let mut got = Vec::new();
+        let outcome = loop {
+            match chunks.next().await {
+                None => break Ok(got),
+                Some(Ok(chunk)) => {
+                    if got.is_empty() {
+                        let _ = seen.send(Seen::Started);
+                    }
+                    got.extend_from_slice(&chunk);
+                }
+                Some(Err(_)) => break Err(got.len()),
+            }
+        };
+        let _ = seen.send(Seen::Sink {
+            content_length: header_of(&headers, "content-length"),
+            transfer_encoding: header_of(&headers, "transfer-encoding"),
+            body: outcome,
+        });
+        "ok"
+    }
+
+    /// `/source?n=N`: `pattern(N)` with its length; with `&chunked=1`, in 64 KiB chunks and
+    /// without a length.
+    async fn source(Query(q): Query<HashMap<String, String>>) -> Response {
+        let n: usize = q["n"].parse().unwrap();
+        let data = Bytes::from(pattern(n));
+        let ct = [("content-type", "application/octet-stream")];
+        if q.get("chunked").is_some_and(|c| c == "1") {
+            let chunks: Vec<Result<Bytes, std::io::Error>> = (0..n)
+                .step_by(64 * 1024)
+                .map(|i| Ok(data.slice(i..(i + 64 * 1024).min(n))))
+                .collect();
+            (ct, Body::from_stream(stream::iter(chunks))).into_response()
+        } else {
+            (ct, data).into_response()
+        }
+    }
+
+    /// `/feed`: a body of no known length whose chunks the test sends through [`Seen::Feed`].
+    async fn feed(State(seen): State<Events>) -> Body {
+        let (tx, rx) = mpsc::channel(2);
+        seen.send(Seen::Feed(tx)).unwrap();
+        Body::from_stream(stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        }))
+    }
+
+    /// `/headers`: 206 with headers both allowed and not, and the request's headers as JSON.
+    async fn headers_echo(headers: HeaderMap) -> Response {
+        let got: serde_json::Map<String, Value> = [
+            "range",
+            "if-none-match",
+            "cookie",
+            "authorization",
+            "x-restpipe-request-id",
+        ]
+        .into_iter()
+        .map(|name| (name.to_string(), json!(header_of(&headers, name))))
+        .collect();
+        let mut out = HeaderMap::new();
+        for (name, value) in [
+            ("etag", "\"v1\""),
+            ("content-range", "bytes 0-9/100"),
+            ("cache-control", "no-cache"),
+            ("cache-control", "private"),
+            ("set-cookie", "session=1"),
+            ("authorization", "Bearer leaked"),
+            ("www-authenticate", "Basic"),
+            ("x-secret", "42"),
+        ] {
+            out.append(name, value.parse().unwrap());
+        }
+        (
+            StatusCode::PARTIAL_CONTENT,
+            out,
+            Value::Object(got).to_string(),
+        )
+            .into_response()
+    }
+
+    /// `/sized`: 12345 bytes of text (none for `HEAD`, with the same length); says the method.
+    async fn sized(State(seen): State<Events>, method: AxumMethod) -> Response {
+        seen.send(Seen::Method(method.to_string())).unwrap();
+        ([("content-type", "text/plain")], "x".repeat(12345)).into_response()
+    }
+
+    /// Start the streaming upstream on `127.0.0.1:0`: its address, and what it sees.
+    async fn start_streaming_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let app = Router::new()
+            .route("/api/sink", post(sink).put(sink))
+            .route("/api/source", get(source))
+            .route("/api/feed", get(feed))
+            .route("/api/headers", get(headers_echo))
+            .route("/api/sized", get(sized))
+            .with_state(tx);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, rx)
+    }
+
+    /// `n` bytes in a pattern of period 251, so that a chunk lost, doubled or moved shows.
+    fn pattern(n: usize) -> Vec<u8> {
+        let period: Vec<u8> = (0..=250u8).collect();
+        let mut data = period.repeat(n / 251 + 1);
+        data.truncate(n);
+        data
+    }
+
+    /// `data` as a stream of `chunk`-byte chunks, saying `length`.
+    fn chunks_of(data: &Bytes, chunk: usize, length: Option<u64>) -> BodyStream {
+        let chunks: Vec<Result<Bytes, BodyError>> = (0..data.len())
+            .step_by(chunk)
+            .map(|i| Ok(data.slice(i..(i + chunk).min(data.len()))))
+            .collect();
+        BodyStream::new(stream::iter(chunks), length)
+    }
+
+    /// A request body the test sends chunk by chunk, or cuts short with an error.
+    fn body_fed(length: Option<u64>) -> (mpsc::Sender<Result<Bytes, BodyError>>, BodyStream) {
+        let (tx, rx) = mpsc::channel(4);
+        let body = stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        (tx, BodyStream::new(body, length))
+    }
+
+    /// `fut`, which must be done within 10 s: a bound for a failing test, not a wait.
+    async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not happen within 10 s"))
+    }
+
+    async fn next_seen(seen: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+        within("an event of the upstream", seen.recv())
+            .await
+            .unwrap()
+    }
+
+    fn post_to(what: &str) -> Request {
+        let mut req = Request::new("POST", "jobs").with_parameters(vec![what.into()]);
+        req.content_type = "application/octet-stream".into();
+        req
+    }
+
+    #[tokio::test]
+    async fn a_large_request_body_streams_upstream_with_its_length_or_chunked() {
+        let (addr, mut seen) = start_streaming_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let data = Bytes::from(pattern(20 << 20));
+        for length in [Some(data.len() as u64), None] {
+            let body = chunks_of(&data, 100_000, length);
+            let ctx = Context::for_test(Side::Server);
+            let mut reply = handlers
+                .call_with_body(ctx, post_to("sink"), Some(body))
+                .await
+                .unwrap();
+            assert_eq!(reply.status, Some(200));
+            assert_eq!(&body_of(&mut reply).await[..], b"ok");
+            assert!(matches!(next_seen(&mut seen).await, Seen::Started));
+            let Seen::Sink {
+                content_length,
+                transfer_encoding,
+                body,
+            } = next_seen(&mut seen).await
+            else {
+                panic!("no sink event");
+            };
+            match length {
+                Some(n) => {
+                    assert_eq!(content_length, Some(n.to_string()));
+                    assert_eq!(transfer_encoding, None);
+                }
+                None => {
+                    assert_eq!(content_length, None);
+                    assert_eq!(transfer_encoding.as_deref(), Some("chunked"));
+                }
+            }
+            let body = body.unwrap();
+            assert!(
+                body[..] == data[..],
+                "{length:?}: {} bytes arrived, not the {} sent",
+                body.len(),
+                data.len()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_reply_streams_back_with_its_length() {
+        let (addr, _seen) = start_streaming_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let n = 20 << 20;
+        let data = pattern(n);
+        for (chunked, length) in [("0", Some(n as u64)), ("1", None)] {
+            let mut req = Request::new("GET", "jobs").with_parameters(vec!["source".into()]);
+            req.query = format!("n={n}&chunked={chunked}");
+            let mut reply = call(&handlers, req).await.unwrap();
+            assert_eq!(
+                (reply.status, reply.content_type.as_str()),
+                (Some(200), "application/octet-stream")
+            );
+            let mut stream = reply.stream.take().unwrap();
+            assert_eq!(stream.length(), length);
+            let mut got = Vec::with_capacity(n);
+            let mut chunks = 0;
+            while let Some(chunk) = stream.chunk().await {
+                got.extend_from_slice(&chunk.unwrap());
+                chunks += 1;
+            }
+            // Streamed, not collected first.
+            assert!(chunks > 1, "{chunks} chunk");
+            assert!(got == data, "{} bytes came back, not {n}", got.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_aborted_request_body_never_reaches_the_upstream_whole() {
+        let (addr, mut seen) = start_streaming_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let chunk = Bytes::from(pattern(64 * 1024));
+        for length in [None, Some(4 * chunk.len() as u64)] {
+            let (tx, body) = body_fed(length);
+            let call = tokio::spawn({
+                let handlers = handlers.clone();
+                let ctx = Context::for_test(Side::Server);
+                async move {
+                    handlers
+                        .call_with_body(ctx, post_to("sink"), Some(body))
+                        .await
+                }
+            });
+            tx.send(Ok(chunk.clone())).await.unwrap();
+            tx.send(Ok(chunk.clone())).await.unwrap();
+            // The upstream is reading the body when the caller goes away.
+            assert!(matches!(next_seen(&mut seen).await, Seen::Started));
+            let cut = BodyError::Aborted("the caller went away".into());
+            tx.send(Err(cut)).await.unwrap();
+
+            let err = within("the call's end", call).await.unwrap().unwrap_err();
+            assert_eq!(
+                (err.class.as_str(), err.status),
+                ("BodyIncomplete", Some(400)),
+                "{length:?}: {err}"
+            );
+            assert!(err.message.contains("the caller went away"), "{err}");
+            assert!(
+                err.message.contains(&format!("http://{addr}/api/sink")),
+                "{err}"
+            );
+            match next_seen(&mut seen).await {
+                Seen::Sink {
+                    body: Err(read), ..
+                } => {
+                    assert!(read <= 2 * chunk.len(), "{length:?}: {read}")
+                }
+                other => panic!("{length:?}: the upstream saw {other:?}, not a cut body"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_reply_closes_the_upstream_connection() {
+        let (addr, mut seen) = start_streaming_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let req = Request::new("GET", "jobs").with_parameters(vec!["feed".into()]);
+        let mut reply = call(&handlers, req).await.unwrap();
+        let Seen::Feed(tx) = next_seen(&mut seen).await else {
+            panic!("no feed");
+        };
+        // An endless body: chunks for as long as the upstream takes them.
+        let feeder = tokio::spawn({
+            let tx = tx.clone();
+            let chunk = Bytes::from(pattern(64 * 1024));
+            async move { while tx.send(Ok(chunk.clone())).await.is_ok() {} }
+        });
+        let mut stream = reply.stream.take().unwrap();
+        assert_eq!(stream.length(), None);
+        let mut got = 0;
+        while got < 1 << 20 {
+            got += stream.chunk().await.unwrap().unwrap().len();
+        }
+        drop(stream);
+        drop(reply);
+        // The upstream's body is dropped: its connection closed, not read to the end.
+        within("the upstream's body being dropped", tx.closed()).await;
+        within("the feeder's end", feeder).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_upstream_failing_mid_body_cuts_the_reply_short() {
+        let (addr, mut seen) = start_streaming_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let req = Request::new("GET", "jobs").with_parameters(vec!["feed".into()]);
+        let mut reply = call(&handlers, req).await.unwrap();
+        let Seen::Feed(tx) = next_seen(&mut seen).await else {
+            panic!("no feed");
+        };
+        let mut stream = reply.stream.take().unwrap();
+        tx.send(Ok(Bytes::from_static(b"first"))).await.unwrap();
+        assert_eq!(stream.chunk().await.unwrap().unwrap(), "first");
+        tx.send(Err(std::io::Error::other("disk gone")))
+            .await
+            .unwrap();
+        match stream.chunk().await {
+            Some(Err(BodyError::Io(why))) => {
+                assert!(why.contains(&format!("http://{addr}/api/feed")), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(stream.chunk().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_timeout_bounds_the_headers_then_each_pause_not_the_whole_body() {
+        let (addr, mut seen) = start_streaming_upstream().await;
+        let route = ForwardPlugin::parse_route(&format!("jobs=http://{addr}/api")).unwrap();
+        let timeout = Duration::from_millis(1000);
+        let handlers = ForwardPlugin::new([route])
+            .unwrap()
+            .with_timeout(timeout)
+            .handlers(Side::Server);
+        let req = Request::new("GET", "jobs").with_parameters(vec!["feed".into()]);
+        let started = Instant::now();
+        let mut reply = call(&handlers, req).await.unwrap();
+        let Seen::Feed(tx) = next_seen(&mut seen).await else {
+            panic!("no feed");
+        };
+        let mut stream = reply.stream.take().unwrap();
+        // Pauses shorter than the timeout, for longer than it in all: the body goes on.
+        // (The sleeps are the upstream's pace here, not a wait for an event.)
+        for i in 0..4u8 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            tx.send(Ok(Bytes::from(vec![i; 10]))).await.unwrap();
+            assert_eq!(stream.chunk().await.unwrap().unwrap(), vec![i; 10]);
+        }
+        assert!(started.elapsed() > timeout);
+        // A pause longer than the timeout ends the body with an error.
+        let paused = Instant::now();
+        match stream.chunk().await {
+            Some(Err(BodyError::Io(why))) => {
+                assert!(why.contains("sent nothing for 1.0 s"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(paused.elapsed() >= timeout);
+        assert!(stream.chunk().await.is_none());
+        drop(stream);
+        within("the upstream's body being dropped", tx.closed()).await;
+    }
+
+    #[tokio::test]
+    async fn allowed_headers_cross_both_ways_and_no_others() {
+        let (addr, _seen) = start_streaming_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        let mut req = Request::new("GET", "jobs").with_parameters(vec!["headers".into()]);
+        req.headers.insert("Range", "bytes=0-9").unwrap();
+        req.headers.insert("If-None-Match", "\"v0\"").unwrap();
+        // The others cannot even be put on a request.
+        assert!(req.headers.insert("Cookie", "session=1").is_err());
+        assert!(req.headers.insert("Authorization", "Bearer x").is_err());
+        let mut reply = call(&handlers, req).await.unwrap();
+        assert_eq!(reply.status, Some(206));
+        assert_eq!(reply.headers.get("etag"), Some("\"v1\""));
+        assert_eq!(reply.headers.get("content-range"), Some("bytes 0-9/100"));
+        assert_eq!(
+            reply.headers.get("cache-control"),
+            Some("no-cache, private")
+        );
+        for name in [
+            "set-cookie",
+            "authorization",
+            "www-authenticate",
+            "x-secret",
+        ] {
+            assert_eq!(reply.headers.get(name), None, "{name}");
+        }
+        assert_eq!(reply.headers.len(), 3, "{:?}", reply.headers);
+        let got: Value = serde_json::from_slice(&body_of(&mut reply).await).unwrap();
+        assert_eq!(
+            got,
+            json!({
+                "range": "bytes=0-9",
+                "if-none-match": "\"v0\"",
+                "cookie": null,
+                "authorization": null,
+                "x-restpipe-request-id": "1",
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn head_reaches_the_upstream_as_head() {
+        let (addr, mut seen) = start_streaming_upstream().await;
+        let handlers = handlers_for(&format!("http://{addr}/api"));
+        // The GET prefix serves HEAD: no handler of its own.
+        assert!(!handlers.names().iter().any(|n| n.starts_with("head_")));
+        for verb in ["HEAD", "GET"] {
+            let req = Request::new(verb, "jobs").with_parameters(vec!["sized".into()]);
+            let mut reply = call(&handlers, req).await.unwrap();
+            assert!(matches!(next_seen(&mut seen).await, Seen::Method(m) if m == verb));
+            assert_eq!(
+                (reply.status, reply.content_type.as_str()),
+                (Some(200), "text/plain"),
+                "{verb}"
+            );
+            assert_eq!(reply.stream.as_ref().unwrap().length(), Some(12345));
+            let body = body_of(&mut reply).await;
+            assert_eq!(body.len(), if verb == "HEAD" { 0 } else { 12345 });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_without_a_length_stops_at_the_limit() {
+        let (addr, _seen) = start_streaming_upstream().await;
+        let route = ForwardPlugin::parse_route(&format!("jobs=http://{addr}/api")).unwrap();
+        let handlers = ForwardPlugin::new([route])
+            .unwrap()
+            .with_max_reply_bytes(100_000)
+            .handlers(Side::Server);
+        let mut req = Request::new("GET", "jobs").with_parameters(vec!["source".into()]);
+        req.query = "n=200000&chunked=1".into();
+        let mut reply = call(&handlers, req).await.unwrap();
+        let mut stream = reply.stream.take().unwrap();
+        assert_eq!(stream.length(), None);
+        // Chunks up to the limit, then the error, never a byte over it.
+        let mut got = 0;
+        let err = loop {
+            match stream.chunk().await.unwrap() {
+                Ok(chunk) => got += chunk.len(),
+                Err(err) => break err,
+            }
+        };
+        assert_eq!(err, BodyError::TooLarge { limit: 100_000 });
+        assert!(got <= 100_000, "{got}");
+        assert!(stream.chunk().await.is_none());
     }
 }
