@@ -30,7 +30,8 @@
 //! Streams are cancelled both ways. A request body that ends in an error (the caller went
 //! away mid-upload) aborts the upstream request: the upstream sees its connection close
 //! before the body's end, never a shorter body that looks whole, and the event fails with
-//! 400 (class `BodyIncomplete`; 413 `BodyTooLarge` for a body over a limit). A reply stream
+//! 400 (class `BodyIncomplete`; 413 `BodyTooLarge` for a body over a limit), or, if the
+//! upstream had already answered, its reply stream ends with an error. A reply stream
 //! dropped before its end (the caller went away mid-download) closes the upstream connection
 //! instead of reading the rest.
 //!
