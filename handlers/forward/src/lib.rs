@@ -54,7 +54,7 @@
 //! The routes are registered as noun prefixes ([`Handlers::add_prefix_streaming`]), matched by
 //! whole segments: `jobs` serves `jobs/42` but not `jobsx`, and an exact handler of another
 //! plug-in (say `get_jobs_special`) wins over the prefix. No `head_*` prefix is registered: a
-//! `HEAD` is served by the `GET` prefix (and a policy rule for `get_jobs` covers it).
+//! `HEAD` is served by the `GET` prefix.
 //!
 //! ```
 //! use restpipe_handler::{Plugin, Side};
