@@ -217,3 +217,84 @@ async fn a_connection_lost_midway_is_an_incomplete_body() {
     };
     assert!(err.to_string().contains("closed on purpose"), "{err}");
 }
+
+/// A peer of release 1 (hello version 1, no streams) still gets what it understands: bodies
+/// whole in their frames, `HEAD` as `GET`, no headers and no version-2 frame, both when this
+/// node calls it with a streamed body and when it calls a handler that replies with a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_1_peer_gets_whole_bodies_and_no_version_2_frame() {
+    use restpipe::handler::Headers;
+    use restpipe_testkit::raw::proto::{self, frame::Kind, Frame};
+    use restpipe_testkit::raw::{event_frame, TlsPeer};
+
+    let pki = Pki::new();
+    let server = start_server(&pki, test_pipe()).await;
+    let mut peer = TlsPeer::connect_tls(server.local_addr(), &pki.connector("old"))
+        .await
+        .unwrap();
+    let hello = peer.hello("old", 1).await;
+    assert!(hello.min_protocol_version <= 1);
+    wait_for_client(&server, "old").await;
+    let status = server
+        .clients()
+        .into_iter()
+        .find(|c| c.identity == "old")
+        .unwrap();
+    assert_eq!(status.protocol_version, 1);
+
+    // The server calls the old peer with a streamed 300 KB body, a HEAD and a header.
+    let call = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let request = Request {
+                headers: Headers::new().with("range", "bytes=0-1"),
+                ..Request::new("HEAD", "check")
+            };
+            let body = BodyStream::new(pattern_stream(300_000, None), None);
+            server
+                .call_with_body("old", request, Some(body), None)
+                .await
+        }
+    });
+    let (id, event) = match peer.recv().await.unwrap() {
+        Some(Frame {
+            id,
+            kind: Some(Kind::Event(event)),
+        }) => (id, event),
+        other => panic!("expected an event, got {other:?}"),
+    };
+    assert_eq!(event.verb, "GET", "HEAD goes as GET to a release-1 peer");
+    assert!(!event.streamed && event.headers.is_empty());
+    assert_eq!(event.body.len(), 300_000);
+    assert!(event.body.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)));
+    let reply = Frame {
+        id,
+        kind: Some(Kind::Reply(proto::Reply {
+            content_type: "text/plain".into(),
+            body: b"old and fine".to_vec().into(),
+            ..Default::default()
+        })),
+    };
+    peer.send(&reply).await.unwrap();
+    let answer = call.await.unwrap().unwrap();
+    assert_eq!(&answer.body[..], b"old and fine");
+
+    // The old peer calls a handler that replies with a stream: it gets the body whole.
+    peer.send(&event_frame(
+        1,
+        Request::new("GET", "stream").with_parameters(vec!["200000".into()]),
+    ))
+    .await
+    .unwrap();
+    match peer.recv().await.unwrap() {
+        Some(Frame {
+            id: 1,
+            kind: Some(Kind::Reply(reply)),
+        }) => {
+            assert!(!reply.streamed && reply.content_length.is_none());
+            assert_eq!(reply.body.len(), 200_000);
+            assert!(reply.body.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)));
+        }
+        other => panic!("expected the whole reply, got {other:?}"),
+    }
+}
