@@ -393,7 +393,9 @@ async fn hash_body(
 }
 
 /// A body of `mib` MiB of [`Pattern`] content from `seed`, as a stream made as it is sent;
-/// the receiver gets its SHA-256 once the stream has ended.
+/// the receiver gets its SHA-256 once the last block has been handed out (not at the end of
+/// the stream: a client that sends `Content-Length` stops polling once it has that many
+/// bytes).
 fn pattern_stream(
     seed: u64,
     mib: u64,
@@ -404,20 +406,16 @@ fn pattern_stream(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let state = (Pattern::new(seed, mib), Some(Sha256::new()), Some(tx));
     let stream = futures_util::stream::unfold(state, |(mut pattern, mut sha, mut tx)| async move {
-        match pattern.next() {
-            Some(block) => {
-                if let Some(sha) = sha.as_mut() {
-                    sha.update(&block);
-                }
-                Some((block, (pattern, sha, tx)))
-            }
-            None => {
-                if let (Some(sha), Some(tx)) = (sha.take(), tx.take()) {
-                    let _ = tx.send(sha.hex());
-                }
-                None
+        let block = pattern.next()?;
+        if let Some(digest) = sha.as_mut() {
+            digest.update(&block);
+        }
+        if pattern.remaining() == 0 {
+            if let (Some(digest), Some(tx)) = (sha.take(), tx.take()) {
+                let _ = tx.send(digest.hex());
             }
         }
+        Some((block, (pattern, sha, tx)))
     });
     (stream, rx)
 }

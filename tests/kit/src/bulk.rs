@@ -120,6 +120,11 @@ impl Pattern {
         self.blocks == 0
     }
 
+    /// The blocks not yet yielded.
+    pub fn remaining(&self) -> u64 {
+        self.blocks - self.next
+    }
+
     /// Block `i` (the bytes from `i` MiB on), stamped.
     pub fn block(&self, i: u64) -> Vec<u8> {
         let mut block = self.block.clone();
