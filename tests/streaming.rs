@@ -856,7 +856,7 @@ async fn only_allow_listed_headers_cross_the_pipe() {
     let pki = Pki::new();
     let pipe = test_pipe();
     let http_options = HttpOptions {
-        max_body: pipe.max_frame,
+        max_body: pipe.max_body,
         token: None,
         metrics: Metrics::disabled(),
     };
@@ -1063,8 +1063,10 @@ async fn a_far_node_killed_mid_download_leaves_the_response_incomplete() {
 // Deadlines
 
 /// `X-Event-Timeout-Ms: 1000` bounds the time to the reply's start only: a 128 MiB file read
-/// by a slow caller (a 20 ms pause after each MiB, so at least 2.5 s in all, and far more
-/// than the buffers on the way hold) comes whole, though it takes longer than the timeout.
+/// by a slow caller (a 20 ms pause after each MiB, so at least 2.5 s in all) comes whole,
+/// though it takes longer than the timeout. That the body was still crossing after the
+/// timeout, and not all held in buffers on the way by then, is checked: 1.5 s after the call
+/// began, the far node still has the file open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_timeout_bounds_the_reply_start_not_a_long_body() {
     let root = tempfile::tempdir().unwrap();
@@ -1072,15 +1074,25 @@ async fn the_event_timeout_bounds_the_reply_start_not_a_long_body() {
     let flags = node_flags(root.path(), None, &[]);
     let pair = Pair::start(&flags, &flags).await;
 
-    let got = fetch(
-        &pair.http,
-        &pair.client_file("slow.bin"),
-        &[("X-Event-Timeout-Ms", "1000")],
-        Some(Duration::from_millis(20)),
-    )
-    .await;
+    let began = tokio::time::Instant::now();
+    let past_the_timeout = async {
+        // A sample at a point in time, not a wait for an event.
+        tokio::time::sleep_until(began + Duration::from_millis(1500)).await;
+        pair.client.has_open(&file.path)
+    };
+    let url = pair.client_file("slow.bin");
+    let (got, still_reading) = tokio::join!(
+        fetch(
+            &pair.http,
+            &url,
+            &[("X-Event-Timeout-Ms", "1000")],
+            Some(Duration::from_millis(20)),
+        ),
+        past_the_timeout
+    );
     println!(
-        "128 MiB with a 1000 ms event timeout, read slowly: {:?}",
+        "128 MiB with a 1000 ms event timeout, read slowly: {:?}; the far node still read \
+         the file at 1.5 s: {still_reading}",
         got.took
     );
     assert_whole(&got, &file, &pair);
@@ -1088,6 +1100,11 @@ async fn the_event_timeout_bounds_the_reply_start_not_a_long_body() {
         got.took > Duration::from_secs(2),
         "the slow read took only {:?}: it does not test the timeout",
         got.took
+    );
+    assert!(
+        still_reading,
+        "the far node had sent the whole file within 1.5 s: the body did not outlast the \
+         timeout, so this does not test it"
     );
 }
 
