@@ -1,6 +1,7 @@
 //! restpipe's test kit: everything the integration tests (`tests/*.rs`) and the bench
 //! (`benches/pipe`) need to stand up nodes and poke at them, in one dev-only place.
 //!
+//! - [`bulk`]: large bodies whose every chunk is distinct, their SHA-256, `curl` as a caller;
 //! - [`certs`]: certificates, in memory ([`certs::Pki`]) or as files of a development set
 //!   ([`certs::Certs`]);
 //! - [`nodes`]: in-process server and client nodes on `127.0.0.1:0`, with test handlers;
@@ -19,6 +20,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bulk;
 pub mod certs;
 pub mod http;
 pub mod logs;

@@ -260,6 +260,60 @@ impl Process {
             .map(|d| d.count())
             .unwrap_or(0)
     }
+
+    /// Whether the process has `path` open: one of its `/proc/<pid>/fd` links points to it
+    /// (`path` as the kernel shows it: absolute, symbolic links resolved).
+    pub fn has_open(&self, path: &Path) -> bool {
+        open_paths(self.pid()).iter().any(|p| p == path)
+    }
+
+    /// Mark its memory now, to measure how much more it takes from here on
+    /// ([`MemoryMark::growth_kib`]).
+    pub fn memory_mark(&self) -> MemoryMark {
+        MemoryMark::of(self.pid())
+    }
+}
+
+/// What the `/proc/<pid>/fd` links of `pid` point to.
+pub fn open_paths(pid: u32) -> Vec<PathBuf> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .collect()
+}
+
+/// The resident memory of a process at a point in time, to measure its growth from there: the
+/// peak resident memory later (`VmHWM`) less the resident memory then (`VmRSS`).
+///
+/// Taking the mark resets the process's peak to its current resident memory (`5` written to
+/// `/proc/<pid>/clear_refs`), so a peak reached before the mark (at start-up, say) is not
+/// counted. Where the kernel refuses that, the old peak stays and the growth is overstated,
+/// never understated.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryMark {
+    pid: u32,
+    /// `VmRSS` at the mark, KiB.
+    pub rss_kib: u64,
+    /// Whether the peak was reset at the mark.
+    pub peak_reset: bool,
+}
+
+impl MemoryMark {
+    /// Mark the process `pid` now.
+    pub fn of(pid: u32) -> MemoryMark {
+        let peak_reset = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
+        MemoryMark {
+            pid,
+            rss_kib: proc_status(pid, "VmRSS"),
+            peak_reset,
+        }
+    }
+
+    /// The peak resident memory since the mark less the resident memory at the mark, KiB.
+    pub fn growth_kib(&self) -> u64 {
+        proc_status(self.pid, "VmHWM").saturating_sub(self.rss_kib)
+    }
 }
 
 impl Drop for Process {
