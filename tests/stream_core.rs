@@ -266,7 +266,11 @@ async fn a_release_1_peer_gets_whole_bodies_and_no_version_2_frame() {
     assert_eq!(event.verb, "GET", "HEAD goes as GET to a release-1 peer");
     assert!(!event.streamed && event.headers.is_empty());
     assert_eq!(event.body.len(), 300_000);
-    assert!(event.body.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)));
+    assert!(event
+        .body
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(i as u64)));
     let reply = Frame {
         id,
         kind: Some(Kind::Reply(proto::Reply {
@@ -293,7 +297,11 @@ async fn a_release_1_peer_gets_whole_bodies_and_no_version_2_frame() {
         }) => {
             assert!(!reply.streamed && reply.content_length.is_none());
             assert_eq!(reply.body.len(), 200_000);
-            assert!(reply.body.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)));
+            assert!(reply
+                .body
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == pattern(i as u64)));
         }
         other => panic!("expected the whole reply, got {other:?}"),
     }
