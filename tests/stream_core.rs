@@ -85,6 +85,18 @@ async fn bodies_far_over_the_frame_limit_cross_both_ways() {
     assert_eq!(stream.length(), Some(N));
     assert_eq!(read_all(stream).await.unwrap(), (N, 0));
 
+    // A HEAD runs the GET handler: its reply says the length and carries no byte.
+    let mut head = client
+        .call(
+            Request::new("HEAD", "stream").with_parameters(vec![N.to_string()]),
+            None,
+        )
+        .await
+        .unwrap();
+    let stream = head.stream.take().expect("a stream with the length");
+    assert_eq!(stream.length(), Some(N));
+    assert_eq!(read_all(stream).await.unwrap(), (0, 0));
+
     assert_eq!(checked(&up.await.unwrap().unwrap()), (N, 0));
     assert_eq!(checked(&down_to_client.await.unwrap().unwrap()), (N, 0));
 }

@@ -369,7 +369,7 @@ impl Shared {
         mut permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     ) {
         let id = ctx.request_id;
-        let head = request.verb == "HEAD";
+        let head_only = request.verb == "HEAD";
         let reply = tokio::select! {
             reply = self.core.dispatch(ctx, request, body) => Some(reply),
             _ = cancel.cancelled() => None,
@@ -379,7 +379,7 @@ impl Shared {
             debug!("cancelled by the caller before its reply");
             return self.end_handling(id);
         };
-        if head {
+        if head_only {
             // No body answers a HEAD; its length, when known, still says what a GET would get.
             reply.body = Bytes::new();
             reply.stream = reply
@@ -432,7 +432,8 @@ impl Shared {
             reply,
             streamed,
         });
-        if self.send(head).await.is_ok() {
+        // A HEAD's body is its length alone: the caller expects no data frame.
+        if self.send(head).await.is_ok() && !head_only {
             let pump = stream::pump(self.clone(), key, stream, credit, stop.clone());
             // The pump's own token follows the connection's.
             tokio::select! {

@@ -203,6 +203,7 @@ impl Connection {
             request.trace = None;
         }
         let limit = shared.peer_max_frame;
+        let head = shared.streaming && request.verb == "HEAD";
         if !shared.streaming {
             request.headers = Headers::default();
             if request.verb == "HEAD" {
@@ -281,10 +282,19 @@ impl Connection {
             }
             rx.await.map_err(|_| shared.closed_error())?
         };
-        let result = match tokio::time::timeout(timeout, exchange).await {
+        let mut result = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(CallError::Timeout(timeout)),
         };
+        if let (true, Ok(reply)) = (head, &mut result) {
+            // No data follows a HEAD's reply: its stream is its length alone.
+            if let Some(stream) = reply.stream.take() {
+                reply.stream = Some(BodyStream::new(
+                    futures_util::stream::empty(),
+                    stream.length(),
+                ));
+            }
+        }
         metrics.timing("message.send.timing", started.elapsed());
         result
     }
