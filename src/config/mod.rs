@@ -47,6 +47,21 @@ pub struct StatsdSettings {
     pub prefix: String,
 }
 
+/// Server: the cluster connection (`--cluster` and the settings that go with it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterSettings {
+    /// NATS URLs.
+    pub urls: Vec<String>,
+    /// The cluster's name.
+    pub name: String,
+    /// This replica's name; `None`: the host name and the pipe's port.
+    pub replica: Option<String>,
+    /// A NATS credentials file.
+    pub creds: Option<PathBuf>,
+    /// A CA for the NATS server's certificate.
+    pub tls_ca: Option<PathBuf>,
+}
+
 /// Everything a node needs, merged and checked.
 #[derive(Clone)]
 pub struct Settings {
@@ -60,6 +75,8 @@ pub struct Settings {
     pub max_handshakes: usize,
     /// Server: handshakes pending at once from one source address.
     pub max_handshakes_per_source: usize,
+    /// Server: the cluster this server is a replica of; `None` for a single server.
+    pub cluster: Option<ClusterSettings>,
     /// Client: `host:port` of the server.
     pub server: String,
     /// Client: the name the server's certificate must carry.
@@ -294,7 +311,38 @@ impl Settings {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .collect();
+        let cluster_urls: Vec<String> = pick!(cluster)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let cluster = if cluster_urls.is_empty() {
+            None
+        } else {
+            let name = pick!(cluster_name).unwrap_or_else(|| "default".into());
+            if !crate::cluster::valid_token(&name) {
+                return Err(format!(
+                    "--cluster-name {name:?} must be 1 to 64 of A-Z a-z 0-9 _ -"
+                ));
+            }
+            let replica = pick!(replica_name);
+            if replica
+                .as_ref()
+                .is_some_and(|r| r.is_empty() || r.len() > 128)
+            {
+                return Err("--replica-name must be 1 to 128 characters".into());
+            }
+            Some(ClusterSettings {
+                urls: cluster_urls,
+                name,
+                replica,
+                creds: pick!(cluster_creds),
+                tls_ca: pick!(cluster_tls_ca),
+            })
+        };
         Ok(Settings {
+            cluster,
             tls,
             bind: SocketAddr::new(
                 pick!(bind_interface).unwrap_or(IpAddr::from([0, 0, 0, 0])),
