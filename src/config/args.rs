@@ -212,7 +212,8 @@ pub struct ServerOnlyArgs {
 /// The flags only a client takes.
 #[derive(Debug, Default, Args)]
 pub struct ClientOnlyArgs {
-    /// The server's host name or address [default: localhost].
+    /// The server's host name or address, or several `host[:port]`, comma separated (the
+    /// replicas of a cluster: a random one first, then the next) [default: localhost].
     #[arg(long, env = "RP_CLIENT_TARGET_HOSTNAME")]
     pub server_host: Option<String>,
     /// The server's pipe port [default: 1234].
