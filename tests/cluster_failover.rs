@@ -159,3 +159,183 @@ async fn a_replica_killed_loses_no_request_and_its_clients_come_back_on_the_othe
     }
     drop(clients);
 }
+
+/// Three replicas on `nats_urls[i]` (replica `i`), and one client on each, that knows only
+/// its own replica: `c1` on r1, `c2` on r2, `c3` on r3. Returns once every replica lists all
+/// three.
+async fn one_client_each(certs: &Certs, nats_urls: [&str; 3]) -> (Vec<Node>, Vec<Node>) {
+    let http = http_client();
+    let mut replicas = Vec::new();
+    for (i, url) in nats_urls.iter().enumerate() {
+        let name = format!("r{}", i + 1);
+        let mut extra: Vec<&str> = TIMINGS.to_vec();
+        extra.extend(["--cluster", url, "--replica-name", &name]);
+        replicas.push(Node::start(certs.dir(), &name, server_args(certs, &extra)).await);
+    }
+    let mut clients = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        let identity = format!("c{}", i + 1);
+        let cert = certs.client(&identity);
+        let args = client_args(certs, &cert, r.pipe_addr(), &TIMINGS);
+        clients.push(Node::start(certs.dir(), &identity, args).await);
+    }
+    let want: Vec<(String, String)> = (1..=3)
+        .map(|i| (format!("c{i}"), format!("r{i}")))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for r in &replicas {
+        while listing(&http, r).await != want {
+            assert!(
+                Instant::now() < deadline,
+                "{} never listed {want:?}",
+                r.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    (replicas, clients)
+}
+
+/// `GET url` within `limit`: status and body. Fails the test if it hangs.
+async fn bounded_get(http: &reqwest::Client, url: &str, limit: Duration) -> (u16, String) {
+    tokio::time::timeout(limit, get(http, url))
+        .await
+        .unwrap_or_else(|_| panic!("GET {url} hung past {limit:?}"))
+}
+
+/// Wait (at most `limit`) until `/status` of `replica` says NATS is `state`.
+async fn wait_nats(http: &reqwest::Client, replica: &Node, state: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = get_json(http, &replica.url("/status")).await;
+        if status["cluster"]["nats"] == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never said NATS is {state}: {}",
+            replica.name,
+            status["cluster"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nats_stopped_each_replica_serves_its_own_and_routing_resumes_without_restart() {
+    let certs = Certs::new();
+    let Some(mut nats) = NatsServer::start(certs.dir()).await else {
+        return;
+    };
+    let http = http_client();
+    let url = nats.url();
+    let (replicas, _clients) = one_client_each(&certs, [&url, &url, &url]).await;
+    let cross = replicas[0].url("/client/c2/time");
+    assert_eq!(
+        bounded_get(&http, &cross, Duration::from_secs(10)).await.0,
+        200
+    );
+
+    nats.stop();
+    wait_nats(&http, &replicas[0], "unreachable", Duration::from_secs(15)).await;
+    for (i, r) in replicas.iter().enumerate() {
+        let own = r.url(&format!("/client/c{}/time", i + 1));
+        let (status, body) = bounded_get(&http, &own, Duration::from_secs(10)).await;
+        assert_eq!(status, 200, "{own}: {body}");
+    }
+    let started = Instant::now();
+    let (status, body) = bounded_get(&http, &cross, Duration::from_secs(10)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cluster is unreachable"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+
+    nats.restart().await;
+    for r in &replicas {
+        wait_nats(&http, r, "connected", Duration::from_secs(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = bounded_get(&http, &cross, Duration::from_secs(10)).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "routing did not resume: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_nats_but_not_from_its_clients_never_hangs_nor_misroutes() {
+    let certs = Certs::new();
+    let Some(nats) = NatsServer::start(certs.dir()).await else {
+        return;
+    };
+    let http = http_client();
+    let url = nats.url();
+    // r1 reaches NATS through a relay that can be cut.
+    let relay = restpipe_testkit::relay::Relay::start(loopback(nats.port)).await;
+    let relayed = format!("nats://{}", relay.addr());
+    let (replicas, _clients) = one_client_each(&certs, [&relayed, &url, &url]).await;
+
+    relay.pause();
+    relay.cut();
+    wait_nats(&http, &replicas[0], "unreachable", Duration::from_secs(15)).await;
+    // r1 serves its own client; it cannot reach the others' and says why.
+    let (status, body) = bounded_get(
+        &http,
+        &replicas[0].url("/client/c1/time"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = bounded_get(
+        &http,
+        &replicas[0].url("/client/c2/time"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cluster is unreachable"), "{body}");
+    // The others cannot reach r1's client: 503 after the connect wait, never a wrong
+    // answer; and they still reach each other's.
+    let (status, body) = bounded_get(
+        &http,
+        &replicas[1].url("/client/c1/time"),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = bounded_get(
+        &http,
+        &replicas[1].url("/client/c3/time"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    relay.resume();
+    wait_nats(&http, &replicas[0], "connected", Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (a, _) = bounded_get(
+            &http,
+            &replicas[0].url("/client/c2/time"),
+            Duration::from_secs(10),
+        )
+        .await;
+        let (b, _) = bounded_get(
+            &http,
+            &replicas[1].url("/client/c1/time"),
+            Duration::from_secs(10),
+        )
+        .await;
+        if (a, b) == (200, 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "routing did not resume: {a} {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
