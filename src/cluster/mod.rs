@@ -47,6 +47,9 @@ pub const EXPIRE: Duration = Duration::from_secs(16);
 const MAX_NAME: usize = 256;
 /// Entries in one presence message, at most.
 const MAX_ENTRIES: usize = 2000;
+/// Clients of other replicas held in the table, at most: a publisher on the cluster's
+/// subjects cannot make it grow without bound.
+const MAX_REMOTE: usize = 1_000_000;
 
 /// Settings of the cluster connection.
 #[derive(Clone, Debug, Default)]
@@ -143,6 +146,9 @@ struct Inner {
     local: Mutex<HashMap<String, Local>>,
     /// The highest epoch seen for each identity, here or elsewhere.
     epochs: Mutex<HashMap<String, u64>>,
+    /// Connections closed here because a newer one won elsewhere: never announced again,
+    /// even while they are still in the registry, on their way out.
+    fenced: Mutex<std::collections::HashSet<u64>>,
     changed: watch::Sender<u64>,
     stop: CancellationToken,
     max_chunk: usize,
@@ -212,6 +218,7 @@ impl Cluster {
             remote: Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
             epochs: Mutex::new(HashMap::new()),
+            fenced: Mutex::new(std::collections::HashSet::new()),
             changed: watch::Sender::new(0),
             stop: CancellationToken::new(),
             max_chunk: carry::MAX_CHUNK,
@@ -459,7 +466,7 @@ impl Inner {
                     }
                 }
                 let take = match remote.get(&id) {
-                    None => true,
+                    None => remote.len() < MAX_REMOTE,
                     Some(r) => theirs >= (r.epoch, r.replica.as_str()),
                 };
                 if take {
@@ -485,6 +492,7 @@ impl Inner {
 
     /// Close the connection `conn_id` of `identity` here: a newer one lives on `winner`.
     fn fence(&self, identity: &str, conn_id: u64, winner: &str) {
+        crate::util::lock(&self.fenced).insert(conn_id);
         if let Some(l) = crate::util::lock(&self.local).remove(identity) {
             l.subscription.abort();
         }
@@ -572,8 +580,15 @@ async fn reconcile_loop(inner: Arc<Inner>, mut changes: watch::Receiver<u64>) {
         let Some(server) = inner.server.upgrade() else {
             return;
         };
-        let current = server.registry().all();
+        let mut current = server.registry().all();
         drop(server);
+        {
+            // A connection fenced, or closed and on its way out, is not announced.
+            let mut fenced = crate::util::lock(&inner.fenced);
+            let live: std::collections::HashSet<u64> = current.iter().map(|c| c.id()).collect();
+            fenced.retain(|id| live.contains(id));
+            current.retain(|c| !c.is_closed() && !fenced.contains(&c.id()));
+        }
         let mut up = Vec::new();
         let mut down = Vec::new();
         {
