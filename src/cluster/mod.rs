@@ -119,7 +119,7 @@ struct Seen {
 #[derive(Serialize, Deserialize, Debug)]
 struct Presence {
     replica: String,
-    /// `up`, `down` or `snapshot`.
+    /// `up`, `down`, `snapshot`, or `hello` (a replica (re)joined: send your snapshot).
     kind: String,
     clients: Vec<Seen>,
 }
@@ -152,6 +152,8 @@ struct Inner {
     changed: watch::Sender<u64>,
     stop: CancellationToken,
     max_chunk: usize,
+    /// Another replica (re)joined and asked for everyone's snapshot.
+    snapshot_asked: tokio::sync::Notify,
 }
 
 impl Cluster {
@@ -222,6 +224,7 @@ impl Cluster {
             changed: watch::Sender::new(0),
             stop: CancellationToken::new(),
             max_chunk: carry::MAX_CHUNK,
+            snapshot_asked: tokio::sync::Notify::new(),
         });
         tokio::spawn(presence_loop(inner.clone()));
         tokio::spawn(reconcile_loop(inner.clone(), server.registry().changes()));
@@ -434,6 +437,10 @@ impl Inner {
         if replica == self.options.replica || replica.is_empty() || replica.len() > 128 {
             return;
         }
+        if presence.kind == "hello" {
+            self.snapshot_asked.notify_one();
+            return;
+        }
         let mut fenced = Vec::new();
         {
             let mut remote = crate::util::lock(&self.remote);
@@ -551,7 +558,9 @@ async fn presence_loop(inner: Arc<Inner>) {
             };
             let Some(message) = message else { break };
             match serde_json::from_slice::<Presence>(&message.payload) {
-                Ok(p) if matches!(p.kind.as_str(), "up" | "down" | "snapshot") => inner.heard(p),
+                Ok(p) if matches!(p.kind.as_str(), "up" | "down" | "snapshot" | "hello") => {
+                    inner.heard(p)
+                }
                 _ => debug!("cluster: a presence message that does not decode, ignored"),
             }
         }
@@ -564,8 +573,19 @@ async fn refresh_loop(inner: Arc<Inner>, mut connected: watch::Receiver<u64>) {
         tokio::select! {
             _ = inner.stop.cancelled() => return,
             _ = every.tick() => {}
-            // Back on NATS: say at once what this replica holds.
-            Ok(()) = connected.changed() => {}
+            _ = inner.snapshot_asked.notified() => {}
+            // Back on NATS: say at once what this replica holds, and ask the others for
+            // theirs.
+            Ok(()) = connected.changed() => {
+                let hello = Presence {
+                    replica: inner.options.replica.clone(),
+                    kind: "hello".into(),
+                    clients: Vec::new(),
+                };
+                let payload = Bytes::from(serde_json::to_vec(&hello).unwrap_or_default());
+                let publish = inner.client.publish(inner.subject("presence"), payload);
+                let _ = tokio::time::timeout(Duration::from_secs(2), publish).await;
+            }
         }
         inner.sweep();
         let entries = inner.snapshot();
