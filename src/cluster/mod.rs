@@ -460,8 +460,10 @@ impl Inner {
                     }
                     continue;
                 }
-                let highest = epochs.entry(id.clone()).or_insert(0);
-                *highest = (*highest).max(seen.epoch);
+                if epochs.len() < MAX_REMOTE || epochs.contains_key(&id) {
+                    let highest = epochs.entry(id.clone()).or_insert(0);
+                    *highest = (*highest).max(seen.epoch);
+                }
                 let theirs = (seen.epoch, replica.as_str());
                 // Held here with an older epoch: fenced, ours closes. Held here with a
                 // newer one: theirs is stale, and ours is announced again below.
