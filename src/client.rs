@@ -5,8 +5,8 @@
 //! at a random one, goes on to the next when one cannot be reached, and backs off only once
 //! every one has failed in a row; after a lost connection it starts again at a random one, so
 //! that the clients of a replica that died spread over the survivors instead of all landing
-//! on the next. A host name with several addresses counts as several: each attempt takes one
-//! of them at random.
+//! on the next. A host name with several addresses counts as several: with several servers,
+//! each attempt tries its addresses in a random order.
 //!
 //! The dial loop reconnects with exponential backoff and jitter, reset once a connection has
 //! held for a while. Callers wait up to the connect wait for a connection before they get
@@ -287,21 +287,32 @@ async fn connect_once(
     target: &Target,
 ) -> Result<(Connection, impl std::future::Future<Output = ()>), String> {
     let timeout = inner.core.pipe.handshake_timeout;
-    // Every address of the name, one of them at random: a name with several counts as
-    // several servers.
-    let addrs: Vec<std::net::SocketAddr> =
+    // Every address of the name: with one server, in the resolver's order (as a plain
+    // connect); with several, in a random order, so that a name with several addresses
+    // counts as several servers and the clients spread over them.
+    let mut addrs: Vec<std::net::SocketAddr> =
         tokio::time::timeout(timeout, tokio::net::lookup_host(&target.dial))
             .await
             .map_err(|_| format!("resolving {} timed out after {timeout:?}", target.dial))?
             .map_err(|e| format!("cannot resolve {}: {e}", target.dial))?
             .collect();
-    let Some(&addr) = addrs.get(rand::random_range(0..addrs.len().max(1))) else {
-        return Err(format!("{} has no address", target.dial));
-    };
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| format!("TCP connect to {addr} timed out after {timeout:?}"))?
-        .map_err(|e| format!("TCP connect to {addr} failed: {e}"))?;
+    if inner.targets.len() > 1 {
+        use rand::seq::SliceRandom;
+        addrs.shuffle(&mut rand::rng());
+    }
+    let mut failure = format!("{} has no address", target.dial);
+    let mut connected = None;
+    for addr in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                connected = Some(tcp);
+                break;
+            }
+            Ok(Err(e)) => failure = format!("TCP connect to {addr} failed: {e}"),
+            Err(_) => failure = format!("TCP connect to {addr} timed out after {timeout:?}"),
+        }
+    }
+    let tcp = connected.ok_or(failure)?;
     let _ = tcp.set_nodelay(true);
     let addr = tcp.peer_addr().map_err(|e| e.to_string())?;
     let connector = inner.connector.load_full();
