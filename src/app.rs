@@ -239,7 +239,20 @@ pub async fn start_with_tls(
             options.max_connections = settings.max_connections;
             options.max_handshakes = settings.max_handshakes;
             options.max_handshakes_per_source = settings.max_handshakes_per_source;
-            Pipe::Server(ServerNode::start(options).await?)
+            let server = ServerNode::start(options).await?;
+            if let Some(cluster) = &settings.cluster {
+                let options = crate::cluster::ClusterOptions {
+                    urls: cluster.urls.clone(),
+                    name: cluster.name.clone(),
+                    replica: cluster.replica.clone().unwrap_or_else(|| {
+                        crate::cluster::default_replica_name(server.local_addr().port())
+                    }),
+                    creds: cluster.creds.clone(),
+                    tls_ca: cluster.tls_ca.clone(),
+                };
+                server.join_cluster(options).await?;
+            }
+            Pipe::Server(server)
         }
         Side::Client => {
             let mut options = ClientOptions::new(node, settings.server.clone());

@@ -1,6 +1,13 @@
 //! The client node's pipe: dial the server, keep one connection up forever, and call the
 //! server over it.
 //!
+//! The server may be several (`host:port,host:port`, replicas of a cluster): the node starts
+//! at a random one, goes on to the next when one cannot be reached, and backs off only once
+//! every one has failed in a row; after a lost connection it starts again at a random one, so
+//! that the clients of a replica that died spread over the survivors instead of all landing
+//! on the next. A host name with several addresses counts as several: with several servers,
+//! each attempt tries its addresses in a random order.
+//!
 //! The dial loop reconnects with exponential backoff and jitter, reset once a connection has
 //! held for a while. Callers wait up to the connect wait for a connection before they get
 //! [`CallError::NotConnected`].
@@ -27,7 +34,7 @@ use crate::tls::{self, TlsMaterial};
 pub struct ClientOptions {
     /// What every node has.
     pub node: NodeOptions,
-    /// The server to dial, `host:port`.
+    /// The server to dial, `host:port`, or several, comma separated.
     pub server: String,
     /// The name the server's certificate must carry; default: the host dialled.
     pub server_name: Option<String>,
@@ -63,7 +70,10 @@ struct Inner {
     core: Arc<NodeCore>,
     connector: ArcSwap<TlsConnector>,
     server: String,
-    server_name: String,
+    /// Where to dial: `host:port` and the name its certificate must carry.
+    targets: Vec<Target>,
+    /// The name the certificate of the server connected now carries (for a reload).
+    connected_name: std::sync::Mutex<String>,
     current: watch::Sender<Option<Connection>>,
     stop: CancellationToken,
     stopped: CancellationToken,
@@ -74,15 +84,14 @@ impl ClientNode {
     pub fn start(options: ClientOptions) -> Result<ClientNode, NodeError> {
         let core = Arc::new(NodeCore::new(Side::Client, &options.node)?);
         let connector = options.node.tls.connector()?;
-        let server_name = match options.server_name {
-            Some(name) => name,
-            None => host_of(&options.server)?,
-        };
+        let targets = targets(&options.server, options.server_name.as_deref())?;
+        let first_name = targets.first().map(|t| t.name.clone()).unwrap_or_default();
         let inner = Arc::new(Inner {
             core,
             connector: ArcSwap::from_pointee(connector),
             server: options.server,
-            server_name,
+            targets,
+            connected_name: std::sync::Mutex::new(first_name),
             current: watch::Sender::new(None),
             stop: CancellationToken::new(),
             stopped: CancellationToken::new(),
@@ -142,7 +151,7 @@ impl ClientNode {
             |m| m.connector(),
             |connector| self.inner.connector.store(Arc::new(connector)),
             self.connection(),
-            Some(&self.inner.server_name),
+            Some(&crate::util::lock(&self.inner.connected_name).clone()),
         )
     }
 
@@ -223,6 +232,40 @@ fn not_connected(server: &str, wait: Duration) -> CallError {
     ))
 }
 
+/// One server to dial.
+#[derive(Clone, Debug, PartialEq)]
+struct Target {
+    /// `host:port`.
+    dial: String,
+    /// The name its certificate must carry.
+    name: String,
+}
+
+/// The servers of `server` (`host:port`, comma separated), each with the name its certificate
+/// must carry: `server_name` if given, else its host.
+fn targets(server: &str, server_name: Option<&str>) -> Result<Vec<Target>, NodeError> {
+    let mut out = Vec::new();
+    for dial in server.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let name = match server_name {
+            Some(name) => name.to_string(),
+            None => host_of(dial)?,
+        };
+        out.push(Target {
+            dial: dial.to_string(),
+            name,
+        });
+    }
+    if out.is_empty() {
+        return Err(NodeError::Config(format!(
+            "server address {server:?} names no server"
+        )));
+    }
+    if out.len() > 64 {
+        return Err(NodeError::Config("at most 64 servers".into()));
+    }
+    Ok(out)
+}
+
 /// The host part of `host:port` (brackets removed from an IPv6 address).
 fn host_of(server: &str) -> Result<String, NodeError> {
     let host = match server.rsplit_once(':') {
@@ -241,16 +284,39 @@ fn host_of(server: &str) -> Result<String, NodeError> {
 
 async fn connect_once(
     inner: &Arc<Inner>,
+    target: &Target,
 ) -> Result<(Connection, impl std::future::Future<Output = ()>), String> {
     let timeout = inner.core.pipe.handshake_timeout;
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(&inner.server))
-        .await
-        .map_err(|_| format!("TCP connect timed out after {timeout:?}"))?
-        .map_err(|e| format!("TCP connect failed: {e}"))?;
+    // Every address of the name: with one server, in the resolver's order (as a plain
+    // connect); with several, in a random order, so that a name with several addresses
+    // counts as several servers and the clients spread over them.
+    let mut addrs: Vec<std::net::SocketAddr> =
+        tokio::time::timeout(timeout, tokio::net::lookup_host(&target.dial))
+            .await
+            .map_err(|_| format!("resolving {} timed out after {timeout:?}", target.dial))?
+            .map_err(|e| format!("cannot resolve {}: {e}", target.dial))?
+            .collect();
+    if inner.targets.len() > 1 {
+        use rand::seq::SliceRandom;
+        addrs.shuffle(&mut rand::rng());
+    }
+    let mut failure = format!("{} has no address", target.dial);
+    let mut connected = None;
+    for addr in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                connected = Some(tcp);
+                break;
+            }
+            Ok(Err(e)) => failure = format!("TCP connect to {addr} failed: {e}"),
+            Err(_) => failure = format!("TCP connect to {addr} timed out after {timeout:?}"),
+        }
+    }
+    let tcp = connected.ok_or(failure)?;
     let _ = tcp.set_nodelay(true);
     let addr = tcp.peer_addr().map_err(|e| e.to_string())?;
     let connector = inner.connector.load_full();
-    let (stream, cert) = tls::connect(&connector, &inner.server_name, tcp, timeout)
+    let (stream, cert) = tls::connect(&connector, &target.name, tcp, timeout)
         .await
         .map_err(|e| e.to_string())?;
     connection::open(inner.core.clone(), stream, cert, addr)
@@ -262,16 +328,25 @@ async fn dial_loop(inner: Arc<Inner>, mut backoff: Backoff, stable_after: Durati
     let core = inner.core.clone();
     let mut failures: u32 = 0;
     let mut disconnected_since: Option<SystemTime> = None;
+    let count = inner.targets.len();
+    // A random start, then the next one after each failure.
+    let mut at = rand::random_range(0..count);
+    // Failures in a row since the last full round: back off once every server failed.
+    let mut round = 0usize;
     while !inner.stop.is_cancelled() {
         core.metrics.tick("client.connect.new.tick");
+        let target = inner.targets[at % count].clone();
         let attempt = tokio::select! {
             _ = inner.stop.cancelled() => break,
-            attempt = connect_once(&inner) => attempt,
+            attempt = connect_once(&inner, &target) => attempt,
         };
+        let mut quick = false;
         match attempt {
             Ok((conn, run)) => {
                 let peer = conn.peer().clone();
-                info!(server = %inner.server, identity = %peer.identity, retries = failures, "connected");
+                info!(server = %target.dial, identity = %peer.identity, retries = failures, "connected");
+                *crate::util::lock(&inner.connected_name) = target.name.clone();
+                round = 0;
                 core.metrics.tick("client.connect.connected.tick");
                 core.lifecycle(Lifecycle::ClientConnected {
                     retries: failures,
@@ -302,11 +377,13 @@ async fn dial_loop(inner: Arc<Inner>, mut backoff: Backoff, stable_after: Durati
                     break;
                 }
                 core.metrics.tick("client.connect.broken.tick");
-                warn!(server = %inner.server, %reason, "connection lost");
+                warn!(server = %target.dial, %reason, "connection lost");
                 disconnected_since = Some(SystemTime::now());
                 if up.elapsed() >= stable_after {
                     backoff.reset();
                 }
+                // Start again anywhere: the clients of a server that died spread out.
+                at = rand::random_range(0..count);
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
@@ -316,15 +393,41 @@ async fn dial_loop(inner: Arc<Inner>, mut backoff: Backoff, stable_after: Durati
                 });
                 // Log the first failures, then one in ten, so a long outage does not flood.
                 if failures <= 3 || failures % 10 == 0 {
-                    warn!(server = %inner.server, retries = failures, cause = %error, "cannot connect");
+                    warn!(server = %target.dial, retries = failures, cause = %error, "cannot connect");
                 }
+                at = (at + 1) % count;
+                round += 1;
+                // Another server not yet tried in this round: go on to it at once (after a
+                // short pause, so that a list of dead servers does not spin).
+                quick = round % count != 0;
             }
         }
-        let delay = backoff.next_delay();
+        let delay = if quick {
+            Duration::from_millis(50)
+        } else {
+            backoff.next_delay()
+        };
         tokio::select! {
             _ = inner.stop.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
         }
     }
     inner.stopped.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_list_becomes_targets() {
+        let t = targets("a:1,[::1]:2, b:3", None).unwrap();
+        let names: Vec<&str> = t.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a", "::1", "b"]);
+        assert_eq!(t[2].dial, "b:3");
+        let t = targets("a:1,b:2", Some("localhost")).unwrap();
+        assert!(t.iter().all(|t| t.name == "localhost"));
+        assert!(targets("", None).is_err());
+        assert!(targets("a", None).is_err());
+    }
 }

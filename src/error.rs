@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 /// Why a call to the peer got no reply. Each kind maps to one HTTP status on the front door.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+///
+/// It serializes (serde), so that a replica of a cluster can hand it back to the one that
+/// carried the call, which answers exactly as a single node would.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CallError {
     /// The connection ended while the request was in flight (HTTP 502).
     #[error("the pipe closed while the request was in flight: {0}")]

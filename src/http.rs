@@ -361,6 +361,9 @@ async fn status(State(state): State<Shared>) -> Response {
         Pipe::Server(server) => {
             body["listening"] = json!(server.local_addr().to_string());
             body["pending_handshakes"] = json!(server.pending_handshakes());
+            if let Some(cluster) = server.cluster() {
+                body["cluster"] = cluster.status();
+            }
         }
         Pipe::Client(client) => {
             body["server"] = json!(client.server());
@@ -372,7 +375,31 @@ async fn status(State(state): State<Shared>) -> Response {
 
 async fn clients(State(state): State<Shared>) -> Response {
     match &state.pipe {
-        Pipe::Server(server) => Json(server.clients()).into_response(),
+        Pipe::Server(server) => match server.cluster() {
+            None => Json(server.clients()).into_response(),
+            // In a cluster: every client of every replica, each with its replica.
+            Some(cluster) => {
+                let mut all: Vec<serde_json::Value> = server
+                    .clients()
+                    .into_iter()
+                    .map(|status| {
+                        let epoch = cluster.local_epoch(&status.identity);
+                        let mut value = json!(status);
+                        value["replica"] = json!(cluster.replica());
+                        value["epoch"] = json!(epoch);
+                        value
+                    })
+                    .collect();
+                all.extend(cluster.remote_clients().into_iter().map(|r| json!(r)));
+                all.sort_by(|a, b| {
+                    a["identity"]
+                        .as_str()
+                        .unwrap_or("")
+                        .cmp(b["identity"].as_str().unwrap_or(""))
+                });
+                Json(all).into_response()
+            }
+        },
         Pipe::Client(_) => not_found(State(state.clone())).await,
     }
 }

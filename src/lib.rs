@@ -14,6 +14,8 @@
 //! - [`node`]: what both sides share: settings, handlers, dispatch;
 //! - [`server`] and [`registry`]: the server's accept loop and its clients by identity;
 //!   `admission` caps pending handshakes (in total and per source) and rate-limits their log;
+//! - [`cluster`]: server replicas that act as one, with presence and routing over NATS
+//!   (`--cluster`);
 //! - [`client`] and [`backoff`]: the client's dial loop and its reconnect delays;
 //! - [`metrics`]: statsd through cadence, never blocking;
 //! - [`http`]: the local HTTP front door: axum routes behind a Host/Origin guard, served by
@@ -31,6 +33,7 @@ mod admission;
 pub mod app;
 pub mod backoff;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;

@@ -70,6 +70,11 @@ impl Registry {
         removed
     }
 
+    /// A receiver that sees every change of the registry (coalesced).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     /// How many clients are connected.
     pub fn len(&self) -> usize {
         self.map().len()

@@ -6,7 +6,7 @@
 //! (handshakes included) that the server holds at once.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -84,6 +84,19 @@ struct Inner {
     limit: Arc<Semaphore>,
     handshakes: Arc<Handshakes>,
     refusal_log: LogLimiter,
+    /// The cluster this server is a replica of, when `--cluster` is given.
+    cluster: OnceLock<crate::cluster::Cluster>,
+}
+
+/// A server node that does not keep it alive: what its cluster membership holds.
+#[derive(Clone)]
+pub(crate) struct WeakServer(Weak<Inner>);
+
+impl WeakServer {
+    /// The server, if it still runs.
+    pub(crate) fn upgrade(&self) -> Option<ServerNode> {
+        self.0.upgrade().map(|inner| ServerNode { inner })
+    }
 }
 
 impl ServerNode {
@@ -109,6 +122,7 @@ impl ServerNode {
             limit: Arc::new(Semaphore::new(options.max_connections.max(1))),
             handshakes: Handshakes::new(options.max_handshakes, options.max_handshakes_per_source),
             refusal_log: LogLimiter::new(admission::LOG_BURST, admission::LOG_PER_SECOND),
+            cluster: OnceLock::new(),
         });
         inner.core.metrics.gauge("server.clients.connected", 0);
         // Tracked, so that `shutdown` returns only once the listener is closed and the port
@@ -117,6 +131,31 @@ impl ServerNode {
         tokio::spawn(idle_hook(inner.clone()));
         info!(addr = %local_addr, identity = %inner.core.identity, "pipe listening");
         Ok(ServerNode { inner })
+    }
+
+    /// Join a cluster of replicas (see [`crate::cluster`]): from now on a call to a client
+    /// not connected here goes to the replica that holds it. At most once.
+    pub async fn join_cluster(
+        &self,
+        options: crate::cluster::ClusterOptions,
+    ) -> Result<crate::cluster::Cluster, NodeError> {
+        if self.inner.cluster.get().is_some() {
+            return Err(NodeError::Config(
+                "this server already is in a cluster".into(),
+            ));
+        }
+        let cluster = crate::cluster::Cluster::start(options, self).await?;
+        let _ = self.inner.cluster.set(cluster.clone());
+        Ok(cluster)
+    }
+
+    /// The cluster this server is a replica of, if any.
+    pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
+        self.inner.cluster.get()
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakServer {
+        WeakServer(Arc::downgrade(&self.inner))
     }
 
     /// The address the pipe listens on.
@@ -218,13 +257,18 @@ impl ServerNode {
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let pipe = &self.inner.core.pipe;
+        let timeout = timeout.unwrap_or(pipe.request_timeout);
+        if let Some(cluster) = self.inner.cluster.get() {
+            if !matches!(self.inner.registry.find(target), Ok(c) if !c.is_closed()) {
+                return cluster.call(self, target, request, body, timeout).await;
+            }
+        }
         let conn = self
             .inner
             .registry
             .wait_for(target, pipe.connect_wait)
             .await?;
-        conn.call_with_body(request, body, timeout.unwrap_or(pipe.request_timeout))
-            .await
+        conn.call_with_body(request, body, timeout).await
     }
 
     /// Stop accepting, let requests being handled finish for at most `grace`, tell every
@@ -238,6 +282,9 @@ impl ServerNode {
             .into_iter()
             .map(|c| async move { c.drain(grace, "the server is shutting down").await });
         futures_util::future::join_all(drains).await;
+        if let Some(cluster) = inner.cluster.get() {
+            cluster.stop().await;
+        }
         inner.tracker.close();
         if tokio::time::timeout(grace + Duration::from_secs(1), inner.tracker.wait())
             .await

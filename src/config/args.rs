@@ -185,12 +185,35 @@ pub struct ServerOnlyArgs {
     /// TLS handshakes pending at once from one source address [default: 64].
     #[arg(long, env = "RP_MAX_HANDSHAKES_PER_SOURCE")]
     pub max_handshakes_per_source: Option<usize>,
+    /// Run as a replica of a cluster: a NATS server URL, `nats://[user:pass@]host:4222`
+    /// (repeatable; comma separated in the environment) [default: none, a single server].
+    #[arg(
+        long = "cluster",
+        env = "RP_CLUSTER",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub cluster: Option<Vec<String>>,
+    /// The cluster's name, shared by its replicas: part of every NATS subject [default:
+    /// default].
+    #[arg(long, env = "RP_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// This replica's name, unique in the cluster [default: host name:pipe port].
+    #[arg(long, env = "RP_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+    /// A NATS credentials file (JWT and NKey seed) for the cluster connection.
+    #[arg(long, env = "RP_CLUSTER_CREDS", value_name = "FILE")]
+    pub cluster_creds: Option<PathBuf>,
+    /// A CA certificate (PEM) to verify the NATS server with; TLS is then required.
+    #[arg(long, env = "RP_CLUSTER_TLS_CA", value_name = "FILE")]
+    pub cluster_tls_ca: Option<PathBuf>,
 }
 
 /// The flags only a client takes.
 #[derive(Debug, Default, Args)]
 pub struct ClientOnlyArgs {
-    /// The server's host name or address [default: localhost].
+    /// The server's host name or address, or several `host[:port]`, comma separated (the
+    /// replicas of a cluster: a random one first, then the next) [default: localhost].
     #[arg(long, env = "RP_CLIENT_TARGET_HOSTNAME")]
     pub server_host: Option<String>,
     /// The server's pipe port [default: 1234].
@@ -361,6 +384,11 @@ impl From<ServerArgs> for NodeArgs {
             max_connections,
             max_handshakes,
             max_handshakes_per_source,
+            cluster,
+            cluster_name,
+            replica_name,
+            cluster_creds,
+            cluster_tls_ca,
         } = args.server;
         NodeArgs {
             client_ca,
@@ -369,6 +397,11 @@ impl From<ServerArgs> for NodeArgs {
             max_connections,
             max_handshakes,
             max_handshakes_per_source,
+            cluster,
+            cluster_name,
+            replica_name,
+            cluster_creds,
+            cluster_tls_ca,
             ..args.common.into_node_args()
         }
     }

@@ -45,6 +45,16 @@ pub struct NodeArgs {
     pub max_handshakes: Option<usize>,
     /// `--max-handshakes-per-source` (server).
     pub max_handshakes_per_source: Option<usize>,
+    /// `--cluster` (server), repeatable.
+    pub cluster: Option<Vec<String>>,
+    /// `--cluster-name` (server).
+    pub cluster_name: Option<String>,
+    /// `--replica-name` (server).
+    pub replica_name: Option<String>,
+    /// `--cluster-creds` (server).
+    pub cluster_creds: Option<PathBuf>,
+    /// `--cluster-tls-ca` (server).
+    pub cluster_tls_ca: Option<PathBuf>,
     /// `--server-host` (client).
     pub server_host: Option<String>,
     /// `--server-port` (client).
@@ -167,6 +177,11 @@ impl NodeArgs {
                     "max_handshakes_per_source",
                     self.max_handshakes_per_source.is_some(),
                 ),
+                ("cluster", self.cluster.is_some()),
+                ("cluster_name", self.cluster_name.is_some()),
+                ("replica_name", self.replica_name.is_some()),
+                ("cluster_creds", self.cluster_creds.is_some()),
+                ("cluster_tls_ca", self.cluster_tls_ca.is_some()),
             ]
             .to_vec(),
             restpipe_handler::Side::Server => [

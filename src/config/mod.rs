@@ -47,6 +47,21 @@ pub struct StatsdSettings {
     pub prefix: String,
 }
 
+/// Server: the cluster connection (`--cluster` and the settings that go with it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterSettings {
+    /// NATS URLs.
+    pub urls: Vec<String>,
+    /// The cluster's name.
+    pub name: String,
+    /// This replica's name; `None`: the host name and the pipe's port.
+    pub replica: Option<String>,
+    /// A NATS credentials file.
+    pub creds: Option<PathBuf>,
+    /// A CA for the NATS server's certificate.
+    pub tls_ca: Option<PathBuf>,
+}
+
 /// Everything a node needs, merged and checked.
 #[derive(Clone)]
 pub struct Settings {
@@ -60,6 +75,8 @@ pub struct Settings {
     pub max_handshakes: usize,
     /// Server: handshakes pending at once from one source address.
     pub max_handshakes_per_source: usize,
+    /// Server: the cluster this server is a replica of; `None` for a single server.
+    pub cluster: Option<ClusterSettings>,
     /// Client: `host:port` of the server.
     pub server: String,
     /// Client: the name the server's certificate must carry.
@@ -125,6 +142,44 @@ fn positive_seconds(name: &str, value: Option<f64>, default: Duration) -> Result
         Some(s) if s <= 0.0 => Err(format!("--{name} must be more than 0 seconds, not {s}")),
         value => seconds(name, value, default),
     }
+}
+
+/// `--server-host`: one or more `host[:port]`, comma separated (replicas of a cluster), each
+/// without a port taking `port`; as `host:port,host:port`.
+fn server_list(hosts: &str, port: u16) -> Result<String, String> {
+    let mut out = Vec::new();
+    for entry in hosts.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let with_port = |host: &str, p: &str| -> Result<String, String> {
+            p.parse::<u16>()
+                .map(|p| format!("{host}:{p}"))
+                .map_err(|_| format!("--server-host {entry:?}: {p:?} is not a port"))
+        };
+        let dial = if let Some(rest) = entry.strip_prefix('[') {
+            match rest.split_once(']') {
+                Some((v6, "")) => format!("[{v6}]:{port}"),
+                Some((v6, tail)) => match tail.strip_prefix(':') {
+                    Some(p) => with_port(&format!("[{v6}]"), p)?,
+                    None => return Err(format!("--server-host {entry:?} is malformed")),
+                },
+                None => return Err(format!("--server-host {entry:?} is malformed")),
+            }
+        } else {
+            match entry.split_once(':') {
+                // A bare IPv6 address: several colons.
+                Some((_, rest)) if rest.contains(':') => format!("[{entry}]:{port}"),
+                Some((host, p)) => with_port(host, p)?,
+                None => format!("{entry}:{port}"),
+            }
+        };
+        out.push(dial);
+    }
+    if out.is_empty() {
+        return Err("--server-host names no server".into());
+    }
+    if out.len() > 64 {
+        return Err("--server-host names more than 64 servers".into());
+    }
+    Ok(out.join(","))
 }
 
 /// An octal file mode such as `0660`, `660` or `0o660`.
@@ -277,11 +332,7 @@ impl Settings {
         }
         let server_host = pick!(server_host).unwrap_or_else(|| "localhost".into());
         let server_port = pick!(server_port).unwrap_or(1234);
-        let server = if server_host.contains(':') && !server_host.starts_with('[') {
-            format!("[{server_host}]:{server_port}")
-        } else {
-            format!("{server_host}:{server_port}")
-        };
+        let server = server_list(&server_host, server_port)?;
         let statsd_host = pick!(statsd_host).unwrap_or_else(|| "localhost".into());
         let handlers: Vec<String> = pick!(handlers)
             .unwrap_or_else(|| {
@@ -294,7 +345,38 @@ impl Settings {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .collect();
+        let cluster_urls: Vec<String> = pick!(cluster)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let cluster = if cluster_urls.is_empty() {
+            None
+        } else {
+            let name = pick!(cluster_name).unwrap_or_else(|| "default".into());
+            if !crate::cluster::valid_token(&name) {
+                return Err(format!(
+                    "--cluster-name {name:?} must be 1 to 64 of A-Z a-z 0-9 _ -"
+                ));
+            }
+            let replica = pick!(replica_name);
+            if replica
+                .as_ref()
+                .is_some_and(|r| r.is_empty() || r.len() > 128)
+            {
+                return Err("--replica-name must be 1 to 128 characters".into());
+            }
+            Some(ClusterSettings {
+                urls: cluster_urls,
+                name,
+                replica,
+                creds: pick!(cluster_creds),
+                tls_ca: pick!(cluster_tls_ca),
+            })
+        };
         Ok(Settings {
+            cluster,
             tls,
             bind: SocketAddr::new(
                 pick!(bind_interface).unwrap_or(IpAddr::from([0, 0, 0, 0])),
@@ -517,6 +599,44 @@ mod tests {
             assert!(err.contains(says), "{flags:?}: {err}");
         }
         assert!(Cli::try_parse_from(["restpipe", "client", "--http", "unix:"]).is_err());
+    }
+
+    #[test]
+    fn server_host_takes_a_list() {
+        assert_eq!(server_list("a", 1234).unwrap(), "a:1234");
+        assert_eq!(
+            server_list("a, b:99,[::1],::1,[::2]:7", 5).unwrap(),
+            "a:5,b:99,[::1]:5,[::1]:5,[::2]:7"
+        );
+        for bad in ["", ",", "a:x", "[::1", "[::1]x"] {
+            assert!(server_list(bad, 1).is_err(), "{bad}");
+        }
+        let s = Settings::resolve(
+            NodeArgs {
+                server_host: Some("r1,r2:1300".into()),
+                ..NodeArgs::default()
+            },
+            Side::Client,
+        )
+        .unwrap();
+        assert_eq!(s.server, "r1:1234,r2:1300");
+        let s = Settings::resolve(
+            parse(&["--cluster", "nats://a:4222", "--cluster", "nats://b:4222"]),
+            Side::Server,
+        )
+        .unwrap();
+        let cluster = s.cluster.unwrap();
+        assert_eq!(cluster.urls, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(cluster.name, "default");
+        assert!(Settings::resolve(NodeArgs::default(), Side::Server)
+            .unwrap()
+            .cluster
+            .is_none());
+        assert!(Settings::resolve(
+            parse(&["--cluster", "nats://a", "--cluster-name", "a.b"]),
+            Side::Server
+        )
+        .is_err());
     }
 
     #[test]

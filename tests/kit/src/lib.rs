@@ -12,6 +12,7 @@
 //!   bound addresses read from what they print, SIGKILL, SIGTERM, restart, `/proc` figures;
 //! - [`http`]: an HTTP client and a load generator that tallies every answer;
 //! - [`statsd`]: a UDP listener standing in for statsd;
+//! - [`nats`]: a real nats-server for the cluster tests, found and started on a port it picks;
 //! - [`logs`]: captures the log lines of the test binary;
 //! - [`wait`]: waiting on a condition within a bound instead of sleeping.
 //!
@@ -24,6 +25,7 @@ pub mod bulk;
 pub mod certs;
 pub mod http;
 pub mod logs;
+pub mod nats;
 pub mod nodes;
 pub mod procs;
 pub mod raw;

@@ -130,6 +130,11 @@ impl Process {
         &self.args
     }
 
+    /// Other arguments for the next start.
+    pub fn set_args(&mut self, args: Vec<String>) {
+        self.args = args;
+    }
+
     /// The process id of the running process.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the process is running").id()
