@@ -8,12 +8,19 @@
 //!   pipe client→server and server→client, and client→server with metrics on (statsd to a
 //!   UDP socket this process reads and discards);
 //! - `close`: a new TCP connection per request at 8 connections, baseline vs pipe;
-//! - `bulk`: 1 MiB and 16 MiB files through the pipe vs a plain rustls copy;
-//! - `scale`: server memory and CPU with 1,000 and 10,000 idle heartbeating client nodes, and
-//!   their reconnect times after the server is killed and restarted.
+//! - `bulk`: 1 MiB, 16 MiB and a large file (1 GiB in a full run, 256 MiB in a quick one, none
+//!   in a smoke run) through the pipe vs a plain rustls copy;
+//! - `scale`: server memory and CPU with 1,000 and 10,000 idle heartbeating client nodes (and
+//!   so the server's memory per idle connection), and their reconnect times after the server
+//!   is killed and restarted;
+//! - `h2`: the same shape on HTTP/2 ([`http2`]: an HTTP/1 front door forwarding over one
+//!   shared HTTP/2 connection to an h2 server, two processes as the pair of nodes), measured
+//!   side by side with the pipe: its target joins the keepalive points (with `keepalive` not
+//!   asked for, `h2` runs them for the baseline, the pipe client→server and HTTP/2 only) and
+//!   its column the bulk points (run for all sizes even if `bulk` is not asked for).
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
-//! `--only keepalive,close,bulk,scale`, `--out FILE` (markdown; a full run defaults to
+//! `--only keepalive,close,bulk,scale,h2`, `--out FILE` (markdown; a full run defaults to
 //! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`,
 //! `--policy-rules N`.
 //!
@@ -45,9 +52,11 @@
 //! front door refuses a foreign `Host` with 403): figures of refusals would be meaningless.
 //!
 //! The modules: [`load`] (the load generator), [`procs`] (child processes, `/proc`),
-//! [`servers`] (the reference servers), [`bulk`], [`scale`], [`report`].
+//! [`servers`] (the reference servers), [`http2`] (the HTTP/2 pair), [`bulk`], [`scale`],
+//! [`report`].
 
 mod bulk;
+mod http2;
 mod load;
 mod procs;
 mod report;
@@ -62,7 +71,7 @@ use anyhow::{bail, Context as _};
 use load::ConnMode;
 use report::{Bulk, Report, Run, Series};
 
-const SCENARIOS: [&str; 4] = ["keepalive", "close", "bulk", "scale"];
+const SCENARIOS: [&str; 5] = ["keepalive", "close", "bulk", "scale", "h2"];
 const MIB: usize = 1024 * 1024;
 
 /// How long and how often each point is measured.
@@ -83,7 +92,7 @@ impl Plan {
     fn new(mode: &'static str) -> Plan {
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
-        let (runs, warmup, window, bulk_window, bulk_min_reps, scale) = match mode {
+        let (runs, warmup, window, bulk_window, bulk_min_reps, scale, large) = match mode {
             "smoke" => (
                 1,
                 ms(100),
@@ -95,6 +104,7 @@ impl Plan {
                     settle: ms(500),
                     window: s(1),
                 },
+                None,
             ),
             "quick" => (
                 3,
@@ -107,6 +117,7 @@ impl Plan {
                     settle: s(6),
                     window: s(5),
                 },
+                Some(256 * MIB),
             ),
             _ => (
                 5,
@@ -119,6 +130,7 @@ impl Plan {
                     settle: s(6),
                     window: s(15),
                 },
+                Some(1024 * MIB),
             ),
         };
         Plan {
@@ -128,7 +140,7 @@ impl Plan {
             window,
             conns: vec![1, 32, 256],
             close_conns: 8,
-            bulk_sizes: vec![MIB, 16 * MIB],
+            bulk_sizes: [MIB, 16 * MIB].into_iter().chain(large).collect(),
             bulk_window,
             bulk_min_reps,
             scale,
@@ -137,13 +149,14 @@ impl Plan {
 
     fn method(&self) -> String {
         format!(
-            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection. Scale: {:.1} s settle, {:.0} s CPU window.",
+            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window.",
             self.runs,
             self.window.as_secs_f64(),
             self.warmup.as_secs_f64(),
             self.runs,
             self.bulk_min_reps,
             self.bulk_window.as_secs_f64(),
+            bulk::size_label(bulk::LARGE),
             self.scale.settle.as_secs_f64(),
             self.scale.window.as_secs_f64(),
         )
@@ -162,7 +175,7 @@ struct Options {
     args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
@@ -242,6 +255,18 @@ fn main() -> ExitCode {
         Some("--serve-rustls") => port(&args).and_then(|p| {
             let dir = args.get(2).context("--serve-rustls PORT CERT_DIR")?;
             servers::rustls_copy(p, std::path::Path::new(dir))
+        }),
+        Some("--serve-h2") => port(&args).and_then(|p| {
+            let usage = "--serve-h2 PORT CERT_DIR FILES_DIR";
+            let certs = args.get(2).context(usage)?;
+            let files = args.get(3).context(usage)?;
+            http2::serve_server(p, std::path::Path::new(certs), std::path::Path::new(files))
+        }),
+        Some("--serve-h2-front") => port(&args).and_then(|p| {
+            let usage = "--serve-h2-front PORT CERT_DIR H2_ADDR";
+            let certs = args.get(2).context(usage)?;
+            let upstream = args.get(3).context(usage)?.parse()?;
+            http2::serve_front(p, std::path::Path::new(certs), upstream)
         }),
         Some("--load") => load_only(&args),
         Some("--load-bulk") => load_bulk(&args),
@@ -423,10 +448,11 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         options.only.join(", "),
         work.dir().display()
     );
-    if wants("keepalive") || wants("close") {
+    if wants("keepalive") || wants("close") || wants("h2") {
         let others = Others {
             compare: options.compare.as_deref(),
             policy_rules: options.policy_rules,
+            h2: wants("h2"),
         };
         requests(
             plan,
@@ -437,8 +463,8 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         )
         .await?;
     }
-    if wants("bulk") {
-        report.bulk = bulk_points(plan, &work).await?;
+    if wants("bulk") || wants("h2") {
+        report.bulk = bulk_points(plan, &work, wants("h2")).await?;
     }
     if wants("scale") {
         println!("scale: {:?} idle clients", plan.scale.counts);
@@ -463,10 +489,14 @@ struct Others<'a> {
     compare: Option<&'a std::path::Path>,
     /// A pair of nodes with a policy of this many rules (`--policy-rules`).
     policy_rules: Option<usize>,
+    /// The HTTP/2 pair too (`h2`).
+    h2: bool,
 }
 
 /// The request points: `keepalive` and/or `close`; with `others`, the keepalive points of an
-/// older binary's pair or of a pair with a policy too.
+/// older binary's pair, of a pair with a policy or of the HTTP/2 pair too. The HTTP/2 pair
+/// alone (`keepalive` not asked for) runs the keepalive points for the baseline, the pipe
+/// client→server and HTTP/2.
 async fn requests(
     plan: &Plan,
     work: &restpipe_testkit::certs::Certs,
@@ -475,6 +505,10 @@ async fn requests(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let compare = others.compare;
+    // Only the pipe's client→server direction is compared with HTTP/2: the same direction,
+    // front door to the far side's handler.
+    let h2_only = others.h2 && !keepalive;
+    let keepalive = keepalive || others.h2;
     let sink = restpipe_testkit::statsd::Statsd::counting().await;
     let (_baseline, baseline) = procs::baseline(work).await?;
     let mut plain = procs::pair(
@@ -487,7 +521,7 @@ async fn requests(
     .await?;
     // With a policy, the metrics pair is left out: it is not what is compared, and the run
     // stays within minutes.
-    let mut metered = if keepalive && others.policy_rules.is_none() {
+    let mut metered = if keepalive && !h2_only && others.policy_rules.is_none() {
         Some(
             procs::pair(
                 work,
@@ -533,6 +567,11 @@ async fn requests(
         }
         _ => None,
     };
+    let mut h2 = if others.h2 {
+        Some(http2::start(work, "h2", &work.dir().join("files")).await?)
+    } else {
+        None
+    };
     let mut targets = vec![Target {
         key: "baseline",
         label: "baseline (bare axum)",
@@ -547,20 +586,28 @@ async fn requests(
             path: "/server/time",
         });
     }
-    targets.extend([
-        Target {
-            key: "c2s",
-            label: "pipe client→server",
-            addr: plain.client_http,
-            path: "/server/time",
-        },
-        Target {
+    targets.push(Target {
+        key: "c2s",
+        label: "pipe client→server",
+        addr: plain.client_http,
+        path: "/server/time",
+    });
+    if !h2_only {
+        targets.push(Target {
             key: "s2c",
             label: "pipe server→client",
             addr: plain.server_http,
             path: "/client/dev-client/time",
-        },
-    ]);
+        });
+    }
+    if let Some(h) = &h2 {
+        targets.push(Target {
+            key: "h2",
+            label: "HTTP/2 front→server",
+            addr: h.http,
+            path: "/server/time",
+        });
+    }
     if let Some(o) = &old {
         // Between the new pair's two directions, so that old and new alternate.
         targets.insert(
@@ -676,6 +723,9 @@ async fn requests(
                     if let Some(p) = policed.as_mut() {
                         p.check_alive()?;
                     }
+                    if let Some(h) = h2.as_mut() {
+                        h.check_alive()?;
+                    }
                     return Err(e.context(format!("{} at {} conns", t.label, series.conns)));
                 }
             };
@@ -710,14 +760,20 @@ async fn requests(
         if let Some(p) = policed.as_mut() {
             p.check_alive()?;
         }
+        if let Some(h) = h2.as_mut() {
+            h.check_alive()?;
+        }
     }
     report.statsd_datagrams = sink.datagrams();
     Ok(())
 }
 
+/// The bulk points: every size through the pipe and over plain rustls, and through the
+/// HTTP/2 pair with `h2`, interleaved run by run. The files are deleted at the end.
 async fn bulk_points(
     plan: &Plan,
     work: &restpipe_testkit::certs::Certs,
+    h2: bool,
 ) -> anyhow::Result<Vec<Bulk>> {
     let files = bulk::write_files(work, &plan.bulk_sizes)?;
     // 16 MiB is the default frame limit and the files handlers keep 1/16 of it for the rest
@@ -731,40 +787,66 @@ async fn bulk_points(
                 "--handlers".into(),
                 "time,files".into(),
                 "--files-root".into(),
-                files.display().to_string(),
+                files.dir.display().to_string(),
             ],
             ..Default::default()
         },
     )
     .await?;
     let (_copy, copy) = procs::rustls_copy(work).await?;
+    let mut h2 = if h2 {
+        Some(http2::start(work, "h2-bulk", &files.dir).await?)
+    } else {
+        None
+    };
     let mut points: Vec<Bulk> = plan
         .bulk_sizes
         .iter()
         .map(|&size| Bulk {
             size,
-            pipe: Vec::new(),
-            rustls: Vec::new(),
+            ..Bulk::default()
         })
         .collect();
     for run in 1..=plan.runs {
         for point in points.iter_mut() {
             let size = point.size;
-            let p = bulk::pipe(pair.server_http, size, plan.bulk_window, plan.bulk_min_reps)
+            let label = bulk::size_label(size);
+            let (window, reps) = (plan.bulk_window, plan.bulk_min_reps);
+            let p = bulk::fetch(pair.server_http, &bulk::pipe_path(size), size, window, reps)
                 .await
-                .with_context(|| format!("bulk {size} bytes through the pipe"))?;
-            let r = bulk::rustls(work, copy, size, plan.bulk_window, plan.bulk_min_reps)
+                .with_context(|| format!("bulk {label} through the pipe"))?;
+            let r = bulk::rustls(work, copy, size, window, reps)
                 .await
-                .with_context(|| format!("bulk {size} bytes over rustls"))?;
+                .with_context(|| format!("bulk {label} over rustls"))?;
+            let h = match &h2 {
+                Some(h) => {
+                    let path = http2::Http2::file_path(&bulk::file_name(size));
+                    let got = bulk::fetch(h.http, &path, size, window, reps)
+                        .await
+                        .with_context(|| format!("bulk {label} over HTTP/2"))?;
+                    Some(got.with_context(|| format!("bulk {label} over HTTP/2: 413"))?)
+                }
+                None => None,
+            };
+            let shown =
+                |x: Option<f64>| x.map_or("413 (refused)".into(), |x| format!("{x:>6.0} MB/s"));
             println!(
-                "  run {run}/{}: bulk {:>2} MiB: pipe {p:>6.0} MB/s, plain rustls {r:>6.0} MB/s",
+                "  run {run}/{}: bulk {label:>7}: pipe {}, plain rustls {r:>6.0} MB/s{}",
                 plan.runs,
-                size / MIB
+                shown(p),
+                h.map_or(String::new(), |h| format!(", HTTP/2 {h:>6.0} MB/s"))
             );
-            point.pipe.push(p);
+            // A refusal is a run without a figure (NaN), so that the runs stay aligned.
+            point.pipe.push(p.unwrap_or(f64::NAN));
+            point.pipe_refused |= p.is_none();
             point.rustls.push(r);
+            point.h2.extend(h);
         }
         pair.check_alive()?;
+        if let Some(h) = h2.as_mut() {
+            h.check_alive()?;
+        }
     }
+    drop(files);
     Ok(points)
 }
