@@ -213,7 +213,7 @@ fn policy(settings: &Settings, handler_names: &[String]) -> anyhow::Result<Polic
 
 fn http_options(settings: &Settings, metrics: Metrics) -> HttpOptions {
     HttpOptions {
-        max_body: settings.pipe.max_frame,
+        max_body: settings.pipe.max_body,
         token: settings.http_token.clone(),
         metrics,
     }

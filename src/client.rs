@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use restpipe_handler::{Lifecycle, Reply, Request, Side};
+use restpipe_handler::{BodyStream, Lifecycle, Reply, Request, Side};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -179,15 +179,27 @@ impl ClientNode {
     }
 
     /// Send `request` to the server and wait for its reply: up to the connect wait for the
-    /// pipe to be up, then up to `timeout` (default: the request timeout).
+    /// pipe to be up, then up to `timeout` (default: the request timeout) for the reply to
+    /// start.
     pub async fn call(
         &self,
         request: Request,
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
+        self.call_with_body(request, None, timeout).await
+    }
+
+    /// [`ClientNode::call`] with the request body as a stream (see
+    /// [`Connection::call_with_body`]).
+    pub async fn call_with_body(
+        &self,
+        request: Request,
+        body: Option<BodyStream>,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, CallError> {
         let pipe = &self.inner.core.pipe;
         let conn = self.wait_connected(pipe.connect_wait).await?;
-        conn.call(request, timeout.unwrap_or(pipe.request_timeout))
+        conn.call_with_body(request, body, timeout.unwrap_or(pipe.request_timeout))
             .await
     }
 

@@ -51,6 +51,17 @@ pub enum CallError {
         /// The peer's limit.
         limit: usize,
     },
+    /// A streamed body is over a limit (HTTP 413): this node's `--max-body`, or the frame
+    /// limit of a release-1 peer, which takes bodies whole.
+    #[error("the body is over the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// The request body could not be read whole from its source (HTTP 400): the HTTP caller
+    /// went away or sent a malformed body.
+    #[error("the request body could not be read: {0}")]
+    BodyFailed(String),
     /// An IP address names more than one connected client (HTTP 409).
     #[error("{0}")]
     Ambiguous(String),

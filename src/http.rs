@@ -119,8 +119,10 @@ impl Pipe {
 /// Settings of the front door.
 #[derive(Clone, Debug)]
 pub struct HttpOptions {
-    /// Largest request body accepted, in bytes; larger is 413 and nothing is sent.
-    pub max_body: usize,
+    /// Largest request body accepted, in bytes (`--max-body`); a larger one is 413, refused
+    /// before anything is sent when its `Content-Length` says so, else cut off where it goes
+    /// over, the far side seeing an incomplete body.
+    pub max_body: u64,
     /// When set, every request must carry `Authorization: Bearer <token>` with this token or
     /// one of the policy's (see [`crate::policy`]); this one has every scope.
     pub token: Option<String>,

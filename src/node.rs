@@ -9,8 +9,8 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use restpipe_handler::{
-    codes, no_handler_reply, Context, HandlerError, Handlers, Lifecycle, Plugin, Reply, Request,
-    Side,
+    codes, handler_name, no_handler_reply, BodyStream, Context, HandlerError, Handlers, Lifecycle,
+    Plugin, Reply, Request, Side,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -31,8 +31,14 @@ pub struct PipeConfig {
     pub heartbeat_timeout: Duration,
     /// Limit on the TCP connect, the TLS handshake and the hello exchange, each.
     pub handshake_timeout: Duration,
-    /// Largest body of an event or reply, in bytes.
+    /// Largest body of an event or reply sent whole in one frame, in bytes (larger ones are
+    /// streamed, on connections of protocol version 2).
     pub max_frame: usize,
+    /// Largest request body this node takes, from its HTTP callers and from its peer, in
+    /// bytes (`--max-body`).
+    pub max_body: u64,
+    /// How long a streamed body may bring no byte before it is cut off as incomplete.
+    pub stream_idle_timeout: Duration,
     /// Requests in flight per connection and per direction.
     pub max_in_flight: usize,
     /// Bytes of requests and replies a connection may hold, per direction (see
@@ -55,6 +61,8 @@ impl Default for PipeConfig {
             heartbeat_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             max_frame: wire::DEFAULT_MAX_FRAME,
+            max_body: DEFAULT_MAX_BODY,
+            stream_idle_timeout: Duration::from_secs(30),
             max_in_flight: 1024,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             write_queue: 1024,
@@ -64,6 +72,9 @@ impl Default for PipeConfig {
         }
     }
 }
+
+/// The default of [`PipeConfig::max_body`]: 4 GiB.
+pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024 * 1024;
 
 /// The default of [`PipeConfig::max_in_flight_bytes`]: 64 MiB.
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
@@ -84,6 +95,12 @@ impl PipeConfig {
             return bad(format!(
                 "the heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?}), which must not be zero",
                 self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.stream_idle_timeout.is_zero() || self.max_body == 0 {
+            return bad(format!(
+                "the stream idle timeout ({:?}) and the body limit ({} bytes) must not be zero",
+                self.stream_idle_timeout, self.max_body
             ));
         }
         if self.handshake_timeout.is_zero() {
@@ -298,17 +315,25 @@ impl NodeCore {
     /// policy (403, code 253; asked before the handler is looked up, so a refused peer does
     /// not learn which handlers exist), no handler (404, code 255), an error or a panic (500,
     /// code 251), the deadline passing (504, code 251).
-    pub(crate) async fn dispatch(&self, ctx: Context, request: Request) -> Reply {
+    pub(crate) async fn dispatch(
+        &self,
+        ctx: Context,
+        request: Request,
+        body: Option<BodyStream>,
+    ) -> Reply {
         let started = Instant::now();
         let name = request.handler_name();
-        if !self.policy.load().allows(&ctx.peer_identity, &name) {
+        // A HEAD is a GET without its body: a peer that may GET may HEAD.
+        let allowed = |name: &str| self.policy.load().allows(&ctx.peer_identity, name);
+        let as_get = || request.verb == "HEAD" && allowed(&handler_name("GET", &request.noun));
+        if !allowed(&name) && !as_get() {
             return self.forbidden(&ctx.peer_identity, &name);
         }
         let Some(handler) = self.handlers.resolve(&request) else {
             return no_handler_reply(&name, self.side);
         };
         let deadline = tokio::time::Instant::from_std(ctx.deadline);
-        let call = AssertUnwindSafe(handler.call(ctx, request, None)).catch_unwind();
+        let call = AssertUnwindSafe(handler.call(ctx, request, body)).catch_unwind();
         let reply = match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(Ok(reply))) => reply,
             Ok(Ok(Err(err))) => err.into_reply(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use restpipe_handler::{Lifecycle, Reply, Request, Side};
+use restpipe_handler::{BodyStream, Lifecycle, Reply, Request, Side};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -198,11 +198,23 @@ impl ServerNode {
 
     /// Send `request` to the client named `target` (identity, or an unambiguous IP address)
     /// and wait for its reply. Waits up to the connect wait for the client to be connected,
-    /// then up to `timeout` (default: the request timeout) for the reply.
+    /// then up to `timeout` (default: the request timeout) for the reply to start.
     pub async fn call(
         &self,
         target: &str,
         request: Request,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, CallError> {
+        self.call_with_body(target, request, None, timeout).await
+    }
+
+    /// [`ServerNode::call`] with the request body as a stream (see
+    /// [`Connection::call_with_body`]).
+    pub async fn call_with_body(
+        &self,
+        target: &str,
+        request: Request,
+        body: Option<BodyStream>,
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let pipe = &self.inner.core.pipe;
@@ -211,7 +223,7 @@ impl ServerNode {
             .registry
             .wait_for(target, pipe.connect_wait)
             .await?;
-        conn.call(request, timeout.unwrap_or(pipe.request_timeout))
+        conn.call_with_body(request, body, timeout.unwrap_or(pipe.request_timeout))
             .await
     }
 

@@ -292,7 +292,7 @@ struct LibPair {
 async fn lib_pair(pki: &Pki, pipe: PipeConfig) -> LibPair {
     let calls = Arc::new(AtomicUsize::new(0));
     let http_options = HttpOptions {
-        max_body: pipe.max_frame,
+        max_body: pipe.max_body,
         token: None,
         metrics: Metrics::disabled(),
     };
@@ -660,7 +660,7 @@ async fn verbs_outside_the_list_are_405_with_allow() {
             assert!(message.contains(method.as_str()), "{message}");
             assert_eq!(
                 answer.header("allow"),
-                Some("GET, POST, PUT, PATCH, DELETE")
+                Some("GET, HEAD, POST, PUT, PATCH, DELETE")
             );
         }
     }
@@ -676,25 +676,28 @@ async fn verbs_outside_the_list_are_405_with_allow() {
 /// A body over `--max-frame` (64 KiB here) is 413, and nothing reaches the handler, whether
 /// its length is declared or the body is chunked; a body at the limit goes through.
 #[tokio::test]
-async fn a_body_over_max_frame_is_413_and_nothing_is_sent() {
+async fn a_body_over_max_body_is_413_and_reaches_no_handler() {
     const LIMIT: usize = 64 * 1024;
     let pki = Pki::new();
     let pipe = PipeConfig {
-        max_frame: LIMIT,
+        max_body: LIMIT as u64,
         ..test_pipe()
     };
     let pair = lib_pair(&pki, pipe).await;
-    let up = sent_by(&pair.client);
     let over = vec![b'x'; LIMIT + 1];
     for (node, path) in [
         (&pair.client_http, "/server/count".to_string()),
         (&pair.server_http, format!("/client/{CLIENT_ID}/count")),
     ] {
+        // A declared length over the limit: refused before anything is sent.
+        let up = sent_by(&pair.client);
         let answer = send(http().post(url(node, &path)).body(over.clone())).await;
         let message = answer.error(StatusCode::PAYLOAD_TOO_LARGE);
         assert!(message.contains(&LIMIT.to_string()), "{message}");
+        assert_eq!(sent_by(&pair.client), up, "an event crossed the pipe");
 
-        // Chunked, so no length is declared: the limit holds while reading.
+        // Chunked, so no length is declared: the body streams, and is cut off where it goes
+        // over; the far side sees it incomplete.
         let mut request = format!(
             "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
@@ -710,7 +713,6 @@ async fn a_body_over_max_frame_is_413_and_nothing_is_sent() {
             .error(StatusCode::PAYLOAD_TOO_LARGE);
     }
     assert_eq!(pair.calls.load(Ordering::SeqCst), 0, "a handler was called");
-    assert_eq!(sent_by(&pair.client), up, "an event crossed the pipe");
 
     let answer = send(
         http()

@@ -128,7 +128,7 @@ impl Scene {
         wait_for_client(&server, CLIENT_ID).await;
 
         let options = HttpOptions {
-            max_body: pipe().max_frame,
+            max_body: pipe().max_body,
             token: None,
             metrics: Metrics::disabled(),
         };

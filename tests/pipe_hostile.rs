@@ -469,8 +469,9 @@ async fn the_client_refuses_a_server_with_another_protocol_version() {
 }
 
 /// A client that holds its reply past the caller's deadline: the caller gets Timeout, the
-/// event told the client that deadline, the late reply is ignored, and the next request on
-/// the same connection is answered by the reply that carries its id.
+/// event told the client that deadline, the client is told the caller gave up (a cancel, on
+/// protocol version 2), the late reply is ignored, and the next request on the same
+/// connection is answered by the reply that carries its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_after_the_deadline_is_a_timeout_and_harms_nothing() {
     let setup = Setup::new().await;
@@ -503,6 +504,13 @@ async fn a_reply_after_the_deadline_is_a_timeout_and_harms_nothing() {
             .unwrap(),
         Err(CallError::Timeout(deadline))
     );
+    match peer.recv().await.unwrap() {
+        Some(Frame {
+            id,
+            kind: Some(Kind::Cancel(proto::Cancel { from_caller: true })),
+        }) => assert_eq!(id, late_id),
+        other => panic!("expected the cancel of {late_id}, got {other:?}"),
+    }
 
     let reply = |id: u64, text: &str| Frame {
         id,
@@ -511,6 +519,7 @@ async fn a_reply_after_the_deadline_is_a_timeout_and_harms_nothing() {
             code: 0,
             body: text.as_bytes().to_vec().into(),
             http_status: 0,
+            ..Default::default()
         })),
     };
     peer.send(&reply(late_id, "too late")).await.unwrap();

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use libfuzzer_sys::arbitrary::{self, Unstructured};
-use restpipe::wire::{self, ErrorKind, Hello, Message};
+use restpipe::wire::{self, DataEnd, ErrorKind, Hello, Message, Streamed};
 use restpipe_handler::{Reply, Request, Side};
 
 /// The system allocator, recording the largest single allocation made while armed.
@@ -61,7 +61,7 @@ pub fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 /// it (the handler name, the query, the HTTP response of a reply) runs without a panic and
 /// with the documented results.
 pub fn check_message(message: &Message) {
-    let encoded: Vec<u8> = wire::encode(message.clone())
+    let encoded: Vec<u8> = wire::encode(copy(message))
         .parts()
         .flat_map(|p| p.to_vec())
         .collect();
@@ -95,7 +95,7 @@ pub fn check_message(message: &Message) {
             }
             assert!(reply.content_type.len() <= wire::limits::CONTENT_TYPE);
             // The HTTP response the front door makes of it.
-            let response = restpipe::http::reply_response(reply.clone());
+            let response = restpipe::http::reply_response(copy_reply(reply));
             if let Some(status) = reply.status {
                 assert_eq!(response.status().as_u16(), status);
             }
@@ -113,7 +113,14 @@ pub fn check_message(message: &Message) {
         Message::Error { message, .. } | Message::Close(message) => {
             assert!(message.len() <= wire::limits::MESSAGE);
         }
-        Message::Ping(_) | Message::Pong(_) | Message::Unknown { .. } => {}
+        Message::Data { id, end, .. } => {
+            assert_ne!(*id, 0, "data with id 0 never decodes");
+            if let DataEnd::Aborted(why) = end {
+                assert!(!why.is_empty() && why.len() <= wire::limits::MESSAGE);
+            }
+        }
+        Message::Cancel { id, .. } => assert_ne!(*id, 0, "a cancel with id 0 never decodes"),
+        Message::Credit { .. } | Message::Ping(_) | Message::Pong(_) | Message::Unknown { .. } => {}
     }
 }
 
@@ -127,7 +134,7 @@ pub fn check_payload(payload: Bytes) {
 /// Check a message built by [`arbitrary_message`]: it decodes back to itself exactly when it
 /// obeys the protocol's rules, and is refused as invalid, with its id, when it breaks one.
 pub fn check_built(message: &Message) {
-    let encoded: Vec<u8> = wire::encode(message.clone())
+    let encoded: Vec<u8> = wire::encode(copy(message))
         .parts()
         .flat_map(|p| p.to_vec())
         .collect();
@@ -137,7 +144,9 @@ pub fn check_built(message: &Message) {
             let expected = match message {
                 Message::Event { id, .. }
                 | Message::Reply { id, .. }
-                | Message::Error { id, .. } => *id,
+                | Message::Error { id, .. }
+                | Message::Data { id, .. }
+                | Message::Cancel { id, .. } => *id,
                 _ => 0,
             };
             assert_eq!(id, expected, "an invalid frame names its own id");
@@ -178,7 +187,7 @@ fn verb(u: &mut Unstructured) -> arbitrary::Result<String> {
 
 /// An arbitrary message of any kind, built field by field; it may break the rules.
 pub fn arbitrary_message(u: &mut Unstructured) -> arbitrary::Result<Message> {
-    Ok(match u.int_in_range(0..=7u8)? {
+    Ok(match u.int_in_range(0..=10u8)? {
         0 => Message::Unknown { id: u.arbitrary()? },
         1 => {
             let a: u32 = u.arbitrary()?;
@@ -202,10 +211,15 @@ pub fn arbitrary_message(u: &mut Unstructured) -> arbitrary::Result<Message> {
             request.query = u.arbitrary()?;
             request.content_type = u.arbitrary()?;
             request.body = body(u)?;
+            if u.arbitrary()? {
+                let name = *u.choose(&restpipe_handler::headers::ALLOWED)?;
+                request.headers = request.headers.with(name, u.arbitrary::<String>()?);
+            }
             Message::Event {
                 id: u.arbitrary()?,
                 request,
                 timeout_ms: u.arbitrary()?,
+                streamed: stream_head(u)?,
             }
         }
         3 => {
@@ -216,6 +230,7 @@ pub fn arbitrary_message(u: &mut Unstructured) -> arbitrary::Result<Message> {
             Message::Reply {
                 id: u.arbitrary()?,
                 reply,
+                streamed: stream_head(u)?,
             }
         }
         4 => Message::Ping(u.arbitrary()?),
@@ -231,6 +246,109 @@ pub fn arbitrary_message(u: &mut Unstructured) -> arbitrary::Result<Message> {
             ])?,
             message: u.arbitrary()?,
         },
+        8 => Message::Data {
+            id: u.arbitrary()?,
+            from_caller: u.arbitrary()?,
+            chunk: body(u)?,
+            end: match u.int_in_range(0..=2u8)? {
+                0 => DataEnd::More,
+                1 => DataEnd::Done,
+                _ => DataEnd::Aborted(u.arbitrary()?),
+            },
+        },
+        9 => Message::Credit {
+            id: u.arbitrary()?,
+            from_caller: u.arbitrary()?,
+            bytes: u.arbitrary()?,
+        },
+        10 => Message::Cancel {
+            id: u.arbitrary()?,
+            from_caller: u.arbitrary()?,
+        },
         _ => Message::Close(u.arbitrary()?),
     })
+}
+
+/// Whether a built event or reply announces a streamed body, and its length.
+fn stream_head(u: &mut Unstructured) -> arbitrary::Result<Option<Streamed>> {
+    Ok(if u.arbitrary()? {
+        Some(Streamed {
+            length: u.arbitrary()?,
+        })
+    } else {
+        None
+    })
+}
+
+/// A copy of a reply as the wire carries it (a decoded reply never holds a stream).
+fn copy_reply(reply: &Reply) -> Reply {
+    Reply {
+        content_type: reply.content_type.clone(),
+        code: reply.code,
+        body: reply.body.clone(),
+        status: reply.status,
+        headers: reply.headers.clone(),
+        stream: None,
+    }
+}
+
+/// A copy of a message (messages are not `Clone`: a reply may hold a stream, which a message
+/// from the wire never does).
+fn copy(message: &Message) -> Message {
+    match message {
+        Message::Hello(h) => Message::Hello(h.clone()),
+        Message::Event {
+            id,
+            request,
+            timeout_ms,
+            streamed,
+        } => Message::Event {
+            id: *id,
+            request: request.clone(),
+            timeout_ms: *timeout_ms,
+            streamed: *streamed,
+        },
+        Message::Reply {
+            id,
+            reply,
+            streamed,
+        } => Message::Reply {
+            id: *id,
+            reply: copy_reply(reply),
+            streamed: *streamed,
+        },
+        Message::Data {
+            id,
+            from_caller,
+            chunk,
+            end,
+        } => Message::Data {
+            id: *id,
+            from_caller: *from_caller,
+            chunk: chunk.clone(),
+            end: end.clone(),
+        },
+        Message::Credit {
+            id,
+            from_caller,
+            bytes,
+        } => Message::Credit {
+            id: *id,
+            from_caller: *from_caller,
+            bytes: *bytes,
+        },
+        Message::Cancel { id, from_caller } => Message::Cancel {
+            id: *id,
+            from_caller: *from_caller,
+        },
+        Message::Error { id, kind, message } => Message::Error {
+            id: *id,
+            kind: *kind,
+            message: message.clone(),
+        },
+        Message::Ping(n) => Message::Ping(*n),
+        Message::Pong(n) => Message::Pong(*n),
+        Message::Close(reason) => Message::Close(reason.clone()),
+        Message::Unknown { id } => Message::Unknown { id: *id },
+    }
 }

@@ -281,9 +281,17 @@ pub struct CommonArgs {
     /// Seconds a request waits for its reply, unless it sends X-Event-Timeout-Ms [default: 30].
     #[arg(long, env = "RP_REQUEST_TIMEOUT_S")]
     pub request_timeout: Option<f64>,
-    /// Largest event or reply body, bytes [default: 16777216].
+    /// Largest body sent whole in one frame, bytes; larger bodies are streamed to peers of
+    /// this release [default: 16777216].
     #[arg(long, env = "RP_MAX_FRAME")]
     pub max_frame: Option<usize>,
+    /// Largest request body this node takes, from HTTP callers and from its peer, bytes;
+    /// larger is 413 [default: 4294967296].
+    #[arg(long, env = "RP_MAX_BODY")]
+    pub max_body: Option<u64>,
+    /// Seconds a streamed body may bring no byte before it is cut off [default: 30].
+    #[arg(long, env = "RP_STREAM_IDLE_TIMEOUT_S")]
+    pub stream_idle_timeout: Option<f64>,
     /// Requests in flight per connection and direction [default: 1024].
     #[arg(long, env = "RP_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
@@ -329,6 +337,8 @@ impl CommonArgs {
             connect_wait: self.connect_wait,
             request_timeout: self.request_timeout,
             max_frame: self.max_frame,
+            max_body: self.max_body,
+            stream_idle_timeout: self.stream_idle_timeout,
             max_in_flight: self.max_in_flight,
             max_in_flight_bytes: self.max_in_flight_bytes,
             grace: self.grace,

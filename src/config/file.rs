@@ -91,6 +91,10 @@ pub struct NodeArgs {
     pub request_timeout: Option<f64>,
     /// `--max-frame`.
     pub max_frame: Option<usize>,
+    /// `--max-body`.
+    pub max_body: Option<u64>,
+    /// `--stream-idle-timeout`.
+    pub stream_idle_timeout: Option<f64>,
     /// `--max-in-flight`.
     pub max_in_flight: Option<usize>,
     /// `--max-in-flight-bytes`.

@@ -209,6 +209,12 @@ impl Settings {
                 defaults.request_timeout,
             )?,
             max_frame: pick!(max_frame).unwrap_or(defaults.max_frame),
+            max_body: pick!(max_body).unwrap_or(defaults.max_body),
+            stream_idle_timeout: seconds(
+                "stream-idle-timeout",
+                pick!(stream_idle_timeout),
+                defaults.stream_idle_timeout,
+            )?,
             max_in_flight: pick!(max_in_flight).unwrap_or(defaults.max_in_flight),
             max_in_flight_bytes: pick!(max_in_flight_bytes).unwrap_or(defaults.max_in_flight_bytes),
             ..defaults

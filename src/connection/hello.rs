@@ -167,6 +167,8 @@ where
         outbound_bytes: Arc::new(Semaphore::new(budgets)),
         peer_max_frame,
         trace_context,
+        streaming: protocol_version >= wire::STREAMING_VERSION,
+        streams: Default::default(),
         last_rtt_us: AtomicU64::new(0),
         requests_sent: AtomicU64::new(0),
         requests_received: AtomicU64::new(0),

@@ -15,14 +15,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use restpipe_handler::{Context, HandlerError, Reply, Request};
+use restpipe_handler::{BodyError, BodyStream, Context, HandlerError, Reply, Request};
 use tokio::io::{AsyncRead, ReadBuf, ReadHalf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, debug_span, info, warn, Instrument};
 
-use super::{budget_permit, Shared};
+use super::{budget_permit, stream, Shared};
 use crate::error::CallError;
+use crate::util::lock;
 use crate::wire::{self, DecodeError, ErrorKind, Message};
 
 /// The frame stream of a connection's read half.
@@ -77,7 +79,12 @@ pub(super) async fn read_loop<S: AsyncRead>(
         tokio::select! {
             _ = shared.closed.cancelled() => return None,
             next = reader.next() => match next {
-                Some(Ok(payload)) => shared.on_frame(payload.freeze()),
+                Some(Ok(payload)) => {
+                    if let Some(reason) = shared.on_frame(payload.freeze()) {
+                        warn!(%reason, "protocol broken by the peer");
+                        return Some(reason);
+                    }
+                }
                 Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                     warn!(cause = %e, "frame over the size limit");
                     return Some(format!(
@@ -109,19 +116,48 @@ pub(super) async fn read_loop<S: AsyncRead>(
 }
 
 impl Shared {
-    fn on_frame(self: &Arc<Self>, payload: Bytes) {
+    /// Handle one frame; returns the reason to end the connection when the peer broke the
+    /// protocol so that it cannot go on.
+    fn on_frame(self: &Arc<Self>, payload: Bytes) -> Option<String> {
         let size = payload.len();
         let message = match wire::decode(payload) {
             Ok(message) => message,
-            Err(e) => return self.on_bad_frame(e),
+            Err(e) => {
+                self.on_bad_frame(e);
+                return None;
+            }
         };
         match message {
             Message::Event {
                 id,
                 request,
                 timeout_ms,
-            } => self.on_event(id, request, timeout_ms, size),
-            Message::Reply { id, reply } => self.complete(id, Ok(reply)),
+                streamed,
+            } => self.on_event(id, request, timeout_ms, streamed, size),
+            Message::Reply {
+                id,
+                reply,
+                streamed,
+            } => self.on_reply(id, reply, streamed),
+            Message::Data { .. } | Message::Credit { .. } | Message::Cancel { .. }
+                if !self.streaming =>
+            {
+                return Some(
+                    "the peer sent a frame of protocol version 2 on a version 1 connection".into(),
+                );
+            }
+            Message::Data {
+                id,
+                from_caller,
+                chunk,
+                end,
+            } => return self.on_data((from_caller, id), chunk, end).err(),
+            Message::Credit {
+                id,
+                from_caller,
+                bytes,
+            } => self.on_credit(id, from_caller, bytes),
+            Message::Cancel { id, from_caller } => self.on_cancel(id, from_caller),
             Message::Error { id, kind, message } => {
                 let result = match kind {
                     ErrorKind::Overloaded => CallError::Overloaded(message),
@@ -160,6 +196,29 @@ impl Shared {
                 "this node does not know that message type".into(),
             ),
         }
+        None
+    }
+
+    /// The reply to one of this side's requests: handed to its caller, with its body's
+    /// receiving end opened first when the body follows in data frames.
+    fn on_reply(self: &Arc<Self>, id: u64, mut reply: Reply, streamed: Option<wire::Streamed>) {
+        let tx = lock(&self.pending).as_mut().and_then(|m| m.remove(&id));
+        let Some(tx) = tx else {
+            debug!(id, "reply for a request nobody waits for");
+            if streamed.is_some() {
+                self.send_now(Message::Cancel {
+                    id,
+                    from_caller: true,
+                });
+            }
+            return;
+        };
+        if let Some(s) = streamed {
+            reply.stream = Some(self.open_incoming((false, id), s.length, None));
+        }
+        // A caller gone in between drops the reply, and with it the body's receiving end,
+        // which cancels the request.
+        let _ = tx.send(Ok(reply));
     }
 
     /// A frame that is not protobuf, or that breaks a rule: answer or fail exactly what it
@@ -195,7 +254,14 @@ impl Shared {
         }
     }
 
-    fn on_event(self: &Arc<Self>, id: u64, request: Request, timeout_ms: u64, size: usize) {
+    fn on_event(
+        self: &Arc<Self>,
+        id: u64,
+        request: Request,
+        timeout_ms: u64,
+        streamed: Option<wire::Streamed>,
+        size: usize,
+    ) {
         self.requests_received.fetch_add(1, Ordering::Relaxed);
         self.core.metrics.tick("message.receive.tick");
         if self.draining.load(Ordering::Acquire) {
@@ -221,6 +287,41 @@ impl Shared {
                 ),
             );
         };
+        if !self.streaming && streamed.is_some() {
+            return self.send_error(
+                id,
+                ErrorKind::BadRequest,
+                "a streamed body on a version 1 connection".into(),
+            );
+        }
+        let max_body = self.core.pipe.max_body;
+        if let Some(length) = streamed.and_then(|s| s.length).filter(|&n| n > max_body) {
+            // Refused before the handler runs; the body's frames that follow find no sink
+            // and are credited back.
+            let reply = HandlerError::new(format!(
+                "the request body of {length} bytes is over this node's limit of {max_body} bytes"
+            ))
+            .with_class("BodyTooLarge")
+            .with_status(413)
+            .into_reply();
+            let shared = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = shared
+                    .send(wire::encode(Message::Reply {
+                        id,
+                        reply,
+                        streamed: None,
+                    }))
+                    .await;
+                drop((permit, bytes));
+            });
+            self.send_now(Message::Cancel {
+                id,
+                from_caller: false,
+            });
+            return;
+        }
+        let body = streamed.map(|s| self.open_incoming((true, id), s.length, Some(max_body)));
         let timeout = Duration::from_millis(timeout_ms).min(self.core.pipe.max_request_timeout);
         let ctx = Context {
             side: self.core.side,
@@ -242,10 +343,11 @@ impl Shared {
             span.record("request_id", tracing::field::display(trace.request_id()));
             span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
         }
+        let cancel = self.start_handling(id);
         let shared = Arc::clone(self);
         tokio::spawn(
             shared
-                .handle(ctx, request, (permit, bytes))
+                .handle(ctx, request, body, cancel, (permit, bytes))
                 .instrument(span),
         );
     }
@@ -253,16 +355,49 @@ impl Shared {
     /// Run the handler and send its reply. The reply is held against the connection's byte
     /// budget until it is queued for the writer; one that does not fit (the peer reads too
     /// slowly to drain the replies before it) is answered 503 instead of being held.
+    ///
+    /// A streamed reply (version 2) is sent as its head, then its body within the flow
+    /// control; the request's permits are held until the body is all sent, so that
+    /// `max_in_flight` bounds the bodies being sent too. `cancel` stops it all when the caller
+    /// gives up or the connection ends.
     async fn handle(
         self: Arc<Self>,
         ctx: Context,
         request: Request,
+        body: Option<BodyStream>,
+        cancel: CancellationToken,
         mut permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     ) {
         let id = ctx.request_id;
+        let head = request.verb == "HEAD";
         let reply = tokio::select! {
-            reply = self.core.dispatch(ctx, request) => reply,
-            _ = self.closed.cancelled() => return,
+            reply = self.core.dispatch(ctx, request, body) => Some(reply),
+            _ = cancel.cancelled() => None,
+            _ = self.closed.cancelled() => None,
+        };
+        let Some(mut reply) = reply else {
+            debug!("cancelled by the caller before its reply");
+            return self.end_handling(id);
+        };
+        if head {
+            // No body answers a HEAD; its length, when known, still says what a GET would get.
+            reply.body = Bytes::new();
+            reply.stream = reply
+                .stream
+                .take()
+                .map(|s| BodyStream::new(futures_util::stream::empty(), s.length()));
+        }
+        let stream = match reply.stream.take() {
+            Some(stream) if self.streaming => Some(stream),
+            Some(stream) => {
+                // A release-1 peer takes the body whole, within its frame limit.
+                match stream.collect(self.peer_max_frame).await {
+                    Ok(body) => reply.body = body,
+                    Err(e) => reply = body_failed_reply(e),
+                }
+                None
+            }
+            None => None,
         };
         let reply = match self.admit_reply(reply) {
             Ok((reply, more)) => {
@@ -271,14 +406,53 @@ impl Shared {
             }
             Err(refusal) => refusal,
         };
-        debug!(code = reply.code, status = reply.status, "handled");
-        let _ = self.send(wire::encode(Message::Reply { id, reply })).await;
+        debug!(
+            code = reply.code,
+            status = reply.status,
+            streamed = stream.is_some(),
+            "handled"
+        );
+        let Some(stream) = stream else {
+            let _ = self
+                .send(wire::encode(Message::Reply {
+                    id,
+                    reply,
+                    streamed: None,
+                }))
+                .await;
+            return self.end_handling(id);
+        };
+        let key = (false, id);
+        let (credit, stop) = self.open_pump(key);
+        let streamed = Some(wire::Streamed {
+            length: stream.length(),
+        });
+        let head = wire::encode(Message::Reply {
+            id,
+            reply,
+            streamed,
+        });
+        if self.send(head).await.is_ok() {
+            let pump = stream::pump(self.clone(), key, stream, credit, stop.clone());
+            // The pump's own token follows the connection's.
+            tokio::select! {
+                _ = pump => {}
+                _ = cancel.cancelled() => stop.cancel(),
+            }
+        }
+        self.stop_pump(key);
+        self.end_handling(id);
     }
 
     /// A handler's reply as it may be sent, with the budget it holds; or, when it may not be
     /// sent, the error reply that replaces it. Taking the reply by value means a refused one is
     /// freed here, not held while its replacement waits for the writer.
     fn admit_reply(&self, reply: Reply) -> Result<(Reply, OwnedSemaphorePermit), Reply> {
+        if reply.headers.len() > restpipe_handler::headers::MAX_COUNT {
+            return Err(HandlerError::new("the reply has too many headers")
+                .with_class("ReplyInvalid")
+                .into_reply());
+        }
         if reply.body.len() > self.peer_max_frame {
             return Err(HandlerError::new(format!(
                 "reply body of {} bytes is over the limit of {} bytes",
@@ -309,4 +483,19 @@ impl Shared {
             .into_reply()),
         }
     }
+}
+
+/// The reply that replaces a handler's streamed reply that could not be read whole for a
+/// release-1 peer.
+fn body_failed_reply(err: BodyError) -> Reply {
+    let status = match err {
+        BodyError::TooLarge { .. } => 502,
+        _ => 500,
+    };
+    HandlerError::new(format!(
+        "the reply could not be sent whole to a release-1 peer: {err}"
+    ))
+    .with_class("ReplyTooLarge")
+    .with_status(status)
+    .into_reply()
 }

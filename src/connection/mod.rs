@@ -23,6 +23,7 @@
 
 mod hello;
 mod inbound;
+mod stream;
 mod writer;
 
 use std::collections::HashMap;
@@ -31,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use restpipe_handler::{Reply, Request};
+use restpipe_handler::{BodyError, BodyStream, Headers, Reply, Request};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -137,6 +138,10 @@ struct Shared {
     peer_max_frame: usize,
     /// Whether both sides speak the `trace-context` feature (decided once, at the hello).
     trace_context: bool,
+    /// Whether bodies may be streamed and headers carried (protocol version 2 and up).
+    streaming: bool,
+    /// The streamed bodies on the connection, both ways.
+    streams: stream::Streams,
     last_rtt_us: AtomicU64,
     requests_sent: AtomicU64,
     requests_received: AtomicU64,
@@ -172,17 +177,44 @@ impl Connection {
         self.shared.close_reason.get().cloned()
     }
 
-    /// Send `request` to the peer and wait for its reply, at most `timeout`.
+    /// Send `request` to the peer and wait for its reply, at most `timeout` until the reply
+    /// starts (see [`Connection::call_with_body`]).
+    pub async fn call(&self, request: Request, timeout: Duration) -> Result<Reply, CallError> {
+        self.call_with_body(request, None, timeout).await
+    }
+
+    /// Send `request` to the peer and wait for its reply, at most `timeout` until the reply
+    /// starts. With `body`, the request body is that stream instead of `request.body`, sent
+    /// as it is read; a streamed reply comes back as [`Reply::stream`], whose chunks wait at
+    /// most the pipe's `stream_idle_timeout` each.
     ///
     /// The request is checked as the peer will check it (grammar and bounds) before anything
-    /// is sent.
-    pub async fn call(&self, mut request: Request, timeout: Duration) -> Result<Reply, CallError> {
+    /// is sent. A release-1 peer takes no stream: the body is then read whole first, within
+    /// its frame limit, and `HEAD` goes as `GET`.
+    pub async fn call_with_body(
+        &self,
+        mut request: Request,
+        mut body: Option<BodyStream>,
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
         let shared = &self.shared;
         if !shared.trace_context {
             // A peer that does not speak it (a release-1 node) would drop it anyway.
             request.trace = None;
         }
         let limit = shared.peer_max_frame;
+        if !shared.streaming {
+            request.headers = Headers::default();
+            if request.verb == "HEAD" {
+                request.verb = "GET".into();
+            }
+            if let Some(body) = body.take() {
+                request.body = body.collect(limit).await.map_err(|e| match e {
+                    BodyError::TooLarge { limit } => CallError::BodyTooLarge { limit },
+                    e => CallError::BodyFailed(e.to_string()),
+                })?;
+            }
+        }
         if request.body.len() > limit {
             return Err(CallError::TooLarge {
                 size: request.body.len(),
@@ -212,10 +244,12 @@ impl Connection {
         }
         let _guard = PendingGuard { shared, id };
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let streamed = body.as_ref().map(|b| wire::Streamed { length: b.length() });
         let frame = wire::encode(Message::Event {
             id,
             request,
             timeout_ms,
+            streamed,
         });
         // The peer refuses a frame over its limit by closing the connection: refuse it here
         // instead, so that one request never drops the pipe for every other.
@@ -237,6 +271,14 @@ impl Connection {
         metrics.tick("message.send.tick");
         let exchange = async {
             shared.send(frame).await?;
+            if let Some(body) = body {
+                // Registered before the pump starts, so that the peer's credit and cancel
+                // find it; the pump runs on its own, as the reply may start before the body
+                // is all sent.
+                let key = (true, id);
+                let (credit, stop) = shared.open_pump(key);
+                tokio::spawn(stream::pump(self.shared.clone(), key, body, credit, stop));
+            }
             rx.await.map_err(|_| shared.closed_error())?
         };
         let result = match tokio::time::timeout(timeout, exchange).await {
@@ -313,6 +355,7 @@ impl Shared {
         }
         let pending = lock(&self.pending).take();
         self.closed.cancel();
+        self.cut_incoming();
         if let Some(pending) = pending {
             for (_, tx) in pending {
                 let _ = tx.send(Err(self.closed_error()));
@@ -356,8 +399,19 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        if let Some(map) = lock(&self.shared.pending).as_mut() {
-            map.remove(&self.id);
+        let unanswered = lock(&self.shared.pending)
+            .as_mut()
+            .and_then(|map| map.remove(&self.id))
+            .is_some();
+        let shared = self.shared;
+        if unanswered && shared.streaming && !shared.closed.is_cancelled() {
+            // The caller gave up before the reply: the far node stops the handler, and this
+            // end stops sending the request body.
+            shared.stop_pump((true, self.id));
+            shared.send_now(Message::Cancel {
+                id: self.id,
+                from_caller: true,
+            });
         }
     }
 }

@@ -1,7 +1,15 @@
 //! A call through the front door: the path mapped to an event (noun, parameters), the body
 //! read within its limits and deadline, the event sent across the pipe, and the reply or the
 //! failure turned into the HTTP response of docs/HTTP.md.
+//!
+//! A small body with a `Content-Length` is read whole and crosses in the event's frame. Any
+//! other body is streamed: read from the HTTP caller as it arrives and sent on in chunks
+//! within the pipe's flow control. A streamed reply goes out as its chunks arrive, with
+//! `Content-Length` when the handler knew it; a reply cut short (the pipe dropped, the source
+//! failed) ends the HTTP response as incomplete, never as a whole one.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
@@ -9,12 +17,17 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use restpipe_handler::grammar::{self, GrammarError};
-use restpipe_handler::{Reply, Side, TraceContext};
+use restpipe_handler::{headers, BodyError, BodyStream, Headers, Reply, Side, TraceContext};
 use tracing::debug;
 
 use super::{error_response, BodyStalled, Pipe, Shared, RETURN_CODE_HEADER, TIMEOUT_HEADER};
 use crate::error::CallError;
+
+/// Bodies up to this size, with a `Content-Length`, are read whole and cross in the event's
+/// own frame; larger ones, and those of unknown length, are streamed.
+pub const INLINE_BODY: u64 = 64 * 1024;
 
 /// A request turned into an event, or the error response that says why it cannot be one.
 #[derive(Debug, PartialEq, Eq)]
@@ -107,7 +120,7 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
     if !grammar::is_verb(method.as_str()) {
         let mut response = error_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} does not cross the pipe; use GET, POST, PUT, PATCH or DELETE"),
+            format!("{method} does not cross the pipe; use {}", grammar::ALLOW),
         );
         response
             .headers_mut()
@@ -143,12 +156,54 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(declared) = declared.filter(|&n| n > limit as u64) {
+    if let Some(declared) = declared.filter(|&n| n > limit) {
         return too_large(&declared.to_string());
     }
-    let body: Bytes = match to_bytes(request.into_body(), limit).await {
+    let request_headers = allowed_headers(headers);
+    // A body of known size (`Content-Length`, or none at all) up to the inline limit
+    // crosses whole; any other is streamed.
+    let known = axum::body::HttpBody::size_hint(request.body()).exact();
+    if known.is_none_or(|n| n > INLINE_BODY) {
+        let failure = Arc::new(AtomicU8::new(BODY_OK));
+        let stream = request_body_stream(request.into_body(), limit, declared, failure.clone());
+        let event = restpipe_handler::Request {
+            trace,
+            verb: method.as_str().to_string(),
+            noun: target.noun,
+            parameters: target.parameters,
+            query,
+            content_type,
+            headers: request_headers,
+            body: Bytes::new(),
+        };
+        let result = send(&state, target.client, event, Some(stream), timeout).await;
+        // The body's failure, found while it was being sent, says more than the reply to an
+        // incomplete body.
+        let response = match failure.load(Ordering::Acquire) {
+            BODY_TOO_LARGE => too_large(&format!("more than {limit}")),
+            BODY_STALLED => {
+                let mut response = error_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body stalled (--http-body-timeout); the far side saw it incomplete",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
+            BODY_MALFORMED => error_response(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read; the far side saw it incomplete",
+            ),
+            _ => result_response(result),
+        };
+        debug!(%method, status = response.status().as_u16(), "answered");
+        return response;
+    }
+    let inline_limit = usize::try_from(limit.min(INLINE_BODY)).unwrap_or(usize::MAX);
+    let body: Bytes = match to_bytes(request.into_body(), inline_limit).await {
         Ok(body) => body,
-        Err(e) if over_limit(&e) => return too_large(&format!("more than {limit}")),
+        Err(e) if over_limit(&e) => return too_large(&format!("more than {inline_limit}")),
         Err(e) if stalled(&e) => {
             let mut response = error_response(
                 StatusCode::REQUEST_TIMEOUT,
@@ -178,21 +233,87 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         query,
         content_type,
         body,
-        ..restpipe_handler::Request::default()
+        headers: request_headers,
     };
-    let result = match &state.pipe {
-        Pipe::Client(client) => client.call(event, Some(timeout)).await,
-        Pipe::Server(server) => {
-            let name = target.client.unwrap_or_default();
-            server.call(&name, event, Some(timeout)).await
-        }
-    };
-    let response = match result {
-        Ok(reply) => reply_response(reply),
-        Err(err) => call_error_response(&err),
-    };
+    let result = send(&state, target.client, event, None, timeout).await;
+    let response = result_response(result);
     debug!(%method, status = response.status().as_u16(), "answered");
     response
+}
+
+/// Send an event to the peer this node's pipe reaches (`client` names it on the server).
+async fn send(
+    state: &Shared,
+    client: Option<String>,
+    event: restpipe_handler::Request,
+    body: Option<BodyStream>,
+    timeout: Duration,
+) -> Result<Reply, CallError> {
+    match &state.pipe {
+        Pipe::Client(node) => node.call_with_body(event, body, Some(timeout)).await,
+        Pipe::Server(node) => {
+            let name = client.unwrap_or_default();
+            node.call_with_body(&name, event, body, Some(timeout)).await
+        }
+    }
+}
+
+fn result_response(result: Result<Reply, CallError>) -> Response {
+    match result {
+        Ok(reply) => reply_response(reply),
+        Err(err) => call_error_response(&err),
+    }
+}
+
+/// How reading a streamed request body from the HTTP caller went.
+const BODY_OK: u8 = 0;
+const BODY_TOO_LARGE: u8 = 1;
+const BODY_STALLED: u8 = 2;
+const BODY_MALFORMED: u8 = 3;
+
+/// The HTTP request body as a stream of chunks, cut off with an error past `limit` bytes, a
+/// stall, or a malformed encoding; `failure` records which, for the response.
+fn request_body_stream(
+    body: Body,
+    limit: u64,
+    declared: Option<u64>,
+    failure: Arc<AtomicU8>,
+) -> BodyStream {
+    // (bytes read, failed): after a failure the stream ends.
+    let chunks = body
+        .into_data_stream()
+        .scan((0u64, false), move |(read, failed), chunk| {
+            let item = if *failed {
+                None
+            } else {
+                let outcome = match chunk {
+                    Ok(chunk) if *read + chunk.len() as u64 <= limit => {
+                        *read += chunk.len() as u64;
+                        return futures_util::future::ready(Some(Ok(chunk)));
+                    }
+                    Ok(_) => (BODY_TOO_LARGE, BodyError::TooLarge { limit }),
+                    Err(e) if stalled(&e) => (BODY_STALLED, BodyError::Io(causes(&e))),
+                    Err(e) => (BODY_MALFORMED, BodyError::Aborted(causes(&e))),
+                };
+                *failed = true;
+                failure.store(outcome.0, Ordering::Release);
+                Some(Err(outcome.1))
+            };
+            futures_util::future::ready(item)
+        });
+    BodyStream::new(chunks, declared)
+}
+
+/// The allow-listed headers of an HTTP request or response (docs/HTTP.md); the others stay
+/// behind. A value that is not visible ASCII, or too long, stays behind too.
+pub fn allowed_headers(map: &HeaderMap) -> Headers {
+    let mut out = Headers::new();
+    for name in headers::ALLOWED {
+        if let Some(value) = map.get(name).and_then(|v| v.to_str().ok()) {
+            let _ = out.insert(name, value);
+        }
+    }
+    out
 }
 
 /// Whether reading a body failed because it went over the limit, rather than because it was
@@ -261,9 +382,25 @@ pub fn reply_response(reply: Reply) -> Response {
             restpipe_handler::codes::NO_HANDLER => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         });
-    let mut response = Response::new(Body::from(reply.body));
+    let length = reply.stream.as_ref().and_then(BodyStream::length);
+    let body = match reply.stream {
+        Some(stream) => Body::from_stream(stream),
+        None => Body::from(reply.body),
+    };
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
+    if let Some(length) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    for (name, value) in reply.headers.iter() {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
     let content_type = if reply.content_type.is_empty() {
         HeaderValue::from_static("application/octet-stream")
     } else {
@@ -283,9 +420,10 @@ pub fn call_error_response(err: &CallError) -> Response {
         CallError::NotConnected(_) | CallError::Overloaded(_) | CallError::ShuttingDown(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        CallError::TooLarge { .. } | CallError::FrameTooLarge { .. } => {
-            StatusCode::PAYLOAD_TOO_LARGE
-        }
+        CallError::TooLarge { .. }
+        | CallError::FrameTooLarge { .. }
+        | CallError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        CallError::BodyFailed(_) => StatusCode::BAD_REQUEST,
         CallError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
         CallError::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         CallError::Ambiguous(_) => StatusCode::CONFLICT,

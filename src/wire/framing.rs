@@ -87,6 +87,9 @@ pub(super) fn encode_frame(mut frame: Frame) -> Encoded {
                 timeout_ms: e.timeout_ms,
                 traceparent: e.traceparent.clone(),
                 request_id: e.request_id.clone(),
+                streamed: e.streamed,
+                headers: e.headers.clone(),
+                content_length: e.content_length,
                 ..Default::default()
             }
             .encode_to_vec();
@@ -95,10 +98,23 @@ pub(super) fn encode_frame(mut frame: Frame) -> Encoded {
         Some(Kind::Reply(r)) if r.body.len() > SPLIT_BODY => {
             let tail = proto::Reply {
                 http_status: r.http_status,
+                streamed: r.streamed,
+                headers: r.headers.clone(),
+                content_length: r.content_length,
                 ..Default::default()
             }
             .encode_to_vec();
             (4, 3, std::mem::take(&mut r.body), r.encode_to_vec(), tail)
+        }
+        Some(Kind::Data(d)) if d.chunk.len() > SPLIT_BODY => {
+            let tail = proto::Data {
+                from_caller: d.from_caller,
+                end: d.end,
+                abort: d.abort.clone(),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            (9, 1, std::mem::take(&mut d.chunk), d.encode_to_vec(), tail)
         }
         _ => return encode_whole(&frame).into(),
     };
@@ -185,6 +201,12 @@ mod tests {
                 timeout_ms,
                 traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
                 request_id: "r-1".into(),
+                streamed: false,
+                headers: vec![proto::Header {
+                    name: "range".into(),
+                    value: "bytes=0-1".into(),
+                }],
+                content_length: Some(3),
             })
         };
         let reply = |http_status| {
@@ -193,6 +215,20 @@ mod tests {
                 code: 0,
                 body: body.clone(),
                 http_status,
+                streamed: false,
+                headers: vec![proto::Header {
+                    name: "etag".into(),
+                    value: "\"x\"".into(),
+                }],
+                content_length: None,
+            })
+        };
+        let data = |end| {
+            Kind::Data(proto::Data {
+                chunk: body.clone(),
+                from_caller: true,
+                end,
+                abort: "gone".into(),
             })
         };
         for f in [
@@ -201,6 +237,8 @@ mod tests {
             frame(u64::MAX, reply(201)),
             frame(1, reply(0)),
             frame(3, Kind::Ping(proto::Ping { nonce: 9 })),
+            frame(5, data(true)),
+            frame(6, data(false)),
         ] {
             let whole = encode_whole(&f);
             let parts = encode_frame(f.clone());

@@ -11,8 +11,8 @@ use std::ops::RangeInclusive;
 
 use bytes::Bytes;
 use prost::Message as _;
-use restpipe_handler::grammar;
-use restpipe_handler::{Reply, Request, Side, TraceContext};
+use restpipe_handler::{grammar, headers};
+use restpipe_handler::{Headers, Reply, Request, Side, TraceContext};
 
 use super::framing::{self, Encoded};
 use super::limits;
@@ -51,6 +51,24 @@ pub enum ErrorKind {
     Other,
 }
 
+/// A body that follows its event or its reply in [`Message::Data`] frames (version 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Streamed {
+    /// The body's length, when its sender knows it.
+    pub length: Option<u64>,
+}
+
+/// How a [`Message::Data`] frame stands in its body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataEnd {
+    /// More frames follow.
+    More,
+    /// The last frame: the body is whole.
+    Done,
+    /// The last frame: the body is incomplete, for this reason.
+    Aborted(String),
+}
+
 /// One message on the pipe.
 #[derive(Debug, PartialEq)]
 pub enum Message {
@@ -64,13 +82,46 @@ pub enum Message {
         request: Request,
         /// How long the caller waits, in milliseconds.
         timeout_ms: u64,
+        /// Whether the body follows in data frames (version 2) instead of `request.body`.
+        streamed: Option<Streamed>,
     },
     /// A handler's answer to the event `id`.
     Reply {
         /// The id of the event answered.
         id: u64,
-        /// The reply.
+        /// The reply (its `stream`, if any, is not encoded: see `streamed`).
         reply: Reply,
+        /// Whether the body follows in data frames (version 2) instead of `reply.body`.
+        streamed: Option<Streamed>,
+    },
+    /// A chunk of one of the two bodies of request `id` (version 2).
+    Data {
+        /// The request.
+        id: u64,
+        /// True for the request body (sent by the caller), false for the reply body.
+        from_caller: bool,
+        /// The bytes.
+        chunk: Bytes,
+        /// Whether the body ends here.
+        end: DataEnd,
+    },
+    /// Room for `bytes` more body bytes (version 2): on the connection when `id` is 0, else on
+    /// one body of request `id` (the reply body when `from_caller`, else the request body).
+    Credit {
+        /// The request, or 0 for the connection.
+        id: u64,
+        /// Whether the caller of request `id` sends it.
+        from_caller: bool,
+        /// The bytes granted.
+        bytes: u64,
+    },
+    /// Stop request `id` (version 2): from the caller, it no longer waits; from the answering
+    /// side, it reads no more of the request body.
+    Cancel {
+        /// The request.
+        id: u64,
+        /// Whether the caller of request `id` sends it.
+        from_caller: bool,
     },
     /// Why the event `id` (or, with id 0, no particular event) got no reply.
     Error {
@@ -127,17 +178,55 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
                 return Err(invalid("event")("request id 0".into()));
             }
             let timeout_ms = e.timeout_ms;
+            let streamed = e.streamed.then_some(Streamed {
+                length: e.content_length,
+            });
             let request = request_from_wire(e).map_err(invalid("event"))?;
             Message::Event {
                 id,
                 request,
                 timeout_ms,
+                streamed,
             }
         }
         Some(Kind::Reply(r)) => Message::Reply {
             id,
+            streamed: r.streamed.then_some(Streamed {
+                length: r.content_length,
+            }),
             reply: reply_from_wire(r).map_err(invalid("reply"))?,
         },
+        Some(Kind::Data(d)) => {
+            if id == 0 {
+                return Err(invalid("data")("request id 0".into()));
+            }
+            bounded("abort reason", &d.abort, limits::MESSAGE).map_err(invalid("data"))?;
+            let end = match (d.end, d.abort.is_empty()) {
+                (false, _) => DataEnd::More,
+                (true, true) => DataEnd::Done,
+                (true, false) => DataEnd::Aborted(d.abort),
+            };
+            Message::Data {
+                id,
+                from_caller: d.from_caller,
+                chunk: d.chunk,
+                end,
+            }
+        }
+        Some(Kind::Credit(c)) => Message::Credit {
+            id,
+            from_caller: c.from_caller,
+            bytes: c.bytes,
+        },
+        Some(Kind::Cancel(c)) => {
+            if id == 0 {
+                return Err(invalid("cancel")("request id 0".into()));
+            }
+            Message::Cancel {
+                id,
+                from_caller: c.from_caller,
+            }
+        }
         Some(Kind::Error(e)) => {
             bounded("error message", &e.message, limits::MESSAGE).map_err(invalid("error"))?;
             Message::Error {
@@ -170,8 +259,43 @@ pub fn encode(message: Message) -> Encoded {
             id,
             request,
             timeout_ms,
-        } => (id, Kind::Event(request_to_wire(request, timeout_ms))),
-        Message::Reply { id, reply } => (id, Kind::Reply(reply_to_wire(reply))),
+            streamed,
+        } => (
+            id,
+            Kind::Event(request_to_wire(request, timeout_ms, streamed)),
+        ),
+        Message::Reply {
+            id,
+            reply,
+            streamed,
+        } => (id, Kind::Reply(reply_to_wire(reply, streamed))),
+        Message::Data {
+            id,
+            from_caller,
+            chunk,
+            end,
+        } => {
+            let (end, abort) = match end {
+                DataEnd::More => (false, String::new()),
+                DataEnd::Done => (true, String::new()),
+                DataEnd::Aborted(why) => (true, truncate(why, limits::MESSAGE)),
+            };
+            (
+                id,
+                Kind::Data(proto::Data {
+                    chunk,
+                    from_caller,
+                    end,
+                    abort,
+                }),
+            )
+        }
+        Message::Credit {
+            id,
+            from_caller,
+            bytes,
+        } => (id, Kind::Credit(proto::Credit { bytes, from_caller })),
+        Message::Cancel { id, from_caller } => (id, Kind::Cancel(proto::Cancel { from_caller })),
         Message::Error { id, kind, message } => (
             id,
             Kind::Error(proto::Error {
@@ -230,7 +354,48 @@ pub fn check_request(request: &Request) -> Result<(), RequestError> {
     }
     bounded("query string", &request.query, limits::QUERY).map_err(RequestError::UriTooLong)?;
     bounded("content type", &request.content_type, limits::CONTENT_TYPE)
-        .map_err(RequestError::HeaderTooLarge)
+        .map_err(RequestError::HeaderTooLarge)?;
+    check_headers(&request.headers).map_err(RequestError::HeaderTooLarge)
+}
+
+/// Check allow-listed headers as a receiver will (count, names, values).
+fn check_headers(h: &Headers) -> Result<(), String> {
+    if h.len() > headers::MAX_COUNT {
+        return Err(format!(
+            "{} headers, more than {}",
+            h.len(),
+            headers::MAX_COUNT
+        ));
+    }
+    for (name, value) in h.iter() {
+        headers::check(name, value).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn headers_to_wire(h: Headers) -> Vec<proto::Header> {
+    h.iter()
+        .map(|(name, value)| proto::Header {
+            name: name.to_string(),
+            value: value.to_string(),
+        })
+        .collect()
+}
+
+fn headers_from_wire(list: Vec<proto::Header>) -> Result<Headers, String> {
+    if list.len() > headers::MAX_COUNT {
+        return Err(format!(
+            "{} headers, more than {}",
+            list.len(),
+            headers::MAX_COUNT
+        ));
+    }
+    let mut h = Headers::new();
+    for header in list {
+        h.insert(&header.name, header.value)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(h)
 }
 
 fn bounded(what: &str, value: &str, limit: usize) -> Result<(), String> {
@@ -317,7 +482,7 @@ fn hello_from_wire(h: proto::Hello) -> Result<Hello, String> {
     })
 }
 
-fn request_to_wire(request: Request, timeout_ms: u64) -> proto::Event {
+fn request_to_wire(request: Request, timeout_ms: u64, streamed: Option<Streamed>) -> proto::Event {
     let (traceparent, request_id) = match &request.trace {
         Some(trace) => (trace.traceparent(), trace.request_id().to_string()),
         None => (String::new(), String::new()),
@@ -332,6 +497,9 @@ fn request_to_wire(request: Request, timeout_ms: u64) -> proto::Event {
         content_type: request.content_type,
         body: request.body,
         timeout_ms,
+        streamed: streamed.is_some(),
+        headers: headers_to_wire(request.headers),
+        content_length: streamed.and_then(|s| s.length),
     }
 }
 
@@ -353,18 +521,21 @@ fn request_from_wire(event: proto::Event) -> Result<Request, String> {
         query: event.query,
         content_type: event.content_type,
         body: event.body,
-        ..Request::default()
+        headers: headers_from_wire(event.headers)?,
     };
     check_request(&request).map_err(|e| e.to_string())?;
     Ok(request)
 }
 
-fn reply_to_wire(reply: Reply) -> proto::Reply {
+fn reply_to_wire(reply: Reply, streamed: Option<Streamed>) -> proto::Reply {
     proto::Reply {
         content_type: reply.content_type,
         code: reply.code,
         body: reply.body,
         http_status: reply.status.map(u32::from).unwrap_or(0),
+        streamed: streamed.is_some(),
+        headers: headers_to_wire(reply.headers),
+        content_length: streamed.and_then(|s| s.length),
     }
 }
 
@@ -379,7 +550,8 @@ fn reply_from_wire(reply: proto::Reply) -> Result<Reply, String> {
         code: reply.code,
         body: reply.body,
         status,
-        ..Reply::default()
+        headers: headers_from_wire(reply.headers)?,
+        stream: None,
     })
 }
 
@@ -433,10 +605,55 @@ mod tests {
                             .with_body("application/octet-stream", body.clone())
                     },
                     timeout_ms: 30_000,
+                    streamed: None,
+                },
+                Message::Event {
+                    id: 8,
+                    request: Request {
+                        headers: Headers::new().with("range", "bytes=0-99"),
+                        ..Request::new("HEAD", "files")
+                    },
+                    timeout_ms: 1,
+                    streamed: Some(Streamed { length: Some(7) }),
                 },
                 Message::Reply {
                     id: 7,
                     reply: Reply::bytes("text/csv", body.clone()).with_status(201),
+                    streamed: None,
+                },
+                Message::Reply {
+                    id: 8,
+                    reply: Reply::bytes("text/csv", "")
+                        .with_header("etag", "\"v1\"")
+                        .with_header("content-range", "bytes 0-99/1000"),
+                    streamed: Some(Streamed { length: None }),
+                },
+                Message::Data {
+                    id: 8,
+                    from_caller: true,
+                    chunk: body.clone(),
+                    end: DataEnd::More,
+                },
+                Message::Data {
+                    id: 8,
+                    from_caller: false,
+                    chunk: Bytes::new(),
+                    end: DataEnd::Aborted("disk error".into()),
+                },
+                Message::Data {
+                    id: 8,
+                    from_caller: false,
+                    chunk: Bytes::from_static(b"x"),
+                    end: DataEnd::Done,
+                },
+                Message::Credit {
+                    id: 0,
+                    from_caller: false,
+                    bytes: 1 << 20,
+                },
+                Message::Cancel {
+                    id: 8,
+                    from_caller: true,
                 },
                 Message::Error {
                     id: 9,
@@ -471,6 +688,7 @@ mod tests {
                 id: 5,
                 request: Request::new(verb, noun),
                 timeout_ms: 1,
+                streamed: None,
             })
         };
         for (verb, noun) in [
@@ -493,6 +711,7 @@ mod tests {
             id: 0,
             request: Request::new("GET", "time"),
             timeout_ms: 1,
+            streamed: None,
         };
         assert!(matches!(
             round_trip(zero),

@@ -15,11 +15,12 @@ mod proto;
 
 pub use framing::{codec, frame_reader, Encoded, PREFIX, SPLIT_BODY};
 pub use message::{
-    check_request, decode, encode, DecodeError, ErrorKind, Hello, Message, RequestError,
+    check_request, decode, encode, DataEnd, DecodeError, ErrorKind, Hello, Message, RequestError,
+    Streamed,
 };
 
 /// The highest version of the wire protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The lowest version of the wire protocol this build speaks. A peer whose range of versions
 /// does not meet `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` is refused.
@@ -30,6 +31,21 @@ pub const FEATURES: &[&str] = &[TRACE_CONTEXT];
 
 /// The feature by which events carry their trace context (`traceparent`, request id).
 pub const TRACE_CONTEXT: &str = "trace-context";
+
+/// The first version in which bodies may be streamed ([`Message::Data`], [`Message::Credit`],
+/// [`Message::Cancel`]) and headers cross with events and replies.
+pub const STREAMING_VERSION: u32 = 2;
+
+/// The largest chunk a [`Message::Data`] frame carries: 64 KiB. Larger chunks are cut.
+pub const DATA_CHUNK: usize = 64 * 1024;
+
+/// The window of one streamed body: its sender may have this many bytes sent and not yet
+/// credited back by the receiver (version 2).
+pub const STREAM_WINDOW: u64 = 1024 * 1024;
+
+/// The window of a connection: the bytes of every streamed body on it, both ways counted
+/// apart, that a sender may have sent and not yet credited back (version 2).
+pub const CONNECTION_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// The default limit on an event's or a reply's body: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;

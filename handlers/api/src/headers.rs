@@ -3,13 +3,14 @@
 //!
 //! The list holds what conditional and partial requests need (`Range`, `If-Range`,
 //! `If-None-Match`, `If-Modified-Since`, `ETag`, `Last-Modified`, `Content-Range`) and what
-//! describes a body (`Content-Disposition`, `Cache-Control`, `Accept`, `Content-Encoding`).
+//! describes a body (`Content-Disposition`, `Cache-Control`, `Accept`, `Content-Encoding`,
+//! `Accept-Ranges`).
 //! `Content-Type` and `Content-Length` travel in fields of their own.
 
 use std::fmt;
 
 /// The headers that may cross the pipe, lower case.
-pub const ALLOWED: [&str; 11] = [
+pub const ALLOWED: [&str; 12] = [
     "range",
     "if-range",
     "if-none-match",
@@ -21,6 +22,7 @@ pub const ALLOWED: [&str; 11] = [
     "cache-control",
     "accept",
     "content-encoding",
+    "accept-ranges",
 ];
 
 /// The most headers one event or one reply carries.

@@ -431,8 +431,12 @@ impl fmt::Display for HandlerError {
     }
 }
 
-impl<E: std::error::Error> From<E> for HandlerError {
+/// A [`BodyError`] keeps its meaning: a body over a limit is a 413, an incomplete one a 400.
+impl<E: std::error::Error + 'static> From<E> for HandlerError {
     fn from(err: E) -> Self {
+        if let Some(body) = (&err as &dyn std::any::Any).downcast_ref::<BodyError>() {
+            return body_error(body.clone());
+        }
         let mut traceback = Vec::new();
         let mut source = err.source();
         while let Some(cause) = source {

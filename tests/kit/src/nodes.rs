@@ -6,8 +6,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
-use restpipe::handler::{Context, HandlerError, Handlers, Reply, Request};
+use restpipe::handler::{BodyError, BodyStream, Context, HandlerError, Handlers, Reply, Request};
 use restpipe::{ClientNode, ClientOptions, NodeOptions, PipeConfig, ServerNode, ServerOptions};
 
 use crate::certs::Pki;
@@ -42,7 +44,15 @@ pub fn heartbeat_pipe() -> PipeConfig {
 ///   `"{node} slept {ms} ms"` as text;
 /// - `get_whoami`: JSON `{"node": node, "peer": <caller's identity>, "side": <side>}`;
 /// - `get_bytes`: as many bytes as the first parameter says;
-/// - `get_fail`: a handler error.
+/// - `get_fail`: a handler error;
+/// - `post_check` (streaming): reads the body as it comes and answers JSON `{"bytes": n,
+///   "mismatches": m}`, where `m` counts the bytes that differ from [`pattern`] at their
+///   offset (so a lost, doubled or reordered chunk shows);
+/// - `get_stream`: a streamed reply of the first parameter's bytes of [`pattern`], its
+///   length known; with a second parameter, the stream fails at that offset instead of
+///   ending;
+/// - `get_endless`: a streamed reply that never ends; [`ENDLESS_ALIVE`] counts those not yet
+///   dropped.
 pub fn test_handlers(node: &str) -> Handlers {
     let mut handlers = Handlers::new();
     handlers.add("post_echo", |_ctx: Context, req: Request| async move {
@@ -78,7 +88,96 @@ pub fn test_handlers(node: &str) -> Handlers {
     handlers.add("get_fail", |_ctx: Context, _req: Request| async move {
         Err::<Reply, _>(HandlerError::new("failed on purpose"))
     });
+    handlers.add_streaming(
+        "post_check",
+        |_ctx: Context, _req: Request, mut body: BodyStream| async move {
+            let (mut bytes, mut mismatches) = (0u64, 0u64);
+            while let Some(chunk) = body.chunk().await {
+                let chunk = chunk?;
+                for (i, b) in chunk.iter().enumerate() {
+                    if *b != pattern(bytes + i as u64) {
+                        mismatches += 1;
+                    }
+                }
+                bytes += chunk.len() as u64;
+            }
+            Ok::<_, HandlerError>(serde_json::json!({ "bytes": bytes, "mismatches": mismatches }))
+        },
+    );
+    handlers.add("get_stream", |_ctx: Context, req: Request| async move {
+        let n: u64 = req.parameters.first().map_or(Ok(0), |p| p.parse())?;
+        let fail_at: Option<u64> = req.parameters.get(1).map(|p| p.parse()).transpose()?;
+        Ok::<_, HandlerError>(Reply::stream(
+            "application/octet-stream",
+            BodyStream::new(pattern_stream(n, fail_at), Some(n)),
+        ))
+    });
+    handlers.add("get_endless", |_ctx: Context, _req: Request| async move {
+        let alive = Alive::new();
+        let chunks = futures_util::stream::unfold((0u64, alive), |(at, alive)| async move {
+            let chunk = pattern_chunk(at, 64 * 1024);
+            tokio::task::yield_now().await;
+            Some((Ok(chunk), (at + 64 * 1024, alive)))
+        });
+        Ok::<_, HandlerError>(Reply::stream(
+            "application/octet-stream",
+            BodyStream::new(chunks, None),
+        ))
+    });
     handlers
+}
+
+/// The byte at `offset` of the test bodies: position-dependent, so that a chunk out of place
+/// does not match.
+pub fn pattern(offset: u64) -> u8 {
+    (offset.wrapping_mul(31) ^ (offset >> 13)) as u8
+}
+
+/// `len` bytes of [`pattern`] from `offset`.
+pub fn pattern_chunk(offset: u64, len: usize) -> Bytes {
+    (0..len as u64).map(|i| pattern(offset + i)).collect()
+}
+
+/// `n` bytes of [`pattern`] as a stream of 64 KiB chunks; with `fail_at`, an error item
+/// there instead of the rest.
+pub fn pattern_stream(
+    n: u64,
+    fail_at: Option<u64>,
+) -> impl futures_util::Stream<Item = Result<Bytes, BodyError>> + Send + 'static {
+    const CHUNK: u64 = 64 * 1024;
+    futures_util::stream::unfold(0u64, move |at| async move {
+        if fail_at.is_some_and(|f| at >= f) {
+            return (at != u64::MAX)
+                .then(|| (Err(BodyError::Io("failed on purpose".into())), u64::MAX));
+        }
+        if at >= n {
+            return None;
+        }
+        let mut len = CHUNK.min(n - at);
+        if let Some(f) = fail_at {
+            len = len.min(f - at);
+        }
+        Some((Ok(pattern_chunk(at, len as usize)), at + len))
+    })
+}
+
+/// Streams of `get_endless` not yet dropped, in this process.
+pub static ENDLESS_ALIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts itself in [`ENDLESS_ALIVE`] while it lives.
+struct Alive;
+
+impl Alive {
+    fn new() -> Self {
+        ENDLESS_ALIVE.fetch_add(1, Ordering::SeqCst);
+        Alive
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        ENDLESS_ALIVE.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A `get_slow` request that sleeps `ms` milliseconds.

