@@ -102,7 +102,7 @@ pub fn pipe_path(size: usize) -> String {
 /// MB/s (10^6 bytes per second) of fetching `path` (`size` bytes) from `http` repeatedly for
 /// about `window` (at least `min_reps` times; once for a large size), on one keep-alive
 /// HTTP/1.1 connection of the load generator. `None` if the first answer is 413 (the file is
-/// over what the server takes: the pipe's frame limit, before streaming).
+/// over what the server serves: 15/16 of the pipe's frame limit, before streamed bodies).
 pub async fn fetch(
     http: SocketAddr,
     path: &str,

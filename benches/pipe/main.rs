@@ -776,13 +776,11 @@ async fn bulk_points(
     h2: bool,
 ) -> anyhow::Result<Vec<Bulk>> {
     let files = bulk::write_files(work, &plan.bulk_sizes)?;
-    // 16 MiB is the default frame limit and the files handlers keep 1/16 of it for the rest
-    // of the frame, so both nodes get a 32 MiB limit here.
+    // The nodes' defaults: `get_file` streams a file of any size in Data frames.
     let mut pair = procs::pair(
         work,
         &procs::PairOptions {
             name: "pipe-bulk".into(),
-            extra: vec!["--max-frame".into(), (32 * MIB).to_string()],
             client_extra: vec![
                 "--handlers".into(),
                 "time,files".into(),

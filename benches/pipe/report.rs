@@ -480,7 +480,7 @@ impl Report {
         let h2 = self.bulk.iter().any(|b| !b.h2.is_empty());
         out.push_str("### Bulk: one file through the pipe vs a plain rustls copy\n\n");
         if self.bulk.iter().any(|b| b.pipe_refused) {
-            out.push_str("The pipe answered 413 for a file over what one frame carries (the bulk pair runs with `--max-frame 33554432`; files over 30 MiB need streaming bodies).\n\n");
+            out.push_str("The pipe answered 413 for a file over what its `get_file` serves (a binary without streamed bodies serves up to 15/16 of `--max-frame`).\n\n");
         }
         out.push_str("| size | pipe MB/s (median) | min–max | plain rustls MB/s | min–max | pipe / rustls (min–max) |");
         if h2 {
