@@ -99,17 +99,38 @@ pub fn pipe_path(size: usize) -> String {
     format!("/client/dev-client/file//{}", file_name(size))
 }
 
-/// MB/s (10^6 bytes per second) of fetching `path` (`size` bytes) from `http` repeatedly for
-/// about `window` (at least `min_reps` times; once for a large size), on one keep-alive
-/// HTTP/1.1 connection of the load generator. `None` if the first answer is 413 (the file is
-/// over what the server serves: 15/16 of the pipe's frame limit, before streamed bodies).
+/// What [`fetch`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Fetched {
+    /// MB/s (10^6 bytes per second) of the measured transfers.
+    pub mb_per_s: f64,
+    /// CPU seconds per GB (10^9 bytes) of the serving processes, over every transfer
+    /// (the warm-up one too).
+    pub cpu_s_per_gb: f64,
+}
+
+/// Fetch `path` (`size` bytes) from `http` repeatedly for about `window` (at least
+/// `min_reps` times; once for a large size), on one keep-alive HTTP/1.1 connection of the
+/// load generator, and say how fast and at what CPU cost to the processes `pids` (the two
+/// serving processes). `None` if the first answer is 413 (the file is over what the server
+/// serves: 15/16 of the pipe's frame limit, before streamed bodies).
 pub async fn fetch(
     http: SocketAddr,
     path: &str,
     size: usize,
-    window: Duration,
-    min_reps: usize,
-) -> anyhow::Result<Option<f64>> {
+    (window, min_reps): (Duration, usize),
+    pids: &[u32],
+) -> anyhow::Result<Option<Fetched>> {
+    let ticks = restpipe_testkit::procs::clock_ticks();
+    let cpu = || -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for &pid in pids {
+            total += crate::procs::cpu_time(pid, ticks)?.as_secs_f64();
+        }
+        Ok(total)
+    };
+    let cpu_before = cpu()?;
+    let mut moved = 0usize;
     let (warm, min_reps) = reps(size, min_reps);
     let mut sender = load::connect(http).await?;
     let mut total = Duration::ZERO;
@@ -127,12 +148,16 @@ pub async fn fetch(
         if status != StatusCode::OK || read != size {
             bail!("GET {path}: {status}, {read} of {size} bytes");
         }
+        moved += read;
         if measured {
             total += started.elapsed();
             reps += 1;
         }
     }
-    Ok(Some(mb_per_s(size * reps, total)))
+    Ok(Some(Fetched {
+        mb_per_s: mb_per_s(size * reps, total),
+        cpu_s_per_gb: (cpu()? - cpu_before) / (moved as f64 / 1e9),
+    }))
 }
 
 /// MB/s of asking the copy server for `size` bytes repeatedly, on one TLS connection (as

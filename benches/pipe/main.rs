@@ -809,36 +809,42 @@ async fn bulk_points(
         for point in points.iter_mut() {
             let size = point.size;
             let label = bulk::size_label(size);
-            let (window, reps) = (plan.bulk_window, plan.bulk_min_reps);
-            let p = bulk::fetch(pair.server_http, &bulk::pipe_path(size), size, window, reps)
+            let reps = (plan.bulk_window, plan.bulk_min_reps);
+            let pids = [pair.server.pid(), pair.client.pid()];
+            let p = bulk::fetch(pair.server_http, &bulk::pipe_path(size), size, reps, &pids)
                 .await
                 .with_context(|| format!("bulk {label} through the pipe"))?;
-            let r = bulk::rustls(work, copy, size, window, reps)
+            let r = bulk::rustls(work, copy, size, reps.0, reps.1)
                 .await
                 .with_context(|| format!("bulk {label} over rustls"))?;
             let h = match &h2 {
                 Some(h) => {
                     let path = http2::Http2::file_path(&bulk::file_name(size));
-                    let got = bulk::fetch(h.http, &path, size, window, reps)
+                    let got = bulk::fetch(h.http, &path, size, reps, &h.pids())
                         .await
                         .with_context(|| format!("bulk {label} over HTTP/2"))?;
                     Some(got.with_context(|| format!("bulk {label} over HTTP/2: 413"))?)
                 }
                 None => None,
             };
-            let shown =
-                |x: Option<f64>| x.map_or("413 (refused)".into(), |x| format!("{x:>6.0} MB/s"));
+            let shown = |x: Option<bulk::Fetched>| {
+                x.map_or("413 (refused)".into(), |x| {
+                    format!("{:>6.0} MB/s ({:.2} CPU s/GB)", x.mb_per_s, x.cpu_s_per_gb)
+                })
+            };
             println!(
                 "  run {run}/{}: bulk {label:>7}: pipe {}, plain rustls {r:>6.0} MB/s{}",
                 plan.runs,
                 shown(p),
-                h.map_or(String::new(), |h| format!(", HTTP/2 {h:>6.0} MB/s"))
+                h.map_or(String::new(), |h| format!(", HTTP/2 {}", shown(Some(h))))
             );
             // A refusal is a run without a figure (NaN), so that the runs stay aligned.
-            point.pipe.push(p.unwrap_or(f64::NAN));
+            point.pipe.push(p.map_or(f64::NAN, |p| p.mb_per_s));
+            point.pipe_cpu.push(p.map_or(f64::NAN, |p| p.cpu_s_per_gb));
             point.pipe_refused |= p.is_none();
             point.rustls.push(r);
-            point.h2.extend(h);
+            point.h2.extend(h.map(|h| h.mb_per_s));
+            point.h2_cpu.extend(h.map(|h| h.cpu_s_per_gb));
         }
         pair.check_alive()?;
         if let Some(h) = h2.as_mut() {

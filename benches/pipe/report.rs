@@ -92,6 +92,10 @@ pub struct Bulk {
     pub rustls: Vec<f64>,
     /// MB/s through the HTTP/2 pair, per run (empty when it was not measured).
     pub h2: Vec<f64>,
+    /// CPU seconds per GB of the pipe's two nodes, per run (NaN when refused).
+    pub pipe_cpu: Vec<f64>,
+    /// CPU seconds per GB of the HTTP/2 pair's two processes, per run.
+    pub h2_cpu: Vec<f64>,
 }
 
 impl Bulk {
@@ -113,6 +117,16 @@ fn per_run(a: &[f64], b: &[f64]) -> Vec<f64> {
         .map(|(a, b)| a / b)
         .filter(|x| x.is_finite())
         .collect()
+}
+
+/// The median CPU s/GB of the runs, or `-`.
+fn cpu_cell(values: &[f64]) -> String {
+    let x = median(values);
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "-".into()
+    }
 }
 
 /// `1,234 | 1,100–1,300` of MB/s runs, or `refused (413)`.
@@ -482,22 +496,24 @@ impl Report {
         if self.bulk.iter().any(|b| b.pipe_refused) {
             out.push_str("The pipe answered 413 for a file over what its `get_file` serves (a binary without streamed bodies serves up to 15/16 of `--max-frame`).\n\n");
         }
-        out.push_str("| size | pipe MB/s (median) | min–max | plain rustls MB/s | min–max | pipe / rustls (min–max) |");
+        out.push_str("CPU s/GB: CPU seconds (user + system) of the two serving processes per 10^9 bytes, over every transfer of the run, median over runs: steadier than MB/s on a shared machine.\n\n");
+        out.push_str("| size | pipe MB/s (median) | min–max | pipe CPU s/GB | plain rustls MB/s | min–max | pipe / rustls (min–max) |");
         if h2 {
-            out.push_str(" HTTP/2 MB/s | min–max | pipe / HTTP/2 (min–max) |");
+            out.push_str(" HTTP/2 MB/s | min–max | HTTP/2 CPU s/GB | pipe / HTTP/2 (min–max) |");
         }
-        out.push_str("\n|---:|---:|---|---:|---|---|");
+        out.push_str("\n|---:|---:|---|---:|---:|---|---|");
         if h2 {
-            out.push_str("---:|---|---|");
+            out.push_str("---:|---|---:|---|");
         }
         out.push('\n');
         for b in &self.bulk {
             let ratios = b.vs_rustls();
             let _ = write!(
                 out,
-                "| {} | {} | {} | {} ({}) |",
+                "| {} | {} | {} | {} | {} ({}) |",
                 size_label(b.size),
                 mbps_cells(&b.pipe, b.pipe_refused),
+                cpu_cell(&b.pipe_cpu),
                 mbps_cells(&b.rustls, false),
                 pct(median(&ratios)),
                 pct_range(&ratios)
@@ -505,12 +521,13 @@ impl Report {
             if h2 {
                 let vs = b.vs_h2();
                 if b.h2.is_empty() {
-                    out.push_str(" — | — | — |");
+                    out.push_str(" — | — | — | — |");
                 } else {
                     let _ = write!(
                         out,
-                        " {} | {} ({}) |",
+                        " {} | {} | {} ({}) |",
                         mbps_cells(&b.h2, false),
+                        cpu_cell(&b.h2_cpu),
                         pct(median(&vs)),
                         pct_range(&vs)
                     );
@@ -572,8 +589,8 @@ impl Report {
             out.push('\n');
         }
         if !bulk.is_empty() {
-            out.push_str("| size | pipe MB/s | HTTP/2 MB/s | plain rustls MB/s | pipe / HTTP/2 | HTTP/2 / rustls | verdict |\n");
-            out.push_str("|---:|---:|---:|---:|---|---|---|\n");
+            out.push_str("| size | pipe MB/s | HTTP/2 MB/s | plain rustls MB/s | pipe / HTTP/2 | HTTP/2 / rustls | pipe CPU s/GB | HTTP/2 CPU s/GB | verdict (MB/s) |\n");
+            out.push_str("|---:|---:|---:|---:|---|---|---:|---:|---|\n");
             for b in bulk {
                 let vs = b.vs_h2();
                 let h2_rustls = per_run(&b.h2, &b.rustls);
@@ -584,7 +601,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {pipe} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} |",
+                    "| {} | {pipe} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} | {} | {} |",
                     size_label(b.size),
                     median(&b.h2),
                     median(&b.rustls),
@@ -592,6 +609,8 @@ impl Report {
                     pct_range(&vs),
                     pct(median(&h2_rustls)),
                     pct_range(&h2_rustls),
+                    cpu_cell(&b.pipe_cpu),
+                    cpu_cell(&b.h2_cpu),
                     if vs.is_empty() {
                         "**missed**: the pipe did not serve it".to_string()
                     } else {
@@ -857,11 +876,13 @@ impl Report {
                     "the pipe refused it (413)".into()
                 } else {
                     format!(
-                        "{} of HTTP/2 ({}); {:.0} vs {:.0} MB/s",
+                        "{} of HTTP/2 ({}); {:.0} vs {:.0} MB/s; CPU {} vs {} s/GB",
                         pct(median(&r)),
                         pct_range(&r),
                         median(&b.pipe),
-                        median(&b.h2)
+                        median(&b.h2),
+                        cpu_cell(&b.pipe_cpu),
+                        cpu_cell(&b.h2_cpu)
                     )
                 },
                 if r.is_empty() {
