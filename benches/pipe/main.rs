@@ -149,7 +149,7 @@ impl Plan {
 
     fn method(&self) -> String {
         format!(
-            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window.",
+            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). CPU µs/req: CPU time (user + system, from `/proc`, 10 ms ticks) of the processes serving the target (the baseline's one, a pair's two) over the window, per request answered (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window.",
             self.runs,
             self.window.as_secs_f64(),
             self.warmup.as_secs_f64(),
@@ -295,8 +295,8 @@ fn load_only(args: &[String]) -> anyhow::Result<()> {
         path,
         conns,
         ConnMode::KeepAlive,
-        Duration::from_millis(200),
-        Duration::from_secs_f64(secs),
+        (Duration::from_millis(200), Duration::from_secs_f64(secs)),
+        &[],
     ))?;
     println!(
         "{:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, errors {}",
@@ -480,6 +480,8 @@ struct Target {
     label: &'static str,
     addr: std::net::SocketAddr,
     path: &'static str,
+    /// The processes that serve it, whose CPU time is measured.
+    pids: Vec<u32>,
 }
 
 /// The other node pairs measured on the keepalive points, besides the policy-free pair of the
@@ -510,7 +512,7 @@ async fn requests(
     let h2_only = others.h2 && !keepalive;
     let keepalive = keepalive || others.h2;
     let sink = restpipe_testkit::statsd::Statsd::counting().await;
-    let (_baseline, baseline) = procs::baseline(work).await?;
+    let (baseline_process, baseline) = procs::baseline(work).await?;
     let mut plain = procs::pair(
         work,
         &procs::PairOptions {
@@ -577,6 +579,7 @@ async fn requests(
         label: "baseline (bare axum)",
         addr: baseline,
         path: "/server/time",
+        pids: vec![baseline_process.pid()],
     }];
     if let Some(o) = &old {
         targets.push(Target {
@@ -584,6 +587,7 @@ async fn requests(
             label: "old binary, client→server",
             addr: o.client_http,
             path: "/server/time",
+            pids: vec![o.server.pid(), o.client.pid()],
         });
     }
     targets.push(Target {
@@ -591,6 +595,7 @@ async fn requests(
         label: "pipe client→server",
         addr: plain.client_http,
         path: "/server/time",
+        pids: vec![plain.server.pid(), plain.client.pid()],
     });
     if !h2_only {
         targets.push(Target {
@@ -598,6 +603,7 @@ async fn requests(
             label: "pipe server→client",
             addr: plain.server_http,
             path: "/client/dev-client/time",
+            pids: vec![plain.server.pid(), plain.client.pid()],
         });
     }
     if let Some(h) = &h2 {
@@ -606,6 +612,7 @@ async fn requests(
             label: "HTTP/2 front→server",
             addr: h.http,
             path: "/server/time",
+            pids: h.pids().to_vec(),
         });
     }
     if let Some(o) = &old {
@@ -617,6 +624,7 @@ async fn requests(
                 label: "old binary, server→client",
                 addr: o.server_http,
                 path: "/client/dev-client/time",
+                pids: vec![o.server.pid(), o.client.pid()],
             },
         );
     }
@@ -630,6 +638,7 @@ async fn requests(
                     label: "pipe client→server, with the policy",
                     addr: p.client_http,
                     path: "/server/time",
+                    pids: vec![p.server.pid(), p.client.pid()],
                 },
             ),
             (
@@ -639,6 +648,7 @@ async fn requests(
                     label: "pipe server→client, with the policy",
                     addr: p.server_http,
                     path: "/client/dev-client/time",
+                    pids: vec![p.server.pid(), p.client.pid()],
                 },
             ),
         ] {
@@ -655,6 +665,7 @@ async fn requests(
             label: "pipe client→server, metrics on",
             addr: m.client_http,
             path: "/server/time",
+            pids: vec![m.server.pid(), m.client.pid()],
         });
     }
     for t in &targets {
@@ -711,8 +722,8 @@ async fn requests(
                 t.path,
                 series.conns,
                 series.mode,
-                plan.warmup,
-                plan.window,
+                (plan.warmup, plan.window),
+                &t.pids,
             )
             .await;
             let sample = match sample {
@@ -738,7 +749,7 @@ async fn requests(
             }
             let r = Run::from(&sample);
             println!(
-                "  run {run}/{}: {:<32} {:>3} conns {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  errors {}",
+                "  run {run}/{}: {:<32} {:>3} conns {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  CPU {:>5.1} µs/req  errors {}",
                 plan.runs,
                 t.label,
                 series.conns,
@@ -746,6 +757,7 @@ async fn requests(
                 r.rps,
                 r.p50,
                 r.p99,
+                r.cpu_us,
                 r.errors
             );
             series.runs.push(r);

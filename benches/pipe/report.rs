@@ -48,6 +48,8 @@ pub struct Run {
     pub p999: f64,
     /// Failed requests.
     pub errors: u64,
+    /// CPU µs of the serving processes per request (NaN if not measured).
+    pub cpu_us: f64,
 }
 
 impl From<&Sample> for Run {
@@ -58,6 +60,7 @@ impl From<&Sample> for Run {
             p99: s.micros(0.99),
             p999: s.micros(0.999),
             errors: s.errors,
+            cpu_us: s.cpu_micros_per_request(),
         }
     }
 }
@@ -265,6 +268,16 @@ impl Series {
     pub fn p50(&self) -> f64 {
         median(&self.col(|r| r.p50))
     }
+
+    /// Median CPU µs per request, or `-`.
+    fn cpu_cell(&self) -> String {
+        let x = median(&self.col(|r| r.cpu_us));
+        if x.is_finite() {
+            format!("{x:.1}")
+        } else {
+            "-".into()
+        }
+    }
 }
 
 impl Report {
@@ -288,8 +301,8 @@ impl Report {
     }
 
     fn request_table(&self, out: &mut String, mode: ConnMode) {
-        out.push_str("| path | conns | req/s (median) | req/s min–max | p50 µs | p99 µs | p99.9 µs | errors | vs baseline (min–max) |\n");
-        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---|\n");
+        out.push_str("| path | conns | req/s (median) | req/s min–max | p50 µs | p99 µs | p99.9 µs | CPU µs/req | errors | vs baseline (min–max) |\n");
+        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|---|\n");
         let mut conns: Vec<usize> = self
             .series
             .iter()
@@ -315,7 +328,7 @@ impl Report {
             let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {}–{} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                "| {} | {} | {} | {}–{} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
                 s.label,
                 s.conns,
                 thousands(median(&rps)),
@@ -324,6 +337,7 @@ impl Report {
                 s.p50(),
                 median(&s.col(|r| r.p99)),
                 median(&s.col(|r| r.p999)),
+                s.cpu_cell(),
                 errors,
                 versus
             );
@@ -559,8 +573,8 @@ impl Report {
             crate::http2::MAX_STREAMS
         );
         if !conns.is_empty() {
-            out.push_str("| conns | pipe req/s | HTTP/2 req/s | pipe p50 µs | HTTP/2 p50 µs | pipe / baseline | HTTP/2 / baseline | pipe / HTTP/2 | verdict |\n");
-            out.push_str("|---:|---:|---:|---:|---:|---|---|---|---|\n");
+            out.push_str("| conns | pipe req/s | HTTP/2 req/s | pipe p50 µs | HTTP/2 p50 µs | pipe CPU µs/req | HTTP/2 CPU µs/req | pipe / baseline | HTTP/2 / baseline | pipe / HTTP/2 | verdict (req/s) |\n");
+            out.push_str("|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
             for &c in &conns {
                 let (Some(pipe), Some(h2)) = (self.find("c2s", c, ka), self.find("h2", c, ka))
                 else {
@@ -572,11 +586,13 @@ impl Report {
                 let ph = self.ratios("c2s", "h2", c, ka).unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "| {c} | {} | {} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} ({}) | {} |",
+                    "| {c} | {} | {} | {:.0} | {:.0} | {} | {} | {} ({}) | {} ({}) | {} ({}) | {} |",
                     rps(pipe),
                     rps(h2),
                     pipe.p50(),
                     h2.p50(),
+                    pipe.cpu_cell(),
+                    h2.cpu_cell(),
                     pct(median(&pb)),
                     pct_range(&pb),
                     pct(median(&hb)),
@@ -859,11 +875,13 @@ impl Report {
             rows.push((
                 format!("{c} keep-alive conn(s): restpipe (client→server) beats HTTP/2 in req/s"),
                 format!(
-                    "{} of HTTP/2 ({}); p50 {:.0} vs {:.0} µs",
+                    "{} of HTTP/2 ({}); p50 {:.0} vs {:.0} µs; CPU {} vs {} µs/req",
                     pct(median(&r)),
                     pct_range(&r),
                     pipe.p50(),
-                    h2.p50()
+                    h2.p50(),
+                    pipe.cpu_cell(),
+                    h2.cpu_cell()
                 ),
                 beats_verdict(&r),
             ));
