@@ -60,6 +60,49 @@ const CHUNK: usize = 256 * 1024;
 /// The ALPN protocol name of HTTP/2 over TLS.
 const ALPN_H2: &[u8] = b"h2";
 
+/// A reference pair: the same shape as the pipe on another multiplexer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// HTTP/2 (hyper and the `h2` crate): this module.
+    H2,
+    /// yamux streams with HTTP/1.1 on each ([`crate::yamux_pair`]).
+    Yamux,
+}
+
+impl Proto {
+    /// The target's key in the report.
+    pub fn key(self) -> &'static str {
+        match self {
+            Proto::H2 => "h2",
+            Proto::Yamux => "yamux",
+        }
+    }
+
+    /// Its name in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::H2 => "HTTP/2",
+            Proto::Yamux => "yamux",
+        }
+    }
+
+    /// The label of its request target.
+    pub fn label(self) -> &'static str {
+        match self {
+            Proto::H2 => "HTTP/2 front→server",
+            Proto::Yamux => "yamux front→server",
+        }
+    }
+
+    /// The hidden flags that start its server and its front door.
+    fn flags(self) -> (&'static str, &'static str) {
+        match self {
+            Proto::H2 => ("--serve-h2", "--serve-h2-front"),
+            Proto::Yamux => ("--serve-yamux", "--serve-yamux-front"),
+        }
+    }
+}
+
 /// The key, chain and verifiers of the dev set's `who` (`server` or `client`).
 fn material(certs: &Path, who: &str) -> anyhow::Result<(TlsMaterial, DevPaths)> {
     let paths = DevPaths::in_dir(certs);
@@ -92,35 +135,36 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// The server's TLS: the nodes' acceptor settings (TLS 1.3, client certificates checked by
-/// [`TlsMaterial::client_verifier`], no session resumption), with ALPN `h2`.
-fn acceptor(certs: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+/// [`TlsMaterial::client_verifier`], no session resumption), with ALPN `alpn`.
+pub fn acceptor(certs: &Path, alpn: &[u8]) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let (tls, paths) = material(certs, "server")?;
     let (chain, key) = chain_and_key(&paths.server_cert, &paths.server_key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(tls.client_verifier()?)
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The front's TLS: the nodes' connector settings (TLS 1.3, the server checked by
-/// [`TlsMaterial::server_verifier`], the dev client certificate), with ALPN `h2`.
-fn connector(certs: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+/// [`TlsMaterial::server_verifier`], the dev client certificate), with ALPN `alpn`.
+pub fn connector(certs: &Path, alpn: &[u8]) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let (tls, paths) = material(certs, "client")?;
     let (chain, key) = chain_and_key(&paths.client_cert, &paths.client_key)?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_webpki_verifier(tls.server_verifier()?)
         .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-type H2Body = BoxBody<Bytes, std::io::Error>;
+/// The body of the reference servers' answers.
+pub type H2Body = BoxBody<Bytes, std::io::Error>;
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> hyper::Response<H2Body> {
     let mut response = hyper::Response::new(
@@ -135,8 +179,12 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> hyper
     response
 }
 
-/// The h2 server's answer to one request.
-async fn answer(files: Arc<PathBuf>, request: hyper::Request<Incoming>) -> hyper::Response<H2Body> {
+/// The reference server's answer to one request: `get_time`'s JSON on `/server/time`, the
+/// file `files/NAME` on `/file/NAME`.
+pub async fn answer(
+    files: Arc<PathBuf>,
+    request: hyper::Request<Incoming>,
+) -> hyper::Response<H2Body> {
     let path = request.uri().path();
     if path == "/server/time" {
         let now = SystemTime::now()
@@ -202,14 +250,15 @@ async fn answer(files: Arc<PathBuf>, request: hyper::Request<Incoming>) -> hyper
     response
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The runtime of a reference process.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Runtime::new()?)
 }
 
 /// `--serve-h2`: serve HTTP/2 over TLS on 127.0.0.1:`port` (0: any) until killed, printing
 /// the address bound.
 pub fn serve_server(port: u16, certs: &Path, files: &Path) -> anyhow::Result<()> {
-    let acceptor = acceptor(certs)?;
+    let acceptor = acceptor(certs, ALPN_H2)?;
     let files = Arc::new(files.to_path_buf());
     runtime()?.block_on(async move {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
@@ -268,7 +317,7 @@ async fn forward(State(sender): State<SendRequest<Body>>, request: Request) -> R
 /// one HTTP/2 connection to `upstream`, until killed; prints the address bound. Exits if
 /// that connection ends.
 pub fn serve_front(port: u16, certs: &Path, upstream: SocketAddr) -> anyhow::Result<()> {
-    let connector = connector(certs)?;
+    let connector = connector(certs, ALPN_H2)?;
     runtime()?.block_on(async move {
         let tcp = TcpStream::connect(upstream)
             .await
@@ -302,22 +351,22 @@ pub fn serve_front(port: u16, certs: &Path, upstream: SocketAddr) -> anyhow::Res
     })
 }
 
-/// The h2 server and the front door, running.
-pub struct Http2 {
+/// A reference pair's server and front door, running.
+pub struct RefPair {
     server: Process,
     front: Process,
     /// The front door's HTTP address.
     pub http: SocketAddr,
 }
 
-impl Http2 {
+impl RefPair {
     /// Fails with a process's log if either has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         procs::check_alive(&mut self.server)?;
         procs::check_alive(&mut self.front)
     }
 
-    /// The two processes' ids: the h2 server and the front door.
+    /// The two processes' ids: the server and the front door.
     pub fn pids(&self) -> [u32; 2] {
         [self.server.pid(), self.front.pid()]
     }
@@ -328,22 +377,28 @@ impl Http2 {
     }
 }
 
-/// Start the h2 server (serving `files`) and the front door, ready once `GET /server/time`
-/// answers 200 through both.
-pub async fn start(work: &Certs, name: &str, files: &Path) -> anyhow::Result<Http2> {
+/// Start the reference pair of `proto`: its server (serving `files`) and its front door, ready
+/// once `GET /server/time` answers 200 through both.
+pub async fn start(
+    work: &Certs,
+    proto: Proto,
+    name: &str,
+    files: &Path,
+) -> anyhow::Result<RefPair> {
+    let (server_flag, front_flag) = proto.flags();
     let certs = work.paths.dir.display().to_string();
     std::fs::create_dir_all(files)?;
     let (server, upstream) = procs::reference_server(
         work,
         &format!("{name}-server"),
-        "--serve-h2",
+        server_flag,
         &[certs.clone(), files.display().to_string()],
     )
     .await?;
     let (mut front, http) = procs::reference_server(
         work,
         &format!("{name}-front"),
-        "--serve-h2-front",
+        front_flag,
         &[certs, upstream.to_string()],
     )
     .await?;
@@ -355,7 +410,7 @@ pub async fn start(work: &Certs, name: &str, files: &Path) -> anyhow::Result<Htt
         |s, _| s == StatusCode::OK,
     )
     .await?;
-    Ok(Http2 {
+    Ok(RefPair {
         server,
         front,
         http,

@@ -17,10 +17,11 @@
 //!   shared HTTP/2 connection to an h2 server, two processes as the pair of nodes), measured
 //!   side by side with the pipe: its target joins the keepalive points (with `keepalive` not
 //!   asked for, `h2` runs them for the baseline, the pipe client→server and HTTP/2 only) and
-//!   its column the bulk points (run for all sizes even if `bulk` is not asked for).
+//!   its column the bulk points (run for all sizes even if `bulk` is not asked for);
+//! - `yamux`: the same with yamux streams, HTTP/1.1 on each ([`yamux_pair`]).
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
-//! `--only keepalive,close,bulk,scale,h2`, `--out FILE` (markdown; a full run defaults to
+//! `--only keepalive,close,bulk,scale,h2,yamux`, `--out FILE` (markdown; a full run defaults to
 //! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`,
 //! `--policy-rules N`.
 //!
@@ -52,8 +53,8 @@
 //! front door refuses a foreign `Host` with 403): figures of refusals would be meaningless.
 //!
 //! The modules: [`load`] (the load generator), [`procs`] (child processes, `/proc`),
-//! [`servers`] (the reference servers), [`http2`] (the HTTP/2 pair), [`bulk`], [`scale`],
-//! [`report`].
+//! [`servers`] (the reference servers), [`http2`] and [`yamux_pair`] (the reference pairs on
+//! other multiplexers), [`bulk`], [`scale`], [`report`].
 
 mod bulk;
 mod http2;
@@ -62,16 +63,18 @@ mod procs;
 mod report;
 mod scale;
 mod servers;
+mod yamux_pair;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
+use http2::Proto;
 use load::ConnMode;
-use report::{Bulk, Report, Run, Series};
+use report::{Bulk, RefBulk, Report, Run, Series};
 
-const SCENARIOS: [&str; 5] = ["keepalive", "close", "bulk", "scale", "h2"];
+const SCENARIOS: [&str; 6] = ["keepalive", "close", "bulk", "scale", "h2", "yamux"];
 const MIB: usize = 1024 * 1024;
 
 /// How long and how often each point is measured.
@@ -175,7 +178,7 @@ struct Options {
     args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
@@ -267,6 +270,18 @@ fn main() -> ExitCode {
             let certs = args.get(2).context(usage)?;
             let upstream = args.get(3).context(usage)?.parse()?;
             http2::serve_front(p, std::path::Path::new(certs), upstream)
+        }),
+        Some("--serve-yamux") => port(&args).and_then(|p| {
+            let usage = "--serve-yamux PORT CERT_DIR FILES_DIR";
+            let certs = args.get(2).context(usage)?;
+            let files = args.get(3).context(usage)?;
+            yamux_pair::serve_server(p, std::path::Path::new(certs), std::path::Path::new(files))
+        }),
+        Some("--serve-yamux-front") => port(&args).and_then(|p| {
+            let usage = "--serve-yamux-front PORT CERT_DIR ADDR";
+            let certs = args.get(2).context(usage)?;
+            let upstream = args.get(3).context(usage)?.parse()?;
+            yamux_pair::serve_front(p, std::path::Path::new(certs), upstream)
         }),
         Some("--load") => load_only(&args),
         Some("--load-bulk") => load_bulk(&args),
@@ -448,11 +463,16 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         options.only.join(", "),
         work.dir().display()
     );
-    if wants("keepalive") || wants("close") || wants("h2") {
+    // The reference pairs on other multiplexers asked for.
+    let refs: Vec<Proto> = [Proto::H2, Proto::Yamux]
+        .into_iter()
+        .filter(|p| wants(p.key()))
+        .collect();
+    if wants("keepalive") || wants("close") || !refs.is_empty() {
         let others = Others {
             compare: options.compare.as_deref(),
             policy_rules: options.policy_rules,
-            h2: wants("h2"),
+            refs: &refs,
         };
         requests(
             plan,
@@ -463,8 +483,8 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         )
         .await?;
     }
-    if wants("bulk") || wants("h2") {
-        report.bulk = bulk_points(plan, &work, wants("h2")).await?;
+    if wants("bulk") || !refs.is_empty() {
+        report.bulk = bulk_points(plan, &work, &refs).await?;
     }
     if wants("scale") {
         println!("scale: {:?} idle clients", plan.scale.counts);
@@ -491,8 +511,8 @@ struct Others<'a> {
     compare: Option<&'a std::path::Path>,
     /// A pair of nodes with a policy of this many rules (`--policy-rules`).
     policy_rules: Option<usize>,
-    /// The HTTP/2 pair too (`h2`).
-    h2: bool,
+    /// The reference pairs on other multiplexers too (`h2`, `yamux`).
+    refs: &'a [Proto],
 }
 
 /// The request points: `keepalive` and/or `close`; with `others`, the keepalive points of an
@@ -509,8 +529,8 @@ async fn requests(
     let compare = others.compare;
     // Only the pipe's client→server direction is compared with HTTP/2: the same direction,
     // front door to the far side's handler.
-    let h2_only = others.h2 && !keepalive;
-    let keepalive = keepalive || others.h2;
+    let refs_only = !others.refs.is_empty() && !keepalive;
+    let keepalive = keepalive || !others.refs.is_empty();
     let sink = restpipe_testkit::statsd::Statsd::counting().await;
     let (baseline_process, baseline) = procs::baseline(work).await?;
     let mut plain = procs::pair(
@@ -523,7 +543,7 @@ async fn requests(
     .await?;
     // With a policy, the metrics pair is left out: it is not what is compared, and the run
     // stays within minutes.
-    let mut metered = if keepalive && !h2_only && others.policy_rules.is_none() {
+    let mut metered = if keepalive && !refs_only && others.policy_rules.is_none() {
         Some(
             procs::pair(
                 work,
@@ -569,11 +589,11 @@ async fn requests(
         }
         _ => None,
     };
-    let mut h2 = if others.h2 {
-        Some(http2::start(work, "h2", &work.dir().join("files")).await?)
-    } else {
-        None
-    };
+    let mut refs = Vec::new();
+    for &proto in others.refs {
+        let files = work.dir().join("files");
+        refs.push((proto, http2::start(work, proto, proto.key(), &files).await?));
+    }
     let mut targets = vec![Target {
         key: "baseline",
         label: "baseline (bare axum)",
@@ -597,7 +617,7 @@ async fn requests(
         path: "/server/time",
         pids: vec![plain.server.pid(), plain.client.pid()],
     });
-    if !h2_only {
+    if !refs_only {
         targets.push(Target {
             key: "s2c",
             label: "pipe server→client",
@@ -606,13 +626,13 @@ async fn requests(
             pids: vec![plain.server.pid(), plain.client.pid()],
         });
     }
-    if let Some(h) = &h2 {
+    for (proto, pair) in &refs {
         targets.push(Target {
-            key: "h2",
-            label: "HTTP/2 front→server",
-            addr: h.http,
+            key: proto.key(),
+            label: proto.label(),
+            addr: pair.http,
             path: "/server/time",
-            pids: h.pids().to_vec(),
+            pids: pair.pids().to_vec(),
         });
     }
     if let Some(o) = &old {
@@ -734,8 +754,8 @@ async fn requests(
                     if let Some(p) = policed.as_mut() {
                         p.check_alive()?;
                     }
-                    if let Some(h) = h2.as_mut() {
-                        h.check_alive()?;
+                    for (_, pair) in refs.iter_mut() {
+                        pair.check_alive()?;
                     }
                     return Err(e.context(format!("{} at {} conns", t.label, series.conns)));
                 }
@@ -772,8 +792,8 @@ async fn requests(
         if let Some(p) = policed.as_mut() {
             p.check_alive()?;
         }
-        if let Some(h) = h2.as_mut() {
-            h.check_alive()?;
+        for (_, pair) in refs.iter_mut() {
+            pair.check_alive()?;
         }
     }
     report.statsd_datagrams = sink.datagrams();
@@ -781,11 +801,11 @@ async fn requests(
 }
 
 /// The bulk points: every size through the pipe and over plain rustls, and through the
-/// HTTP/2 pair with `h2`, interleaved run by run. The files are deleted at the end.
+/// reference pairs `refs`, interleaved run by run. The files are deleted at the end.
 async fn bulk_points(
     plan: &Plan,
     work: &restpipe_testkit::certs::Certs,
-    h2: bool,
+    refs: &[Proto],
 ) -> anyhow::Result<Vec<Bulk>> {
     let files = bulk::write_files(work, &plan.bulk_sizes)?;
     // The nodes' defaults: `get_file` streams a file of any size in Data frames.
@@ -804,16 +824,17 @@ async fn bulk_points(
     )
     .await?;
     let (_copy, copy) = procs::rustls_copy(work).await?;
-    let mut h2 = if h2 {
-        Some(http2::start(work, "h2-bulk", &files.dir).await?)
-    } else {
-        None
-    };
+    let mut pairs = Vec::new();
+    for &proto in refs {
+        let name = format!("{}-bulk", proto.key());
+        pairs.push((proto, http2::start(work, proto, &name, &files.dir).await?));
+    }
     let mut points: Vec<Bulk> = plan
         .bulk_sizes
         .iter()
         .map(|&size| Bulk {
             size,
+            refs: refs.iter().map(|&proto| RefBulk::new(proto)).collect(),
             ..Bulk::default()
         })
         .collect();
@@ -829,38 +850,40 @@ async fn bulk_points(
             let r = bulk::rustls(work, copy, size, reps.0, reps.1)
                 .await
                 .with_context(|| format!("bulk {label} over rustls"))?;
-            let h = match &h2 {
-                Some(h) => {
-                    let path = http2::Http2::file_path(&bulk::file_name(size));
-                    let got = bulk::fetch(h.http, &path, size, reps, &h.pids())
-                        .await
-                        .with_context(|| format!("bulk {label} over HTTP/2"))?;
-                    Some(got.with_context(|| format!("bulk {label} over HTTP/2: 413"))?)
-                }
-                None => None,
-            };
+            let mut others = String::new();
+            for ((proto, pair), figures) in pairs.iter().zip(point.refs.iter_mut()) {
+                let path = http2::RefPair::file_path(&bulk::file_name(size));
+                let name = proto.name();
+                let got = bulk::fetch(pair.http, &path, size, reps, &pair.pids())
+                    .await
+                    .with_context(|| format!("bulk {label} over {name}"))?
+                    .with_context(|| format!("bulk {label} over {name}: 413"))?;
+                others.push_str(&format!(
+                    ", {name} {:>6.0} MB/s ({:.2} CPU s/GB)",
+                    got.mb_per_s, got.cpu_s_per_gb
+                ));
+                figures.mbps.push(got.mb_per_s);
+                figures.cpu.push(got.cpu_s_per_gb);
+            }
             let shown = |x: Option<bulk::Fetched>| {
                 x.map_or("413 (refused)".into(), |x| {
                     format!("{:>6.0} MB/s ({:.2} CPU s/GB)", x.mb_per_s, x.cpu_s_per_gb)
                 })
             };
             println!(
-                "  run {run}/{}: bulk {label:>7}: pipe {}, plain rustls {r:>6.0} MB/s{}",
+                "  run {run}/{}: bulk {label:>7}: pipe {}, plain rustls {r:>6.0} MB/s{others}",
                 plan.runs,
                 shown(p),
-                h.map_or(String::new(), |h| format!(", HTTP/2 {}", shown(Some(h))))
             );
             // A refusal is a run without a figure (NaN), so that the runs stay aligned.
             point.pipe.push(p.map_or(f64::NAN, |p| p.mb_per_s));
             point.pipe_cpu.push(p.map_or(f64::NAN, |p| p.cpu_s_per_gb));
             point.pipe_refused |= p.is_none();
             point.rustls.push(r);
-            point.h2.extend(h.map(|h| h.mb_per_s));
-            point.h2_cpu.extend(h.map(|h| h.cpu_s_per_gb));
         }
         pair.check_alive()?;
-        if let Some(h) = h2.as_mut() {
-            h.check_alive()?;
+        for (_, pair) in pairs.iter_mut() {
+            pair.check_alive()?;
         }
     }
     drop(files);

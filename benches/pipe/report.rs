@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::bulk::size_label;
+use crate::http2::Proto;
 use crate::load::{ConnMode, Sample};
 use crate::scale;
 
@@ -70,7 +71,7 @@ impl From<&Sample> for Run {
 pub struct Series {
     /// Short key of the target (`baseline`, `c2s`, `s2c`, `c2s-metrics`, `old-c2s` and
     /// `old-s2c` for the binary compared with, `pol-c2s` and `pol-s2c` for the pair with a
-    /// policy, `h2` for the HTTP/2 pair).
+    /// policy, `h2` and `yamux` for the reference pairs).
     pub key: &'static str,
     /// What the target is.
     pub label: &'static str,
@@ -93,23 +94,38 @@ pub struct Bulk {
     pub pipe_refused: bool,
     /// MB/s over plain rustls, per run.
     pub rustls: Vec<f64>,
-    /// MB/s through the HTTP/2 pair, per run (empty when it was not measured).
-    pub h2: Vec<f64>,
     /// CPU seconds per GB of the pipe's two nodes, per run (NaN when refused).
     pub pipe_cpu: Vec<f64>,
-    /// CPU seconds per GB of the HTTP/2 pair's two processes, per run.
-    pub h2_cpu: Vec<f64>,
+    /// The reference pairs measured (HTTP/2, yamux), in the order asked for.
+    pub refs: Vec<RefBulk>,
+}
+
+/// The runs of one bulk point through a reference pair.
+#[derive(Clone, Debug)]
+pub struct RefBulk {
+    /// Which pair.
+    pub proto: Proto,
+    /// MB/s, per run.
+    pub mbps: Vec<f64>,
+    /// CPU seconds per GB of its two processes, per run.
+    pub cpu: Vec<f64>,
+}
+
+impl RefBulk {
+    /// No run yet.
+    pub fn new(proto: Proto) -> RefBulk {
+        RefBulk {
+            proto,
+            mbps: Vec::new(),
+            cpu: Vec::new(),
+        }
+    }
 }
 
 impl Bulk {
     /// Per-run pipe / plain rustls.
     fn vs_rustls(&self) -> Vec<f64> {
         per_run(&self.pipe, &self.rustls)
-    }
-
-    /// Per-run pipe / HTTP/2.
-    fn vs_h2(&self) -> Vec<f64> {
-        per_run(&self.pipe, &self.h2)
     }
 }
 
@@ -242,15 +258,15 @@ fn pct_range(values: &[f64]) -> String {
     format!("{:.0}–{:.0}%", lo * 100.0, hi * 100.0)
 }
 
-/// The verdict on "restpipe beats HTTP/2" from per-run ratios restpipe / HTTP/2.
-fn beats_verdict(ratios: &[f64]) -> String {
+/// The verdict on "restpipe beats `other`" from per-run ratios restpipe / `other`.
+fn beats_verdict(ratios: &[f64], other: &str) -> String {
     let (lo, hi) = min_max(ratios);
     if ratios.len() < 3 {
         "not judged (fewer than 3 runs)".into()
     } else if lo > 1.0 {
         "met: restpipe ahead in every run".into()
     } else if hi < 1.0 {
-        "**missed**: HTTP/2 ahead in every run".into()
+        format!("**missed**: {other} ahead in every run")
     } else {
         format!(
             "**not shown**: ranges overlap (median {})",
@@ -505,18 +521,27 @@ impl Report {
     }
 
     fn bulk_table(&self, out: &mut String) {
-        let h2 = self.bulk.iter().any(|b| !b.h2.is_empty());
+        // The reference pairs, from the first point (every point has the same).
+        let refs: Vec<Proto> = self
+            .bulk
+            .first()
+            .map(|b| b.refs.iter().map(|r| r.proto).collect())
+            .unwrap_or_default();
         out.push_str("### Bulk: one file through the pipe vs a plain rustls copy\n\n");
         if self.bulk.iter().any(|b| b.pipe_refused) {
             out.push_str("The pipe answered 413 for a file over what its `get_file` serves (a binary without streamed bodies serves up to 15/16 of `--max-frame`).\n\n");
         }
         out.push_str("CPU s/GB: CPU seconds (user + system) of the two serving processes per 10^9 bytes, over every transfer of the run, median over runs: steadier than MB/s on a shared machine.\n\n");
         out.push_str("| size | pipe MB/s (median) | min–max | pipe CPU s/GB | plain rustls MB/s | min–max | pipe / rustls (min–max) |");
-        if h2 {
-            out.push_str(" HTTP/2 MB/s | min–max | HTTP/2 CPU s/GB | pipe / HTTP/2 (min–max) |");
+        for proto in &refs {
+            let name = proto.name();
+            let _ = write!(
+                out,
+                " {name} MB/s | min–max | {name} CPU s/GB | pipe / {name} (min–max) |"
+            );
         }
         out.push_str("\n|---:|---:|---|---:|---:|---|---|");
-        if h2 {
+        for _ in &refs {
             out.push_str("---:|---|---:|---|");
         }
         out.push('\n');
@@ -532,84 +557,87 @@ impl Report {
                 pct(median(&ratios)),
                 pct_range(&ratios)
             );
-            if h2 {
-                let vs = b.vs_h2();
-                if b.h2.is_empty() {
-                    out.push_str(" — | — | — | — |");
-                } else {
-                    let _ = write!(
-                        out,
-                        " {} | {} | {} ({}) |",
-                        mbps_cells(&b.h2, false),
-                        cpu_cell(&b.h2_cpu),
-                        pct(median(&vs)),
-                        pct_range(&vs)
-                    );
-                }
+            for r in &b.refs {
+                let vs = per_run(&b.pipe, &r.mbps);
+                let _ = write!(
+                    out,
+                    " {} | {} | {} ({}) |",
+                    mbps_cells(&r.mbps, false),
+                    cpu_cell(&r.cpu),
+                    pct(median(&vs)),
+                    pct_range(&vs)
+                );
             }
             out.push('\n');
         }
         out.push('\n');
     }
 
-    /// restpipe and the HTTP/2 pair side by side: the keep-alive points (pipe
-    /// client→server, the same direction as the HTTP/2 front door to its server) and the bulk
-    /// points.
-    fn h2_table(&self, out: &mut String) {
+    /// restpipe and a reference pair side by side: the keep-alive points (pipe client→server,
+    /// the same direction as the pair's front door to its server) and the bulk points.
+    fn ref_table(&self, out: &mut String, proto: Proto) {
         let ka = ConnMode::KeepAlive;
+        let (key, name) = (proto.key(), proto.name());
         let conns: Vec<usize> = self
             .series
             .iter()
-            .filter(|s| s.key == "h2" && s.mode == ka)
+            .filter(|s| s.key == key && s.mode == ka)
             .map(|s| s.conns)
             .collect();
-        let bulk: Vec<&Bulk> = self.bulk.iter().filter(|b| !b.h2.is_empty()).collect();
+        let bulk: Vec<(&Bulk, &RefBulk)> = self
+            .bulk
+            .iter()
+            .filter_map(|b| Some((b, b.refs.iter().find(|r| r.proto == proto)?)))
+            .collect();
         if conns.is_empty() && bulk.is_empty() {
             return;
         }
+        let shape = match proto {
+            Proto::H2 => format!("an axum HTTP/1 front door on loopback (as the baseline) forwarding every request over one shared HTTP/2 connection (hyper's HTTP/2 client, tokio-rustls, TLS 1.3, the dev client certificate) to an HTTP/2 server (hyper over tokio-rustls, client certificates required); hyper's default HTTP/2 settings except {} concurrent streams", crate::http2::MAX_STREAMS),
+            Proto::Yamux => "an axum HTTP/1 front door on loopback (as the baseline) that opens a yamux stream per request on one TLS connection (tokio-rustls, TLS 1.3, the dev client certificate) and sends the request over it with hyper's HTTP/1.1 client, to a yamux server (client certificates required) serving hyper's HTTP/1.1 on each stream; yamux's default configuration".to_string(),
+        };
         let _ = writeln!(
             out,
-            "### restpipe against HTTP/2, side by side\n\nThe same shape on HTTP/2: an axum HTTP/1 front door on loopback (as the baseline) forwarding every request over one shared HTTP/2 connection (hyper's HTTP/2 client, tokio-rustls, TLS 1.3, the dev client certificate) to an HTTP/2 server (hyper over tokio-rustls, client certificates required) that answers `get_time`'s JSON or streams the file in 256 KiB chunks; hyper's default HTTP/2 settings except {} concurrent streams. Two processes, as the pair of nodes: the front door with its HTTP/2 client, and the HTTP/2 server. The same load generator, interleaved run by run with the pipe; restpipe / HTTP/2 is per run, then median (min–max). Requests: the pipe client→server; bulk: the pipe server→client (the server node fetches a file from the client node's `files` handlers).\n",
-            crate::http2::MAX_STREAMS
+            "### restpipe against {name}, side by side\n\nThe same shape on {name}: {shape}. The server answers `get_time`'s JSON, or streams the file in 256 KiB chunks. Two processes, as the pair of nodes: the front door with its client, and the server. The same load generator, interleaved run by run with the pipe; restpipe / {name} is per run, then median (min–max). Requests: the pipe client→server; bulk: the pipe server→client (the server node fetches a file from the client node's `files` handlers).\n"
         );
         if !conns.is_empty() {
-            out.push_str("| conns | pipe req/s | HTTP/2 req/s | pipe p50 µs | HTTP/2 p50 µs | pipe CPU µs/req | HTTP/2 CPU µs/req | pipe / baseline | HTTP/2 / baseline | pipe / HTTP/2 | verdict (req/s) |\n");
+            let _ = writeln!(out, "| conns | pipe req/s | {name} req/s | pipe p50 µs | {name} p50 µs | pipe CPU µs/req | {name} CPU µs/req | pipe / baseline | {name} / baseline | pipe / {name} | verdict (req/s) |");
             out.push_str("|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
             for &c in &conns {
-                let (Some(pipe), Some(h2)) = (self.find("c2s", c, ka), self.find("h2", c, ka))
+                let (Some(pipe), Some(other)) = (self.find("c2s", c, ka), self.find(key, c, ka))
                 else {
                     continue;
                 };
                 let rps = |s: &Series| thousands(median(&s.col(|r| r.rps)));
                 let pb = self.ratios("c2s", "baseline", c, ka).unwrap_or_default();
-                let hb = self.ratios("h2", "baseline", c, ka).unwrap_or_default();
-                let ph = self.ratios("c2s", "h2", c, ka).unwrap_or_default();
+                let ob = self.ratios(key, "baseline", c, ka).unwrap_or_default();
+                let po = self.ratios("c2s", key, c, ka).unwrap_or_default();
                 let _ = writeln!(
                     out,
                     "| {c} | {} | {} | {:.0} | {:.0} | {} | {} | {} ({}) | {} ({}) | {} ({}) | {} |",
                     rps(pipe),
-                    rps(h2),
+                    rps(other),
                     pipe.p50(),
-                    h2.p50(),
+                    other.p50(),
                     pipe.cpu_cell(),
-                    h2.cpu_cell(),
+                    other.cpu_cell(),
                     pct(median(&pb)),
                     pct_range(&pb),
-                    pct(median(&hb)),
-                    pct_range(&hb),
-                    pct(median(&ph)),
-                    pct_range(&ph),
-                    beats_verdict(&ph)
+                    pct(median(&ob)),
+                    pct_range(&ob),
+                    pct(median(&po)),
+                    pct_range(&po),
+                    beats_verdict(&po, name)
                 );
             }
             out.push('\n');
         }
         if !bulk.is_empty() {
-            out.push_str("| size | pipe MB/s | HTTP/2 MB/s | plain rustls MB/s | pipe / HTTP/2 | HTTP/2 / rustls | pipe CPU s/GB | HTTP/2 CPU s/GB | verdict (MB/s) |\n");
+            let _ = writeln!(out, "| size | pipe MB/s | {name} MB/s | plain rustls MB/s | pipe / {name} | {name} / rustls | pipe CPU s/GB | {name} CPU s/GB | verdict (MB/s) |");
             out.push_str("|---:|---:|---:|---:|---|---|---:|---:|---|\n");
-            for b in bulk {
-                let vs = b.vs_h2();
-                let h2_rustls = per_run(&b.h2, &b.rustls);
+            for (b, r) in bulk {
+                let vs = per_run(&b.pipe, &r.mbps);
+                let other_rustls = per_run(&r.mbps, &b.rustls);
                 let pipe = if b.pipe_refused && vs.is_empty() {
                     "refused (413)".to_string()
                 } else {
@@ -619,18 +647,18 @@ impl Report {
                     out,
                     "| {} | {pipe} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} | {} | {} |",
                     size_label(b.size),
-                    median(&b.h2),
+                    median(&r.mbps),
                     median(&b.rustls),
                     pct(median(&vs)),
                     pct_range(&vs),
-                    pct(median(&h2_rustls)),
-                    pct_range(&h2_rustls),
+                    pct(median(&other_rustls)),
+                    pct_range(&other_rustls),
                     cpu_cell(&b.pipe_cpu),
-                    cpu_cell(&b.h2_cpu),
+                    cpu_cell(&r.cpu),
                     if vs.is_empty() {
                         "**missed**: the pipe did not serve it".to_string()
                     } else {
-                        beats_verdict(&vs)
+                        beats_verdict(&vs, name)
                     }
                 );
             }
@@ -680,7 +708,9 @@ impl Report {
         if !self.bulk.is_empty() {
             self.bulk_table(&mut out);
         }
-        self.h2_table(&mut out);
+        for proto in [Proto::H2, Proto::Yamux] {
+            self.ref_table(&mut out, proto);
+        }
         if let Some(sc) = &self.scale {
             out.push_str("### Idle clients on one server\n\n");
             let _ = writeln!(
@@ -864,51 +894,59 @@ impl Report {
                 },
             ));
         }
-        for c in [1, 32, 256] {
-            let (Some(pipe), Some(h2), Some(r)) = (
-                self.find("c2s", c, ka),
-                self.find("h2", c, ka),
-                self.ratios("c2s", "h2", c, ka),
-            ) else {
-                continue;
-            };
-            rows.push((
-                format!("{c} keep-alive conn(s): restpipe (client→server) beats HTTP/2 in req/s"),
-                format!(
-                    "{} of HTTP/2 ({}); p50 {:.0} vs {:.0} µs; CPU {} vs {} µs/req",
-                    pct(median(&r)),
-                    pct_range(&r),
-                    pipe.p50(),
-                    h2.p50(),
-                    pipe.cpu_cell(),
-                    h2.cpu_cell()
-                ),
-                beats_verdict(&r),
-            ));
-        }
-        for b in self.bulk.iter().filter(|b| !b.h2.is_empty()) {
-            let r = b.vs_h2();
-            rows.push((
-                format!("{} bulk: restpipe beats HTTP/2 in MB/s", size_label(b.size)),
-                if r.is_empty() {
-                    "the pipe refused it (413)".into()
-                } else {
+        for proto in [Proto::H2, Proto::Yamux] {
+            let (key, name) = (proto.key(), proto.name());
+            for c in [1, 32, 256] {
+                let (Some(pipe), Some(other), Some(r)) = (
+                    self.find("c2s", c, ka),
+                    self.find(key, c, ka),
+                    self.ratios("c2s", key, c, ka),
+                ) else {
+                    continue;
+                };
+                rows.push((
                     format!(
-                        "{} of HTTP/2 ({}); {:.0} vs {:.0} MB/s; CPU {} vs {} s/GB",
+                        "{c} keep-alive conn(s): restpipe (client→server) beats {name} in req/s"
+                    ),
+                    format!(
+                        "{} of {name} ({}); p50 {:.0} vs {:.0} µs; CPU {} vs {} µs/req",
                         pct(median(&r)),
                         pct_range(&r),
-                        median(&b.pipe),
-                        median(&b.h2),
-                        cpu_cell(&b.pipe_cpu),
-                        cpu_cell(&b.h2_cpu)
-                    )
-                },
-                if r.is_empty() {
-                    "**missed**: the pipe did not serve it".into()
-                } else {
-                    beats_verdict(&r)
-                },
-            ));
+                        pipe.p50(),
+                        other.p50(),
+                        pipe.cpu_cell(),
+                        other.cpu_cell()
+                    ),
+                    beats_verdict(&r, name),
+                ));
+            }
+            for b in &self.bulk {
+                let Some(other) = b.refs.iter().find(|r| r.proto == proto) else {
+                    continue;
+                };
+                let r = per_run(&b.pipe, &other.mbps);
+                rows.push((
+                    format!("{} bulk: restpipe beats {name} in MB/s", size_label(b.size)),
+                    if r.is_empty() {
+                        "the pipe refused it (413)".into()
+                    } else {
+                        format!(
+                            "{} of {name} ({}); {:.0} vs {:.0} MB/s; CPU {} vs {} s/GB",
+                            pct(median(&r)),
+                            pct_range(&r),
+                            median(&b.pipe),
+                            median(&other.mbps),
+                            cpu_cell(&b.pipe_cpu),
+                            cpu_cell(&other.cpu)
+                        )
+                    },
+                    if r.is_empty() {
+                        "**missed**: the pipe did not serve it".into()
+                    } else {
+                        beats_verdict(&r, name)
+                    },
+                ));
+            }
         }
         if let Some(sc) = &self.scale {
             for p in &sc.points {
