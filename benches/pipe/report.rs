@@ -369,8 +369,8 @@ impl Report {
             out,
             "### Old binary against new (`--compare-bin {bin}`)\n\nReq/s and p50 are medians over runs; ratios are per run against the baseline of the same run, median (min–max). A difference is called beyond the noise when every run of one binary beats every run of the other: the two ranges of ratios to the baseline do not overlap (req/s), or the two ranges of p50 do not.\n"
         );
-        out.push_str("| direction | conns | baseline req/s | old req/s | new req/s | baseline p50 µs | old p50 µs | new p50 µs | old / baseline | new / baseline | new / old | beyond the noise? |\n");
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
+        out.push_str("| direction | conns | baseline req/s | old req/s | new req/s | baseline p50 µs | old p50 µs | new p50 µs | old CPU µs/req | new CPU µs/req | old / baseline | new / baseline | new / old | beyond the noise? |\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
         let mut conns: Vec<usize> = self
             .series
             .iter()
@@ -419,13 +419,15 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {name} | {c} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} ({}) | {verdict} |",
+                    "| {name} | {c} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} ({}) | {} ({}) | {} ({}) | {verdict} |",
                     rps(base),
                     rps(old),
                     rps(new),
                     base.p50(),
                     old.p50(),
                     new.p50(),
+                    old.cpu_cell(),
+                    new.cpu_cell(),
                     pct(median(&old_r)),
                     pct_range(&old_r),
                     pct(median(&new_r)),
