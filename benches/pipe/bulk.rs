@@ -1,8 +1,11 @@
 //! Bulk transfers: a file fetched through the pipe (`GET /client/dev-client/file//<name>` on
-//! the server node, served by the client node's `files` handlers) against the same number of
-//! bytes copied over a plain rustls connection on loopback with the same certificates.
+//! the server node, served by the client node's `files` handlers) or through the HTTP/2 pair
+//! (`GET /file/<name>` on its front door), against the same number of bytes copied over a
+//! plain rustls connection on loopback with the same certificates.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -15,53 +18,150 @@ use tokio::net::TcpStream;
 use crate::load;
 use restpipe_testkit::certs::Certs as Workdir;
 
+/// From this size up a transfer is "large": it takes long enough to be measured alone, so
+/// it has no warm-up transfer and one transfer may fill the window.
+pub const LARGE: usize = 256 * 1024 * 1024;
+
+/// Whether a transfer of `size` bytes gets an unmeasured warm-up transfer first, and the
+/// fewest measured transfers.
+fn reps(size: usize, min_reps: usize) -> (bool, usize) {
+    if size >= LARGE {
+        (false, 1)
+    } else {
+        (true, min_reps)
+    }
+}
+
+/// `1 MiB`, `1 GiB`, `512 KiB`.
+pub fn size_label(size: usize) -> String {
+    const KIB: usize = 1024;
+    const MIB: usize = KIB * KIB;
+    const GIB: usize = MIB * KIB;
+    if size >= GIB && size % GIB == 0 {
+        format!("{} GiB", size / GIB)
+    } else if size >= MIB && size % MIB == 0 {
+        format!("{} MiB", size / MIB)
+    } else {
+        format!("{} KiB", size / KIB)
+    }
+}
+
 /// The name of the bulk file of `size` bytes.
 pub fn file_name(size: usize) -> String {
     format!("bulk-{}k.bin", size / 1024)
 }
 
-/// Write the bulk files into `<dir>/files`, and return that directory.
-pub fn write_files(work: &Workdir, sizes: &[usize]) -> anyhow::Result<std::path::PathBuf> {
-    let dir = work.dir().join("files");
-    std::fs::create_dir_all(&dir)?;
-    for &size in sizes {
-        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-        std::fs::write(dir.join(file_name(size)), data)?;
-    }
-    Ok(dir)
+/// The bulk files in the scratch directory, deleted when dropped (a large one is 1 GiB).
+pub struct Files {
+    /// `<scratch>/files`.
+    pub dir: PathBuf,
+    written: Vec<PathBuf>,
 }
 
-/// MB/s (10^6 bytes per second) of fetching `size` bytes through the pipe repeatedly for
-/// about `window` (at least `min_reps` times), on one keep-alive HTTP connection.
-pub async fn pipe(
-    server_http: SocketAddr,
+impl Drop for Files {
+    fn drop(&mut self) {
+        for path in &self.written {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Write the bulk files into `<dir>/files`: bytes `i % 251`, written from one buffer of
+/// about 1 MiB (a whole number of periods) as many times as needed.
+pub fn write_files(work: &Workdir, sizes: &[usize]) -> anyhow::Result<Files> {
+    const PERIOD: usize = 251;
+    let dir = work.dir().join("files");
+    std::fs::create_dir_all(&dir)?;
+    let mut files = Files {
+        dir: dir.clone(),
+        written: Vec::new(),
+    };
+    let chunk: Vec<u8> = (0..PERIOD * 4096).map(|i| (i % PERIOD) as u8).collect();
+    for &size in sizes {
+        let path = dir.join(file_name(size));
+        let mut file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        files.written.push(path.clone());
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            file.write_all(&chunk[..n])
+                .with_context(|| format!("writing {}", path.display()))?;
+            left -= n;
+        }
+    }
+    Ok(files)
+}
+
+/// The path of the bulk file of `size` bytes on the server node (served by the client
+/// node's `files` handlers).
+pub fn pipe_path(size: usize) -> String {
+    format!("/client/dev-client/file//{}", file_name(size))
+}
+
+/// What [`fetch`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Fetched {
+    /// MB/s (10^6 bytes per second) of the measured transfers.
+    pub mb_per_s: f64,
+    /// CPU seconds per GB (10^9 bytes) of the serving processes, over every transfer
+    /// (the warm-up one too).
+    pub cpu_s_per_gb: f64,
+}
+
+/// Fetch `path` (`size` bytes) from `http` repeatedly for about `window` (at least
+/// `min_reps` times; once for a large size), on one keep-alive HTTP/1.1 connection of the
+/// load generator, and say how fast and at what CPU cost to the processes `pids` (the two
+/// serving processes). `None` if the first answer is 413 (the file is over what the server
+/// serves: 15/16 of the pipe's frame limit, before streamed bodies).
+pub async fn fetch(
+    http: SocketAddr,
+    path: &str,
     size: usize,
-    window: Duration,
-    min_reps: usize,
-) -> anyhow::Result<f64> {
-    let path = format!("/client/dev-client/file//{}", file_name(size));
-    let mut sender = load::connect(server_http).await?;
+    (window, min_reps): (Duration, usize),
+    pids: &[u32],
+) -> anyhow::Result<Option<Fetched>> {
+    let ticks = restpipe_testkit::procs::clock_ticks();
+    let cpu = || -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for &pid in pids {
+            total += crate::procs::cpu_time(pid, ticks)?.as_secs_f64();
+        }
+        Ok(total)
+    };
+    let cpu_before = cpu()?;
+    let mut moved = 0usize;
+    let (warm, min_reps) = reps(size, min_reps);
+    let mut sender = load::connect(http).await?;
     let mut total = Duration::ZERO;
     let mut reps = 0usize;
-    // The first transfer is not measured: it warms the page cache and the allocators.
-    for measured in std::iter::once(false).chain(std::iter::repeat(true)) {
+    // The warm-up transfer is not measured: it warms the page cache and the allocators.
+    for measured in std::iter::once(!warm).chain(std::iter::repeat(true)) {
         if measured && reps >= min_reps && total >= window {
             break;
         }
         let started = Instant::now();
-        let (status, read) = load::get(&mut sender, &path, false).await?;
+        let (status, read) = load::get(&mut sender, path, false).await?;
+        if status == StatusCode::PAYLOAD_TOO_LARGE && reps == 0 {
+            return Ok(None);
+        }
         if status != StatusCode::OK || read != size {
             bail!("GET {path}: {status}, {read} of {size} bytes");
         }
+        moved += read;
         if measured {
             total += started.elapsed();
             reps += 1;
         }
     }
-    Ok(mb_per_s(size * reps, total))
+    Ok(Some(Fetched {
+        mb_per_s: mb_per_s(size * reps, total),
+        cpu_s_per_gb: (cpu()? - cpu_before) / (moved as f64 / 1e9),
+    }))
 }
 
-/// MB/s of asking the copy server for `size` bytes repeatedly, on one TLS connection.
+/// MB/s of asking the copy server for `size` bytes repeatedly, on one TLS connection (as
+/// often as [`fetch`]).
 pub async fn rustls(
     work: &Workdir,
     addr: SocketAddr,
@@ -80,10 +180,11 @@ pub async fn rustls(
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from("localhost").context("server name")?;
     let mut stream = tls.connector()?.connect(name, tcp).await?;
+    let (warm, min_reps) = reps(size, min_reps);
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = Duration::ZERO;
     let mut reps = 0usize;
-    for measured in std::iter::once(false).chain(std::iter::repeat(true)) {
+    for measured in std::iter::once(!warm).chain(std::iter::repeat(true)) {
         if measured && reps >= min_reps && total >= window {
             break;
         }

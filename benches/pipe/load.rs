@@ -46,6 +46,8 @@ pub struct Sample {
     pub window: Duration,
     /// Latencies of the requests inside the window, ns.
     pub hist: Histogram<u64>,
+    /// CPU time (user + system) of the serving processes over the window, if asked for.
+    pub cpu: Option<Duration>,
 }
 
 impl Sample {
@@ -58,6 +60,25 @@ impl Sample {
     pub fn micros(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64 / 1000.0
     }
+
+    /// CPU microseconds of the serving processes per request; NaN if not measured.
+    pub fn cpu_micros_per_request(&self) -> f64 {
+        match self.cpu {
+            Some(cpu) if self.requests > 0 => cpu.as_secs_f64() * 1e6 / self.requests as f64,
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// CPU time (user + system) of `pids` together so far; `None` if one cannot be read or
+/// there is none.
+fn cpu_of(pids: &[u32], ticks: f64) -> Option<Duration> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .map(|&pid| restpipe_testkit::procs::cpu_time(pid, ticks))
+        .sum()
 }
 
 fn histogram() -> Histogram<u64> {
@@ -121,14 +142,15 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, 
 }
 
 /// Run `conns` closed-loop clients of `GET path` against `addr`: `warmup` unmeasured, then
-/// `window` measured.
+/// `window` measured, with the CPU time the processes `pids` (those serving `addr`) spend
+/// from the start of the window until the last request is answered.
 pub async fn run(
     addr: SocketAddr,
     path: &str,
     conns: usize,
     mode: ConnMode,
-    warmup: Duration,
-    window: Duration,
+    (warmup, window): (Duration, Duration),
+    pids: &[u32],
 ) -> anyhow::Result<Sample> {
     let barrier = Arc::new(Barrier::new(conns + 1));
     let path: Arc<str> = path.into();
@@ -141,12 +163,16 @@ pub async fn run(
         }));
     }
     barrier.wait().await;
+    let ticks = restpipe_testkit::procs::clock_ticks();
+    tokio::time::sleep(warmup).await;
+    let cpu_from = cpu_of(pids, ticks);
     let mut sample = Sample {
         requests: 0,
         errors: 0,
         refused: (0, None),
         window,
         hist: histogram(),
+        cpu: None,
     };
     for worker in workers {
         let (requests, errors, refused, hist) = worker.await??;
@@ -156,6 +182,9 @@ pub async fn run(
         sample.refused.1 = refused.1.or(sample.refused.1);
         sample.hist.add(&hist)?;
     }
+    sample.cpu = cpu_from
+        .zip(cpu_of(pids, ticks))
+        .map(|(from, to)| to.saturating_sub(from));
     if sample.requests == 0 {
         bail!(
             "no request to {addr}{path} completed ({} errors)",

@@ -8,12 +8,20 @@
 //!   pipe client→server and server→client, and client→server with metrics on (statsd to a
 //!   UDP socket this process reads and discards);
 //! - `close`: a new TCP connection per request at 8 connections, baseline vs pipe;
-//! - `bulk`: 1 MiB and 16 MiB files through the pipe vs a plain rustls copy;
-//! - `scale`: server memory and CPU with 1,000 and 10,000 idle heartbeating client nodes, and
-//!   their reconnect times after the server is killed and restarted.
+//! - `bulk`: 1 MiB, 16 MiB and a large file (1 GiB in a full run, 256 MiB in a quick one, none
+//!   in a smoke run) through the pipe vs a plain rustls copy;
+//! - `scale`: server memory and CPU with 1,000 and 10,000 idle heartbeating client nodes (and
+//!   so the server's memory per idle connection), and their reconnect times after the server
+//!   is killed and restarted;
+//! - `h2`: the same shape on HTTP/2 ([`http2`]: an HTTP/1 front door forwarding over one
+//!   shared HTTP/2 connection to an h2 server, two processes as the pair of nodes), measured
+//!   side by side with the pipe: its target joins the keepalive points (with `keepalive` not
+//!   asked for, `h2` runs them for the baseline, the pipe client→server and HTTP/2 only) and
+//!   its column the bulk points (run for all sizes even if `bulk` is not asked for);
+//! - `yamux`: the same with yamux streams, HTTP/1.1 on each ([`yamux_pair`]).
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
-//! `--only keepalive,close,bulk,scale`, `--out FILE` (markdown; a full run defaults to
+//! `--only keepalive,close,bulk,scale,h2,yamux`, `--out FILE` (markdown; a full run defaults to
 //! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`,
 //! `--policy-rules N`.
 //!
@@ -45,24 +53,28 @@
 //! front door refuses a foreign `Host` with 403): figures of refusals would be meaningless.
 //!
 //! The modules: [`load`] (the load generator), [`procs`] (child processes, `/proc`),
-//! [`servers`] (the reference servers), [`bulk`], [`scale`], [`report`].
+//! [`servers`] (the reference servers), [`http2`] and [`yamux_pair`] (the reference pairs on
+//! other multiplexers), [`bulk`], [`scale`], [`report`].
 
 mod bulk;
+mod http2;
 mod load;
 mod procs;
 mod report;
 mod scale;
 mod servers;
+mod yamux_pair;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
+use http2::Proto;
 use load::ConnMode;
-use report::{Bulk, Report, Run, Series};
+use report::{Bulk, RefBulk, Report, Run, Series};
 
-const SCENARIOS: [&str; 4] = ["keepalive", "close", "bulk", "scale"];
+const SCENARIOS: [&str; 6] = ["keepalive", "close", "bulk", "scale", "h2", "yamux"];
 const MIB: usize = 1024 * 1024;
 
 /// How long and how often each point is measured.
@@ -83,7 +95,7 @@ impl Plan {
     fn new(mode: &'static str) -> Plan {
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
-        let (runs, warmup, window, bulk_window, bulk_min_reps, scale) = match mode {
+        let (runs, warmup, window, bulk_window, bulk_min_reps, scale, large) = match mode {
             "smoke" => (
                 1,
                 ms(100),
@@ -95,6 +107,7 @@ impl Plan {
                     settle: ms(500),
                     window: s(1),
                 },
+                None,
             ),
             "quick" => (
                 3,
@@ -107,6 +120,7 @@ impl Plan {
                     settle: s(6),
                     window: s(5),
                 },
+                Some(256 * MIB),
             ),
             _ => (
                 5,
@@ -119,6 +133,7 @@ impl Plan {
                     settle: s(6),
                     window: s(15),
                 },
+                Some(1024 * MIB),
             ),
         };
         Plan {
@@ -128,7 +143,7 @@ impl Plan {
             window,
             conns: vec![1, 32, 256],
             close_conns: 8,
-            bulk_sizes: vec![MIB, 16 * MIB],
+            bulk_sizes: [MIB, 16 * MIB].into_iter().chain(large).collect(),
             bulk_window,
             bulk_min_reps,
             scale,
@@ -137,13 +152,14 @@ impl Plan {
 
     fn method(&self) -> String {
         format!(
-            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection. Scale: {:.1} s settle, {:.0} s CPU window.",
+            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). CPU µs/req: CPU time (user + system, from `/proc`, 10 ms ticks) of the processes serving the target (the baseline's one, a pair's two) over the window, per request answered (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window.",
             self.runs,
             self.window.as_secs_f64(),
             self.warmup.as_secs_f64(),
             self.runs,
             self.bulk_min_reps,
             self.bulk_window.as_secs_f64(),
+            bulk::size_label(bulk::LARGE),
             self.scale.settle.as_secs_f64(),
             self.scale.window.as_secs_f64(),
         )
@@ -162,7 +178,7 @@ struct Options {
     args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
@@ -243,6 +259,30 @@ fn main() -> ExitCode {
             let dir = args.get(2).context("--serve-rustls PORT CERT_DIR")?;
             servers::rustls_copy(p, std::path::Path::new(dir))
         }),
+        Some("--serve-h2") => port(&args).and_then(|p| {
+            let usage = "--serve-h2 PORT CERT_DIR FILES_DIR";
+            let certs = args.get(2).context(usage)?;
+            let files = args.get(3).context(usage)?;
+            http2::serve_server(p, std::path::Path::new(certs), std::path::Path::new(files))
+        }),
+        Some("--serve-h2-front") => port(&args).and_then(|p| {
+            let usage = "--serve-h2-front PORT CERT_DIR H2_ADDR";
+            let certs = args.get(2).context(usage)?;
+            let upstream = args.get(3).context(usage)?.parse()?;
+            http2::serve_front(p, std::path::Path::new(certs), upstream)
+        }),
+        Some("--serve-yamux") => port(&args).and_then(|p| {
+            let usage = "--serve-yamux PORT CERT_DIR FILES_DIR";
+            let certs = args.get(2).context(usage)?;
+            let files = args.get(3).context(usage)?;
+            yamux_pair::serve_server(p, std::path::Path::new(certs), std::path::Path::new(files))
+        }),
+        Some("--serve-yamux-front") => port(&args).and_then(|p| {
+            let usage = "--serve-yamux-front PORT CERT_DIR ADDR";
+            let certs = args.get(2).context(usage)?;
+            let upstream = args.get(3).context(usage)?.parse()?;
+            yamux_pair::serve_front(p, std::path::Path::new(certs), upstream)
+        }),
         Some("--load") => load_only(&args),
         Some("--load-bulk") => load_bulk(&args),
         _ => parse(&args).and_then(bench),
@@ -270,8 +310,8 @@ fn load_only(args: &[String]) -> anyhow::Result<()> {
         path,
         conns,
         ConnMode::KeepAlive,
-        Duration::from_millis(200),
-        Duration::from_secs_f64(secs),
+        (Duration::from_millis(200), Duration::from_secs_f64(secs)),
+        &[],
     ))?;
     println!(
         "{:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, errors {}",
@@ -423,10 +463,16 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         options.only.join(", "),
         work.dir().display()
     );
-    if wants("keepalive") || wants("close") {
+    // The reference pairs on other multiplexers asked for.
+    let refs: Vec<Proto> = [Proto::H2, Proto::Yamux]
+        .into_iter()
+        .filter(|p| wants(p.key()))
+        .collect();
+    if wants("keepalive") || wants("close") || !refs.is_empty() {
         let others = Others {
             compare: options.compare.as_deref(),
             policy_rules: options.policy_rules,
+            refs: &refs,
         };
         requests(
             plan,
@@ -437,8 +483,8 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         )
         .await?;
     }
-    if wants("bulk") {
-        report.bulk = bulk_points(plan, &work).await?;
+    if wants("bulk") || !refs.is_empty() {
+        report.bulk = bulk_points(plan, &work, &refs).await?;
     }
     if wants("scale") {
         println!("scale: {:?} idle clients", plan.scale.counts);
@@ -454,6 +500,8 @@ struct Target {
     label: &'static str,
     addr: std::net::SocketAddr,
     path: &'static str,
+    /// The processes that serve it, whose CPU time is measured.
+    pids: Vec<u32>,
 }
 
 /// The other node pairs measured on the keepalive points, besides the policy-free pair of the
@@ -463,10 +511,14 @@ struct Others<'a> {
     compare: Option<&'a std::path::Path>,
     /// A pair of nodes with a policy of this many rules (`--policy-rules`).
     policy_rules: Option<usize>,
+    /// The reference pairs on other multiplexers too (`h2`, `yamux`).
+    refs: &'a [Proto],
 }
 
 /// The request points: `keepalive` and/or `close`; with `others`, the keepalive points of an
-/// older binary's pair or of a pair with a policy too.
+/// older binary's pair, of a pair with a policy or of the HTTP/2 pair too. The HTTP/2 pair
+/// alone (`keepalive` not asked for) runs the keepalive points for the baseline, the pipe
+/// client→server and HTTP/2.
 async fn requests(
     plan: &Plan,
     work: &restpipe_testkit::certs::Certs,
@@ -475,8 +527,12 @@ async fn requests(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let compare = others.compare;
+    // Only the pipe's client→server direction is compared with HTTP/2: the same direction,
+    // front door to the far side's handler.
+    let refs_only = !others.refs.is_empty() && !keepalive;
+    let keepalive = keepalive || !others.refs.is_empty();
     let sink = restpipe_testkit::statsd::Statsd::counting().await;
-    let (_baseline, baseline) = procs::baseline(work).await?;
+    let (baseline_process, baseline) = procs::baseline(work).await?;
     let mut plain = procs::pair(
         work,
         &procs::PairOptions {
@@ -487,7 +543,7 @@ async fn requests(
     .await?;
     // With a policy, the metrics pair is left out: it is not what is compared, and the run
     // stays within minutes.
-    let mut metered = if keepalive && others.policy_rules.is_none() {
+    let mut metered = if keepalive && !refs_only && others.policy_rules.is_none() {
         Some(
             procs::pair(
                 work,
@@ -533,11 +589,17 @@ async fn requests(
         }
         _ => None,
     };
+    let mut refs = Vec::new();
+    for &proto in others.refs {
+        let files = work.dir().join("files");
+        refs.push((proto, http2::start(work, proto, proto.key(), &files).await?));
+    }
     let mut targets = vec![Target {
         key: "baseline",
         label: "baseline (bare axum)",
         addr: baseline,
         path: "/server/time",
+        pids: vec![baseline_process.pid()],
     }];
     if let Some(o) = &old {
         targets.push(Target {
@@ -545,22 +607,34 @@ async fn requests(
             label: "old binary, client→server",
             addr: o.client_http,
             path: "/server/time",
+            pids: vec![o.server.pid(), o.client.pid()],
         });
     }
-    targets.extend([
-        Target {
-            key: "c2s",
-            label: "pipe client→server",
-            addr: plain.client_http,
-            path: "/server/time",
-        },
-        Target {
+    targets.push(Target {
+        key: "c2s",
+        label: "pipe client→server",
+        addr: plain.client_http,
+        path: "/server/time",
+        pids: vec![plain.server.pid(), plain.client.pid()],
+    });
+    if !refs_only {
+        targets.push(Target {
             key: "s2c",
             label: "pipe server→client",
             addr: plain.server_http,
             path: "/client/dev-client/time",
-        },
-    ]);
+            pids: vec![plain.server.pid(), plain.client.pid()],
+        });
+    }
+    for (proto, pair) in &refs {
+        targets.push(Target {
+            key: proto.key(),
+            label: proto.label(),
+            addr: pair.http,
+            path: "/server/time",
+            pids: pair.pids().to_vec(),
+        });
+    }
     if let Some(o) = &old {
         // Between the new pair's two directions, so that old and new alternate.
         targets.insert(
@@ -570,6 +644,7 @@ async fn requests(
                 label: "old binary, server→client",
                 addr: o.server_http,
                 path: "/client/dev-client/time",
+                pids: vec![o.server.pid(), o.client.pid()],
             },
         );
     }
@@ -583,6 +658,7 @@ async fn requests(
                     label: "pipe client→server, with the policy",
                     addr: p.client_http,
                     path: "/server/time",
+                    pids: vec![p.server.pid(), p.client.pid()],
                 },
             ),
             (
@@ -592,6 +668,7 @@ async fn requests(
                     label: "pipe server→client, with the policy",
                     addr: p.server_http,
                     path: "/client/dev-client/time",
+                    pids: vec![p.server.pid(), p.client.pid()],
                 },
             ),
         ] {
@@ -608,6 +685,7 @@ async fn requests(
             label: "pipe client→server, metrics on",
             addr: m.client_http,
             path: "/server/time",
+            pids: vec![m.server.pid(), m.client.pid()],
         });
     }
     for t in &targets {
@@ -664,8 +742,8 @@ async fn requests(
                 t.path,
                 series.conns,
                 series.mode,
-                plan.warmup,
-                plan.window,
+                (plan.warmup, plan.window),
+                &t.pids,
             )
             .await;
             let sample = match sample {
@@ -675,6 +753,9 @@ async fn requests(
                     plain.check_alive()?;
                     if let Some(p) = policed.as_mut() {
                         p.check_alive()?;
+                    }
+                    for (_, pair) in refs.iter_mut() {
+                        pair.check_alive()?;
                     }
                     return Err(e.context(format!("{} at {} conns", t.label, series.conns)));
                 }
@@ -688,7 +769,7 @@ async fn requests(
             }
             let r = Run::from(&sample);
             println!(
-                "  run {run}/{}: {:<32} {:>3} conns {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  errors {}",
+                "  run {run}/{}: {:<32} {:>3} conns {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  CPU {:>5.1} µs/req  errors {}",
                 plan.runs,
                 t.label,
                 series.conns,
@@ -696,6 +777,7 @@ async fn requests(
                 r.rps,
                 r.p50,
                 r.p99,
+                r.cpu_us,
                 r.errors
             );
             series.runs.push(r);
@@ -710,61 +792,100 @@ async fn requests(
         if let Some(p) = policed.as_mut() {
             p.check_alive()?;
         }
+        for (_, pair) in refs.iter_mut() {
+            pair.check_alive()?;
+        }
     }
     report.statsd_datagrams = sink.datagrams();
     Ok(())
 }
 
+/// The bulk points: every size through the pipe and over plain rustls, and through the
+/// reference pairs `refs`, interleaved run by run. The files are deleted at the end.
 async fn bulk_points(
     plan: &Plan,
     work: &restpipe_testkit::certs::Certs,
+    refs: &[Proto],
 ) -> anyhow::Result<Vec<Bulk>> {
     let files = bulk::write_files(work, &plan.bulk_sizes)?;
-    // 16 MiB is the default frame limit and the files handlers keep 1/16 of it for the rest
-    // of the frame, so both nodes get a 32 MiB limit here.
+    // The nodes' defaults: `get_file` streams a file of any size in Data frames.
     let mut pair = procs::pair(
         work,
         &procs::PairOptions {
             name: "pipe-bulk".into(),
-            extra: vec!["--max-frame".into(), (32 * MIB).to_string()],
             client_extra: vec![
                 "--handlers".into(),
                 "time,files".into(),
                 "--files-root".into(),
-                files.display().to_string(),
+                files.dir.display().to_string(),
             ],
             ..Default::default()
         },
     )
     .await?;
     let (_copy, copy) = procs::rustls_copy(work).await?;
+    let mut pairs = Vec::new();
+    for &proto in refs {
+        let name = format!("{}-bulk", proto.key());
+        pairs.push((proto, http2::start(work, proto, &name, &files.dir).await?));
+    }
     let mut points: Vec<Bulk> = plan
         .bulk_sizes
         .iter()
         .map(|&size| Bulk {
             size,
-            pipe: Vec::new(),
-            rustls: Vec::new(),
+            refs: refs.iter().map(|&proto| RefBulk::new(proto)).collect(),
+            ..Bulk::default()
         })
         .collect();
     for run in 1..=plan.runs {
         for point in points.iter_mut() {
             let size = point.size;
-            let p = bulk::pipe(pair.server_http, size, plan.bulk_window, plan.bulk_min_reps)
+            let label = bulk::size_label(size);
+            let reps = (plan.bulk_window, plan.bulk_min_reps);
+            let pids = [pair.server.pid(), pair.client.pid()];
+            let p = bulk::fetch(pair.server_http, &bulk::pipe_path(size), size, reps, &pids)
                 .await
-                .with_context(|| format!("bulk {size} bytes through the pipe"))?;
-            let r = bulk::rustls(work, copy, size, plan.bulk_window, plan.bulk_min_reps)
+                .with_context(|| format!("bulk {label} through the pipe"))?;
+            let r = bulk::rustls(work, copy, size, reps.0, reps.1)
                 .await
-                .with_context(|| format!("bulk {size} bytes over rustls"))?;
+                .with_context(|| format!("bulk {label} over rustls"))?;
+            let mut others = String::new();
+            for ((proto, pair), figures) in pairs.iter().zip(point.refs.iter_mut()) {
+                let path = http2::RefPair::file_path(&bulk::file_name(size));
+                let name = proto.name();
+                let got = bulk::fetch(pair.http, &path, size, reps, &pair.pids())
+                    .await
+                    .with_context(|| format!("bulk {label} over {name}"))?
+                    .with_context(|| format!("bulk {label} over {name}: 413"))?;
+                others.push_str(&format!(
+                    ", {name} {:>6.0} MB/s ({:.2} CPU s/GB)",
+                    got.mb_per_s, got.cpu_s_per_gb
+                ));
+                figures.mbps.push(got.mb_per_s);
+                figures.cpu.push(got.cpu_s_per_gb);
+            }
+            let shown = |x: Option<bulk::Fetched>| {
+                x.map_or("413 (refused)".into(), |x| {
+                    format!("{:>6.0} MB/s ({:.2} CPU s/GB)", x.mb_per_s, x.cpu_s_per_gb)
+                })
+            };
             println!(
-                "  run {run}/{}: bulk {:>2} MiB: pipe {p:>6.0} MB/s, plain rustls {r:>6.0} MB/s",
+                "  run {run}/{}: bulk {label:>7}: pipe {}, plain rustls {r:>6.0} MB/s{others}",
                 plan.runs,
-                size / MIB
+                shown(p),
             );
-            point.pipe.push(p);
+            // A refusal is a run without a figure (NaN), so that the runs stay aligned.
+            point.pipe.push(p.map_or(f64::NAN, |p| p.mb_per_s));
+            point.pipe_cpu.push(p.map_or(f64::NAN, |p| p.cpu_s_per_gb));
+            point.pipe_refused |= p.is_none();
             point.rustls.push(r);
         }
         pair.check_alive()?;
+        for (_, pair) in pairs.iter_mut() {
+            pair.check_alive()?;
+        }
     }
+    drop(files);
     Ok(points)
 }

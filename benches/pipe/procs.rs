@@ -1,8 +1,8 @@
 //! The servers under test, each in its own process, started with the test kit's process
 //! harness ([`restpipe_testkit::procs`]) on port 0: `restpipe server` and `restpipe client`
 //! nodes (of the binary cargo built, or of another one given to compare with), and this bench
-//! binary re-executed as the bare baseline server or the plain rustls
-//! copy server, which print the address they bound.
+//! binary re-executed as the bare baseline server, the plain rustls copy server or the
+//! HTTP/2 pair ([`crate::http2`]), which print the address they bound.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ pub async fn wait_for(
 }
 
 /// This bench binary re-executed with `flag 0 more…`, and the address it printed it bound.
-async fn reference_server(
+pub async fn reference_server(
     work: &Certs,
     name: &str,
     flag: &str,

@@ -3,6 +3,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::bulk::size_label;
+use crate::http2::Proto;
 use crate::load::{ConnMode, Sample};
 use crate::scale;
 
@@ -10,6 +12,29 @@ use crate::scale;
 pub const BEGIN: &str = "<!-- bench:pipe:begin -->";
 /// See [`BEGIN`].
 pub const END: &str = "<!-- bench:pipe:end -->";
+
+/// The small-request ratios to the baseline documented in docs/BENCHMARKS.md before
+/// streaming, the latest there: run A of "Before and after the restructuring and hardening",
+/// 2026-11-30 19:38 UTC, full mode, the new binary (`b305968`): target key, keep-alive
+/// connections, median of the per-run ratios. (The results block between the markers, of
+/// 2026-11-21, has 53–63%: a quieter machine and an older binary.) The targets table compares
+/// this run's ratios with them.
+const DOCUMENTED: [(&str, usize, f64); 6] = [
+    ("c2s", 1, 0.61),
+    ("c2s", 32, 0.44),
+    ("c2s", 256, 0.57),
+    ("s2c", 1, 0.62),
+    ("s2c", 32, 0.42),
+    ("s2c", 256, 0.57),
+];
+/// Where [`DOCUMENTED`] comes from, for the report.
+const DOCUMENTED_RUN: &str =
+    "docs/BENCHMARKS.md, \"Before and after\", run A of 2026-11-30 19:38 UTC, binary b305968";
+
+/// Bulk through the pipe must reach this share of a plain rustls copy, at every size.
+const BULK_TARGET: f64 = 0.8;
+/// The server's memory per idle connection must stay at or under this, KiB.
+const IDLE_KIB_TARGET: f64 = 20.0;
 
 /// One run of one point, reduced.
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +49,8 @@ pub struct Run {
     pub p999: f64,
     /// Failed requests.
     pub errors: u64,
+    /// CPU µs of the serving processes per request (NaN if not measured).
+    pub cpu_us: f64,
 }
 
 impl From<&Sample> for Run {
@@ -34,6 +61,7 @@ impl From<&Sample> for Run {
             p99: s.micros(0.99),
             p999: s.micros(0.999),
             errors: s.errors,
+            cpu_us: s.cpu_micros_per_request(),
         }
     }
 }
@@ -43,7 +71,7 @@ impl From<&Sample> for Run {
 pub struct Series {
     /// Short key of the target (`baseline`, `c2s`, `s2c`, `c2s-metrics`, `old-c2s` and
     /// `old-s2c` for the binary compared with, `pol-c2s` and `pol-s2c` for the pair with a
-    /// policy).
+    /// policy, `h2` and `yamux` for the reference pairs).
     pub key: &'static str,
     /// What the target is.
     pub label: &'static str,
@@ -56,14 +84,78 @@ pub struct Series {
 }
 
 /// The runs of one bulk point.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Bulk {
     /// Bytes per transfer.
     pub size: usize,
-    /// MB/s through the pipe, per run.
+    /// MB/s through the pipe, per run (NaN for a run the pipe refused with 413).
     pub pipe: Vec<f64>,
+    /// Whether the pipe refused the file with 413 (over its frame limit, before streaming).
+    pub pipe_refused: bool,
     /// MB/s over plain rustls, per run.
     pub rustls: Vec<f64>,
+    /// CPU seconds per GB of the pipe's two nodes, per run (NaN when refused).
+    pub pipe_cpu: Vec<f64>,
+    /// The reference pairs measured (HTTP/2, yamux), in the order asked for.
+    pub refs: Vec<RefBulk>,
+}
+
+/// The runs of one bulk point through a reference pair.
+#[derive(Clone, Debug)]
+pub struct RefBulk {
+    /// Which pair.
+    pub proto: Proto,
+    /// MB/s, per run.
+    pub mbps: Vec<f64>,
+    /// CPU seconds per GB of its two processes, per run.
+    pub cpu: Vec<f64>,
+}
+
+impl RefBulk {
+    /// No run yet.
+    pub fn new(proto: Proto) -> RefBulk {
+        RefBulk {
+            proto,
+            mbps: Vec::new(),
+            cpu: Vec::new(),
+        }
+    }
+}
+
+impl Bulk {
+    /// Per-run pipe / plain rustls.
+    fn vs_rustls(&self) -> Vec<f64> {
+        per_run(&self.pipe, &self.rustls)
+    }
+}
+
+/// `a[i] / b[i]` for the runs where both are figures.
+fn per_run(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| a / b)
+        .filter(|x| x.is_finite())
+        .collect()
+}
+
+/// The median CPU s/GB of the runs, or `-`.
+fn cpu_cell(values: &[f64]) -> String {
+    let x = median(values);
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "-".into()
+    }
+}
+
+/// `1,234 | 1,100–1,300` of MB/s runs, or `refused (413)`.
+fn mbps_cells(values: &[f64], refused: bool) -> String {
+    let (lo, hi) = min_max(values);
+    if refused && !lo.is_finite() {
+        return "refused (413) | —".into();
+    }
+    let note = if refused { " (some runs 413)" } else { "" };
+    format!("{:.0}{note} | {lo:.0}–{hi:.0}", median(values))
 }
 
 /// The machine and the moment.
@@ -122,9 +214,11 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Min and max of the finite values (infinite when there is none).
 fn min_max(values: &[f64]) -> (f64, f64) {
-    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let finite = values.iter().copied().filter(|x| x.is_finite());
+    let min = finite.clone().fold(f64::INFINITY, f64::min);
+    let max = finite.fold(f64::NEG_INFINITY, f64::max);
     (min, max)
 }
 
@@ -150,12 +244,35 @@ fn thousands(x: f64) -> String {
 }
 
 fn pct(x: f64) -> String {
+    if !x.is_finite() {
+        return "-".into();
+    }
     format!("{:.0}%", x * 100.0)
 }
 
 fn pct_range(values: &[f64]) -> String {
     let (lo, hi) = min_max(values);
+    if !lo.is_finite() {
+        return "-".into();
+    }
     format!("{:.0}–{:.0}%", lo * 100.0, hi * 100.0)
+}
+
+/// The verdict on "restpipe beats `other`" from per-run ratios restpipe / `other`.
+fn beats_verdict(ratios: &[f64], other: &str) -> String {
+    let (lo, hi) = min_max(ratios);
+    if ratios.len() < 3 {
+        "not judged (fewer than 3 runs)".into()
+    } else if lo > 1.0 {
+        "met: restpipe ahead in every run".into()
+    } else if hi < 1.0 {
+        format!("**missed**: {other} ahead in every run")
+    } else {
+        format!(
+            "**not shown**: ranges overlap (median {})",
+            pct(median(ratios))
+        )
+    }
 }
 
 impl Series {
@@ -166,6 +283,16 @@ impl Series {
     /// Median p50, µs.
     pub fn p50(&self) -> f64 {
         median(&self.col(|r| r.p50))
+    }
+
+    /// Median CPU µs per request, or `-`.
+    fn cpu_cell(&self) -> String {
+        let x = median(&self.col(|r| r.cpu_us));
+        if x.is_finite() {
+            format!("{x:.1}")
+        } else {
+            "-".into()
+        }
     }
 }
 
@@ -190,8 +317,8 @@ impl Report {
     }
 
     fn request_table(&self, out: &mut String, mode: ConnMode) {
-        out.push_str("| path | conns | req/s (median) | req/s min–max | p50 µs | p99 µs | p99.9 µs | errors | vs baseline (min–max) |\n");
-        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---|\n");
+        out.push_str("| path | conns | req/s (median) | req/s min–max | p50 µs | p99 µs | p99.9 µs | CPU µs/req | errors | vs baseline (min–max) |\n");
+        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|---|\n");
         let mut conns: Vec<usize> = self
             .series
             .iter()
@@ -217,7 +344,7 @@ impl Report {
             let errors: u64 = s.runs.iter().map(|r| r.errors).sum();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {}–{} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                "| {} | {} | {} | {}–{} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
                 s.label,
                 s.conns,
                 thousands(median(&rps)),
@@ -226,6 +353,7 @@ impl Report {
                 s.p50(),
                 median(&s.col(|r| r.p99)),
                 median(&s.col(|r| r.p999)),
+                s.cpu_cell(),
                 errors,
                 versus
             );
@@ -241,8 +369,8 @@ impl Report {
             out,
             "### Old binary against new (`--compare-bin {bin}`)\n\nReq/s and p50 are medians over runs; ratios are per run against the baseline of the same run, median (min–max). A difference is called beyond the noise when every run of one binary beats every run of the other: the two ranges of ratios to the baseline do not overlap (req/s), or the two ranges of p50 do not.\n"
         );
-        out.push_str("| direction | conns | baseline req/s | old req/s | new req/s | baseline p50 µs | old p50 µs | new p50 µs | old / baseline | new / baseline | new / old | beyond the noise? |\n");
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
+        out.push_str("| direction | conns | baseline req/s | old req/s | new req/s | baseline p50 µs | old p50 µs | new p50 µs | old CPU µs/req | new CPU µs/req | old / baseline | new / baseline | new / old | beyond the noise? |\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
         let mut conns: Vec<usize> = self
             .series
             .iter()
@@ -291,13 +419,15 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {name} | {c} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} ({}) | {verdict} |",
+                    "| {name} | {c} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} ({}) | {} ({}) | {} ({}) | {verdict} |",
                     rps(base),
                     rps(old),
                     rps(new),
                     base.p50(),
                     old.p50(),
                     new.p50(),
+                    old.cpu_cell(),
+                    new.cpu_cell(),
                     pct(median(&old_r)),
                     pct_range(&old_r),
                     pct(median(&new_r)),
@@ -392,6 +522,152 @@ impl Report {
         out.push('\n');
     }
 
+    fn bulk_table(&self, out: &mut String) {
+        // The reference pairs, from the first point (every point has the same).
+        let refs: Vec<Proto> = self
+            .bulk
+            .first()
+            .map(|b| b.refs.iter().map(|r| r.proto).collect())
+            .unwrap_or_default();
+        out.push_str("### Bulk: one file through the pipe vs a plain rustls copy\n\n");
+        if self.bulk.iter().any(|b| b.pipe_refused) {
+            out.push_str("The pipe answered 413 for a file over what its `get_file` serves (a binary without streamed bodies serves up to 15/16 of `--max-frame`).\n\n");
+        }
+        out.push_str("CPU s/GB: CPU seconds (user + system) of the two serving processes per 10^9 bytes, over every transfer of the run, median over runs: steadier than MB/s on a shared machine.\n\n");
+        out.push_str("| size | pipe MB/s (median) | min–max | pipe CPU s/GB | plain rustls MB/s | min–max | pipe / rustls (min–max) |");
+        for proto in &refs {
+            let name = proto.name();
+            let _ = write!(
+                out,
+                " {name} MB/s | min–max | {name} CPU s/GB | pipe / {name} (min–max) |"
+            );
+        }
+        out.push_str("\n|---:|---:|---|---:|---:|---|---|");
+        for _ in &refs {
+            out.push_str("---:|---|---:|---|");
+        }
+        out.push('\n');
+        for b in &self.bulk {
+            let ratios = b.vs_rustls();
+            let _ = write!(
+                out,
+                "| {} | {} | {} | {} | {} ({}) |",
+                size_label(b.size),
+                mbps_cells(&b.pipe, b.pipe_refused),
+                cpu_cell(&b.pipe_cpu),
+                mbps_cells(&b.rustls, false),
+                pct(median(&ratios)),
+                pct_range(&ratios)
+            );
+            for r in &b.refs {
+                let vs = per_run(&b.pipe, &r.mbps);
+                let _ = write!(
+                    out,
+                    " {} | {} | {} ({}) |",
+                    mbps_cells(&r.mbps, false),
+                    cpu_cell(&r.cpu),
+                    pct(median(&vs)),
+                    pct_range(&vs)
+                );
+            }
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+
+    /// restpipe and a reference pair side by side: the keep-alive points (pipe client→server,
+    /// the same direction as the pair's front door to its server) and the bulk points.
+    fn ref_table(&self, out: &mut String, proto: Proto) {
+        let ka = ConnMode::KeepAlive;
+        let (key, name) = (proto.key(), proto.name());
+        let conns: Vec<usize> = self
+            .series
+            .iter()
+            .filter(|s| s.key == key && s.mode == ka)
+            .map(|s| s.conns)
+            .collect();
+        let bulk: Vec<(&Bulk, &RefBulk)> = self
+            .bulk
+            .iter()
+            .filter_map(|b| Some((b, b.refs.iter().find(|r| r.proto == proto)?)))
+            .collect();
+        if conns.is_empty() && bulk.is_empty() {
+            return;
+        }
+        let shape = match proto {
+            Proto::H2 => format!("an axum HTTP/1 front door on loopback (as the baseline) forwarding every request over one shared HTTP/2 connection (hyper's HTTP/2 client, tokio-rustls, TLS 1.3, the dev client certificate) to an HTTP/2 server (hyper over tokio-rustls, client certificates required); hyper's default HTTP/2 settings except {} concurrent streams", crate::http2::MAX_STREAMS),
+            Proto::Yamux => "an axum HTTP/1 front door on loopback (as the baseline) that opens a yamux stream per request on one TLS connection (tokio-rustls, TLS 1.3, the dev client certificate) and sends the request over it with hyper's HTTP/1.1 client, to a yamux server (client certificates required) serving hyper's HTTP/1.1 on each stream; yamux's default configuration".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "### restpipe against {name}, side by side\n\nThe same shape on {name}: {shape}. The server answers `get_time`'s JSON, or streams the file in 256 KiB chunks. Two processes, as the pair of nodes: the front door with its client, and the server. The same load generator, interleaved run by run with the pipe; restpipe / {name} is per run, then median (min–max). Requests: the pipe client→server; bulk: the pipe server→client (the server node fetches a file from the client node's `files` handlers).\n"
+        );
+        if !conns.is_empty() {
+            let _ = writeln!(out, "| conns | pipe req/s | {name} req/s | pipe p50 µs | {name} p50 µs | pipe CPU µs/req | {name} CPU µs/req | pipe / baseline | {name} / baseline | pipe / {name} | verdict (req/s) |");
+            out.push_str("|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
+            for &c in &conns {
+                let (Some(pipe), Some(other)) = (self.find("c2s", c, ka), self.find(key, c, ka))
+                else {
+                    continue;
+                };
+                let rps = |s: &Series| thousands(median(&s.col(|r| r.rps)));
+                let pb = self.ratios("c2s", "baseline", c, ka).unwrap_or_default();
+                let ob = self.ratios(key, "baseline", c, ka).unwrap_or_default();
+                let po = self.ratios("c2s", key, c, ka).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "| {c} | {} | {} | {:.0} | {:.0} | {} | {} | {} ({}) | {} ({}) | {} ({}) | {} |",
+                    rps(pipe),
+                    rps(other),
+                    pipe.p50(),
+                    other.p50(),
+                    pipe.cpu_cell(),
+                    other.cpu_cell(),
+                    pct(median(&pb)),
+                    pct_range(&pb),
+                    pct(median(&ob)),
+                    pct_range(&ob),
+                    pct(median(&po)),
+                    pct_range(&po),
+                    beats_verdict(&po, name)
+                );
+            }
+            out.push('\n');
+        }
+        if !bulk.is_empty() {
+            let _ = writeln!(out, "| size | pipe MB/s | {name} MB/s | plain rustls MB/s | pipe / {name} | {name} / rustls | pipe CPU s/GB | {name} CPU s/GB | verdict (MB/s) |");
+            out.push_str("|---:|---:|---:|---:|---|---|---:|---:|---|\n");
+            for (b, r) in bulk {
+                let vs = per_run(&b.pipe, &r.mbps);
+                let other_rustls = per_run(&r.mbps, &b.rustls);
+                let pipe = if b.pipe_refused && vs.is_empty() {
+                    "refused (413)".to_string()
+                } else {
+                    format!("{:.0}", median(&b.pipe))
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {pipe} | {:.0} | {:.0} | {} ({}) | {} ({}) | {} | {} | {} |",
+                    size_label(b.size),
+                    median(&r.mbps),
+                    median(&b.rustls),
+                    pct(median(&vs)),
+                    pct_range(&vs),
+                    pct(median(&other_rustls)),
+                    pct_range(&other_rustls),
+                    cpu_cell(&b.pipe_cpu),
+                    cpu_cell(&r.cpu),
+                    if vs.is_empty() {
+                        "**missed**: the pipe did not serve it".to_string()
+                    } else {
+                        beats_verdict(&vs, name)
+                    }
+                );
+            }
+            out.push('\n');
+        }
+    }
+
     /// The whole report as markdown.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
@@ -432,28 +708,10 @@ impl Report {
             out.push('\n');
         }
         if !self.bulk.is_empty() {
-            out.push_str("### Bulk: one file through the pipe vs a plain rustls copy\n\n");
-            out.push_str("| size | pipe MB/s (median) | min–max | plain rustls MB/s | min–max | pipe / rustls (min–max) |\n");
-            out.push_str("|---:|---:|---|---:|---|---|\n");
-            for b in &self.bulk {
-                let (plo, phi) = min_max(&b.pipe);
-                let (rlo, rhi) = min_max(&b.rustls);
-                let ratios: Vec<f64> = b.pipe.iter().zip(&b.rustls).map(|(p, r)| p / r).collect();
-                let _ = writeln!(
-                    out,
-                    "| {} MiB | {:.0} | {:.0}–{:.0} | {:.0} | {:.0}–{:.0} | {} ({}) |",
-                    b.size / (1024 * 1024),
-                    median(&b.pipe),
-                    plo,
-                    phi,
-                    median(&b.rustls),
-                    rlo,
-                    rhi,
-                    pct(median(&ratios)),
-                    pct_range(&ratios)
-                );
-            }
-            out.push('\n');
+            self.bulk_table(&mut out);
+        }
+        for proto in [Proto::H2, Proto::Yamux] {
+            self.ref_table(&mut out, proto);
         }
         if let Some(sc) = &self.scale {
             out.push_str("### Idle clients on one server\n\n");
@@ -465,7 +723,7 @@ impl Report {
                 sc.rss_empty as f64 / 1048576.0,
                 sc.cpu_empty_pct
             );
-            out.push_str("| clients | server RSS | bytes per client | server CPU (% of one core) | client nodes' CPU (bench process) | time to connect the clients added |\n");
+            out.push_str("| clients | server RSS | memory per idle connection | server CPU (% of one core) | client nodes' CPU (bench process) | time to connect the clients added |\n");
             out.push_str("|---:|---:|---:|---:|---:|---:|\n");
             for p in &sc.points {
                 let _ = writeln!(
@@ -594,26 +852,123 @@ impl Report {
                 },
             ));
         }
-        if let Some(b) = self.bulk.iter().max_by_key(|b| b.size) {
-            let ratios: Vec<f64> = b.pipe.iter().zip(&b.rustls).map(|(p, r)| p / r).collect();
+        for b in &self.bulk {
+            let ratios = b.vs_rustls();
             let x = median(&ratios);
             rows.push((
-                format!("{} MiB bulk: ≥ 50% of plain rustls", b.size / (1024 * 1024)),
-                format!("{} ({})", pct(x), pct_range(&ratios)),
-                verdict(x >= 0.5, None),
+                format!(
+                    "{} bulk: ≥ {} of plain rustls",
+                    size_label(b.size),
+                    pct(BULK_TARGET)
+                ),
+                if ratios.is_empty() {
+                    "the pipe refused it (413)".into()
+                } else {
+                    format!("{} ({})", pct(x), pct_range(&ratios))
+                },
+                verdict(!ratios.is_empty() && x >= BULK_TARGET, None),
             ));
         }
-        if let Some(sc) = &self.scale {
-            if let Some(p) = sc.points.last() {
-                let kib = p.bytes_per_client / 1024.0;
+        for (key, conns, documented) in DOCUMENTED {
+            let Some(r) = self.ratios(key, "baseline", conns, ka) else {
+                continue;
+            };
+            let name = if key == "c2s" {
+                "client→server"
+            } else {
+                "server→client"
+            };
+            let (lo, hi) = min_max(&r);
+            rows.push((
+                format!(
+                    "{conns} keep-alive conn(s), pipe {name}: ratio to baseline not below the documented {}¹",
+                    pct(documented)
+                ),
+                format!("{} ({})", pct(median(&r)), pct_range(&r)),
+                if r.len() < 3 {
+                    "not judged (fewer than 3 runs)".into()
+                } else if hi < documented {
+                    "**missed**: below in every run".into()
+                } else if lo > documented {
+                    "met: above in every run".into()
+                } else {
+                    "met (within the noise)".into()
+                },
+            ));
+        }
+        for proto in [Proto::H2, Proto::Yamux] {
+            let (key, name) = (proto.key(), proto.name());
+            for c in [1, 32, 256] {
+                let (Some(pipe), Some(other), Some(r)) = (
+                    self.find("c2s", c, ka),
+                    self.find(key, c, ka),
+                    self.ratios("c2s", key, c, ka),
+                ) else {
+                    continue;
+                };
                 rows.push((
                     format!(
-                        "{} idle clients: ≤ 64 KiB server RSS per connection (aim 20 KiB)",
+                        "{c} keep-alive conn(s): restpipe (client→server) beats {name} in req/s"
+                    ),
+                    format!(
+                        "{} of {name} ({}); p50 {:.0} vs {:.0} µs; CPU {} vs {} µs/req",
+                        pct(median(&r)),
+                        pct_range(&r),
+                        pipe.p50(),
+                        other.p50(),
+                        pipe.cpu_cell(),
+                        other.cpu_cell()
+                    ),
+                    beats_verdict(&r, name),
+                ));
+            }
+            for b in &self.bulk {
+                let Some(other) = b.refs.iter().find(|r| r.proto == proto) else {
+                    continue;
+                };
+                let r = per_run(&b.pipe, &other.mbps);
+                rows.push((
+                    format!("{} bulk: restpipe beats {name} in MB/s", size_label(b.size)),
+                    if r.is_empty() {
+                        "the pipe refused it (413)".into()
+                    } else {
+                        format!(
+                            "{} of {name} ({}); {:.0} vs {:.0} MB/s; CPU {} vs {} s/GB",
+                            pct(median(&r)),
+                            pct_range(&r),
+                            median(&b.pipe),
+                            median(&other.mbps),
+                            cpu_cell(&b.pipe_cpu),
+                            cpu_cell(&other.cpu)
+                        )
+                    },
+                    if r.is_empty() {
+                        "**missed**: the pipe did not serve it".into()
+                    } else {
+                        beats_verdict(&r, name)
+                    },
+                ));
+            }
+        }
+        if let Some(sc) = &self.scale {
+            for p in &sc.points {
+                let kib = p.bytes_per_client / 1024.0;
+                // With a few clients the RSS moves by whole pages and arenas: not judged.
+                let judged = p.clients >= 1000;
+                rows.push((
+                    format!(
+                        "{} idle clients: server memory per idle connection ≤ {IDLE_KIB_TARGET:.0} KiB ((RSS - RSS with no client) / clients)",
                         thousands(p.clients as f64)
                     ),
                     format!("{kib:.1} KiB"),
-                    verdict(kib <= 64.0, Some(kib <= 20.0)),
+                    if judged {
+                        verdict(kib <= IDLE_KIB_TARGET, None)
+                    } else {
+                        "not judged (fewer than 1,000 clients)".into()
+                    },
                 ));
+            }
+            if let Some(p) = sc.points.last() {
                 rows.push((
                     format!(
                         "{} idle clients: heartbeats < 10% of one core",
@@ -644,8 +999,15 @@ impl Report {
             return;
         }
         out.push_str("### Targets\n\n| target | measured (median, min–max over runs) | verdict |\n|---|---|---|\n");
+        let documented = rows.iter().any(|(t, _, _)| t.ends_with('¹'));
         for (t, m, v) in rows {
             let _ = writeln!(out, "| {t} | {m} | {v} |");
+        }
+        if documented {
+            let _ = writeln!(
+                out,
+                "\n¹ Per-run req/s ratio to the baseline of the same run, against the median documented before streaming ({DOCUMENTED_RUN}); missed only when every run is below it."
+            );
         }
         out.push('\n');
     }

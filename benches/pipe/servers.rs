@@ -4,7 +4,8 @@
 //!   answers `GET /server/time` with `get_time`'s JSON directly;
 //! - `--serve-rustls PORT CERT_DIR`: a plain rustls copy server with the nodes' own TLS
 //!   configuration and the dev certificates: for each 8-byte big-endian length it reads, it
-//!   writes that many bytes back.
+//!   writes that many bytes back (from one buffer of [`COPY_BUF`] bytes, written as often as
+//!   needed).
 //!
 //! Each prints `listening on <addr>` once bound, for the harness to read (it passes port 0).
 
@@ -23,8 +24,8 @@ use tokio::net::TcpListener;
 
 use crate::procs::LISTENING;
 
-/// The largest transfer the copy server makes at once.
-pub const MAX_COPY: usize = 64 * 1024 * 1024;
+/// The buffer the copy server writes from, as many times as a transfer needs.
+pub const COPY_BUF: usize = 16 * 1024 * 1024;
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Runtime::new()?)
@@ -67,7 +68,7 @@ pub fn rustls_copy(port: u16, certs: &Path) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
         println!("{LISTENING} {}", listener.local_addr()?);
-        let data: &'static [u8] = vec![0x5a; MAX_COPY].leak();
+        let data: &'static [u8] = vec![0x5a; COPY_BUF].leak();
         loop {
             let (tcp, _) = listener.accept().await?;
             tcp.set_nodelay(true)?;
@@ -78,8 +79,12 @@ pub fn rustls_copy(port: u16, certs: &Path) -> anyhow::Result<()> {
                     let Ok(len) = tls.read_u64().await else {
                         return anyhow::Ok(());
                     };
-                    let len = usize::try_from(len)?.min(MAX_COPY);
-                    tls.write_all(&data[..len]).await?;
+                    let mut left = usize::try_from(len)?;
+                    while left > 0 {
+                        let n = left.min(COPY_BUF);
+                        tls.write_all(&data[..n]).await?;
+                        left -= n;
+                    }
                     tls.flush().await?;
                 }
             });
