@@ -302,10 +302,7 @@ async fn a_broken_file_at_reload_changes_nothing() {
     assert_eq!(now, fingerprint, "a refused reload changed the certificate");
     let fresh = start_client(&scene.certs, "fresh", scene.server.pipe_addr().port()).await;
     wait_listed(&scene.http, &scene.server, "fresh").await;
-    assert_eq!(
-        seen_fingerprint(&scene.http, &fresh).await,
-        fingerprint
-    );
+    assert_eq!(seen_fingerprint(&scene.http, &fresh).await, fingerprint);
 
     std::fs::write(&paths.server_cert, &cert).unwrap();
     let record = scene.reload_server().await;

@@ -36,16 +36,16 @@ pub const TRACE_CONTEXT: &str = "trace-context";
 /// [`Message::Cancel`]) and headers cross with events and replies.
 pub const STREAMING_VERSION: u32 = 2;
 
-/// The largest chunk a [`Message::Data`] frame carries: 64 KiB. Larger chunks are cut.
-pub const DATA_CHUNK: usize = 64 * 1024;
+/// The largest chunk a [`Message::Data`] frame carries: 256 KiB. Larger chunks are cut.
+pub const DATA_CHUNK: usize = 256 * 1024;
 
 /// The window of one streamed body: its sender may have this many bytes sent and not yet
 /// credited back by the receiver (version 2).
-pub const STREAM_WINDOW: u64 = 1024 * 1024;
+pub const STREAM_WINDOW: u64 = 2 * 1024 * 1024;
 
 /// The window of a connection: the bytes of every streamed body on it, both ways counted
 /// apart, that a sender may have sent and not yet credited back (version 2).
-pub const CONNECTION_WINDOW: u64 = 16 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u64 = 32 * 1024 * 1024;
 
 /// The default limit on an event's or a reply's body: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
