@@ -205,6 +205,8 @@ impl Connection {
         let limit = shared.peer_max_frame;
         if !shared.streaming {
             request.headers = Headers::default();
+            // Field 13 is a version 2 addition; a release-1 peer would drop it anyway.
+            request.delivery_id = None;
             if request.verb == "HEAD" {
                 request.verb = "GET".into();
             }
