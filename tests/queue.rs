@@ -399,3 +399,102 @@ async fn caps_and_bad_input_are_refused_clearly() {
     }
     server_door.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn policy_tokens_scope_queuing_and_reading_as_direct_calls() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(&pki, test_pipe()).await;
+    std::fs::write(dir.path().join("writer.token"), "writer-secret-0123456789").unwrap();
+    std::fs::write(dir.path().join("reader.token"), "reader-secret-0123456789").unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"
+[[token]]
+name = "writer"
+secret_file = "writer.token"
+verbs = ["POST"]
+paths = ["/client/q-tok/"]
+
+[[token]]
+name = "reader"
+secret_file = "reader.token"
+verbs = ["GET"]
+paths = ["/queued/"]
+"#,
+    )
+    .unwrap();
+    let loaded = restpipe::Policy::load(&policy, &server.handler_names()).unwrap();
+    server.set_policy(loaded);
+    let server_door = door(
+        Pipe::Server(server.clone()),
+        queue_in(&dir.path().join("data")),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server_door.http_addr);
+    let post = |url: String, token: Option<&'static str>| {
+        let mut request = http
+            .post(url)
+            .header("X-Event-Delivery", "queued")
+            .body("x");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+
+    let url = format!("{base}/client/q-tok/echo");
+    assert_eq!(post(url.clone(), None).await.unwrap().status(), 401);
+    assert_eq!(
+        post(url.clone(), Some("reader-secret-0123456789"))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    // The writer's scope covers q-tok only, queued or not.
+    let other = format!("{base}/client/q-other/echo");
+    assert_eq!(
+        post(other, Some("writer-secret-0123456789"))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let response = post(url, Some("writer-secret-0123456789")).await.unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let read = |token: Option<&'static str>| {
+        let mut request = http.get(format!("{base}/queued/{id}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(read(None).await.unwrap().status(), 401);
+    assert_eq!(
+        read(Some("writer-secret-0123456789"))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let response = read(Some("reader-secret-0123456789")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["state"], "pending");
+    // A foreign Host is refused before anything else, as on every route.
+    let response = http
+        .get(format!("{base}/queued/{id}"))
+        .header("Host", "evil.example")
+        .bearer_auth("reader-secret-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    server_door.shutdown(Duration::from_secs(1)).await;
+}

@@ -647,35 +647,68 @@ async fn deliver(inner: Arc<Inner>, peer: String, worker: Arc<Worker>) {
             }
         };
         let now = now_ms();
-        if now >= record.expires_ms || swept.elapsed() >= CHECK_EVERY {
-            // The head first, then every other event of the peer whose TTL has passed.
-            swept = Instant::now();
+        if now >= record.expires_ms {
+            // The head, and every other event of the peer whose TTL has passed.
             let expired = blocking({
                 let (store, peer) = (store.clone(), peer.clone());
                 move || store.expire_due(&peer, now)
             })
             .await;
             match expired {
-                Ok(freed) if freed.count > 0 => {
+                Ok(freed) => {
                     info!(%peer, events = freed.count, "queued events expired");
                     inner.release(&peer, freed);
-                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => warn!(%peer, cause = %e, "the queue could not expire events"),
+                Err(e) => {
+                    warn!(%peer, cause = %e, "the queue could not expire events");
+                    if pause(&inner, CHECK_EVERY).await {
+                        return;
+                    }
+                }
             }
+            continue;
         }
-        let left = Duration::from_millis(record.expires_ms.saturating_sub(now));
-        let asked = Instant::now();
-        let conn = tokio::select! {
-            _ = inner.stop.cancelled() => return,
-            conn = connection(&inner.pipe, &peer, left.min(CHECK_EVERY)) => conn,
-        };
-        let Ok(conn) = conn else {
-            // An answer at once (an address several clients share) must not spin.
-            if asked.elapsed() < CHECK_EVERY / 10 && pause(&inner, CHECK_EVERY).await {
-                return;
+        // Wait for the peer, with the head in hand (not read again each second), expiring
+        // the events behind it as their TTLs pass.
+        let conn = loop {
+            let now = now_ms();
+            if now >= record.expires_ms {
+                break None;
             }
+            if swept.elapsed() >= CHECK_EVERY {
+                swept = Instant::now();
+                let expired = blocking({
+                    let (store, peer) = (store.clone(), peer.clone());
+                    move || store.expire_due(&peer, now)
+                })
+                .await;
+                match expired {
+                    Ok(freed) if freed.count > 0 => {
+                        info!(%peer, events = freed.count, "queued events expired");
+                        inner.release(&peer, freed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(%peer, cause = %e, "the queue could not expire events"),
+                }
+            }
+            let left = Duration::from_millis(record.expires_ms.saturating_sub(now));
+            let asked = Instant::now();
+            let conn = tokio::select! {
+                _ = inner.stop.cancelled() => return,
+                conn = connection(&inner.pipe, &peer, left.min(CHECK_EVERY)) => conn,
+            };
+            match conn {
+                Ok(conn) => break Some(conn),
+                // An answer at once (an address several clients share) must not spin.
+                Err(_) if asked.elapsed() < CHECK_EVERY / 10 => {
+                    if pause(&inner, CHECK_EVERY).await {
+                        return;
+                    }
+                }
+                Err(_) => {}
+            }
+        };
+        let Some(conn) = conn else {
             continue;
         };
         let timeout = Duration::from_millis(record.timeout_ms.max(1));

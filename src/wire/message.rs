@@ -771,6 +771,40 @@ mod tests {
     }
 
     #[test]
+    fn delivery_ids_are_bounded() {
+        let with = |id: &str| Request {
+            delivery_id: Some(id.into()),
+            ..Request::new("GET", "time")
+        };
+        assert!(check_request(&with("00000000000000070123456789abcdef")).is_ok());
+        for bad in ["", "has space", "caf\u{e9}", &"x".repeat(129)] {
+            assert!(check_request(&with(bad)).is_err(), "{bad:?}");
+        }
+        // Empty on the wire is none.
+        let event = Message::Event {
+            id: 3,
+            request: Request::new("GET", "time"),
+            timeout_ms: 1,
+            streamed: None,
+        };
+        let Ok(Message::Event { request, .. }) = round_trip(event) else {
+            panic!("not an event");
+        };
+        assert_eq!(request.delivery_id, None);
+        // A bad one from a peer is refused for its event.
+        let event = Message::Event {
+            id: 4,
+            request: with("two words"),
+            timeout_ms: 1,
+            streamed: None,
+        };
+        assert!(matches!(
+            round_trip(event),
+            Err(DecodeError::Invalid { id: 4, .. })
+        ));
+    }
+
+    #[test]
     fn bad_status_is_dropped() {
         let r = reply_from_wire(proto::Reply {
             http_status: 70000,
