@@ -656,8 +656,10 @@ async fn deliver(inner: Arc<Inner>, peer: String, worker: Arc<Worker>) {
             .await;
             match expired {
                 Ok(freed) => {
-                    info!(%peer, events = freed.count, "queued events expired");
-                    inner.release(&peer, freed);
+                    if freed.count > 0 {
+                        info!(%peer, events = freed.count, "queued events expired");
+                        inner.release(&peer, freed);
+                    }
                 }
                 Err(e) => {
                     warn!(%peer, cause = %e, "the queue could not expire events");
@@ -776,7 +778,7 @@ async fn deliver(inner: Arc<Inner>, peer: String, worker: Arc<Worker>) {
         match finished {
             Ok(()) => {
                 if state == State::Failed {
-                    warn!(%peer, id = %id_of(seq, 0), "a queued event failed");
+                    warn!(%peer, seq, "a queued event failed");
                 }
                 inner.release(
                     &peer,

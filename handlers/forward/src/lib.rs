@@ -659,7 +659,7 @@ mod tests {
             let ct = header("content-type").unwrap_or_default();
             return (StatusCode::ACCEPTED, [("content-type", ct)], body).into_response();
         }
-        let value = json!({
+        let mut value = json!({
             "method": method.as_str(),
             "path": path,
             "query": query,
@@ -668,8 +668,11 @@ mod tests {
             "peer_identity": header("x-restpipe-peer-identity"),
             "peer_addr": header("x-restpipe-peer-addr"),
             "request_id": header("x-restpipe-request-id"),
-            "delivery_id": header("x-restpipe-delivery-id"),
         });
+        // Only a queued event's delivery carries it.
+        if let Some(id) = header("x-restpipe-delivery-id") {
+            value["delivery_id"] = json!(id);
+        }
         (
             [("content-type", "application/vnd.echo+json")],
             value.to_string(),
