@@ -320,7 +320,7 @@ impl Queue {
                     "events are pending for {MAX_PEERS} peers already, the most this node keeps; nothing was queued"
                 )));
             }
-            let u = usage.entry(peer.clone()).or_default();
+            let u = usage.get(&peer).copied().unwrap_or_default();
             if u.count >= settings.max_events {
                 return Err(QueueError::Full(format!(
                     "{} events are pending for {peer}, the most --queue-max-events allows; nothing was queued",
@@ -333,8 +333,13 @@ impl Queue {
                     u.bytes, settings.max_bytes
                 )));
             }
-            u.count += 1;
-            u.bytes += size;
+            usage.insert(
+                peer.clone(),
+                Usage {
+                    count: u.count + 1,
+                    bytes: u.bytes + size,
+                },
+            );
         }
         let now = now_ms();
         let ttl = event.ttl.unwrap_or(settings.ttl).min(MAX_TTL);
@@ -359,28 +364,39 @@ impl Queue {
         };
         let token = record.token;
         let body = request.body;
-        let written = blocking({
-            let store = store.clone();
-            move || store.insert(&record, &body)
-        })
-        .await;
-        let seq = match written {
-            Ok(seq) => seq,
-            Err(e) => {
-                inner.release(
-                    &peer,
-                    Usage {
-                        count: 1,
-                        bytes: size,
-                    },
-                );
+        // On a task of its own: a caller that goes away mid-write does not leave the event
+        // written but its peer's delivery task not told (or its room not given back).
+        let write = tokio::spawn({
+            let (inner, peer) = (inner.clone(), peer.clone());
+            async move {
+                let written = blocking(move || store.insert(&record, &body)).await;
+                match &written {
+                    Ok(_) => inner.wake(&peer),
+                    Err(_) => inner.release(
+                        &peer,
+                        Usage {
+                            count: 1,
+                            bytes: size,
+                        },
+                    ),
+                }
+                written
+            }
+        });
+        let seq = match write.await {
+            Ok(Ok(seq)) => seq,
+            Ok(Err(e)) => {
                 warn!(cause = %e, "the queue's store could not write an event");
                 return Err(QueueError::NoSpace(format!(
                     "the queue's store could not write the event ({e}); the disk may be full; nothing was queued"
                 )));
             }
+            Err(e) => {
+                return Err(QueueError::Unavailable(format!(
+                    "the queue's write failed ({e}); the event may or may not be queued"
+                )))
+            }
         };
-        inner.wake(&peer);
         Ok(id_of(seq, token))
     }
 
