@@ -19,6 +19,7 @@ use crate::http::{self, HttpGauge, HttpListen, HttpOptions, Listener, Pipe, Serv
 use crate::metrics::Metrics;
 use crate::node::{NodeOptions, ReloadRecord};
 use crate::policy::Policy;
+use crate::queue::Queue;
 use crate::server::{ServerNode, ServerOptions};
 use crate::tls::TlsMaterial;
 
@@ -78,6 +79,7 @@ pub struct RunningNode {
     stop_http: CancellationToken,
     http_task: tokio::task::JoinHandle<()>,
     metrics: Metrics,
+    queue: Option<Queue>,
 }
 
 impl RunningNode {
@@ -85,6 +87,10 @@ impl RunningNode {
     /// the pipe.
     pub async fn shutdown(self, grace: Duration) {
         self.stop_http.cancel();
+        // What the queue was sending stays pending, and goes again after a restart.
+        if let Some(queue) = &self.queue {
+            queue.shutdown();
+        }
         let mut http_task = self.http_task;
         if tokio::time::timeout(grace, &mut http_task).await.is_err() {
             warn!("HTTP requests still in flight after the grace period");
@@ -138,6 +144,7 @@ pub async fn start_http_on(
         ),
     };
     let metrics = options.metrics.clone();
+    let queue = options.queue.clone();
     let gauge = Arc::new(HttpGauge::default());
     let router = http::router(pipe.clone(), options, serve, gauge.clone());
     let stop_http = CancellationToken::new();
@@ -155,6 +162,7 @@ pub async fn start_http_on(
         stop_http,
         http_task,
         metrics,
+        queue,
     })
 }
 
@@ -211,11 +219,12 @@ fn policy(settings: &Settings, handler_names: &[String]) -> anyhow::Result<Polic
     Ok(policy)
 }
 
-fn http_options(settings: &Settings, metrics: Metrics) -> HttpOptions {
+fn http_options(settings: &Settings, metrics: Metrics, queue: Queue) -> HttpOptions {
     HttpOptions {
         max_body: settings.pipe.max_body,
         token: settings.http_token.clone(),
         metrics,
+        queue: Some(queue),
     }
 }
 
@@ -261,6 +270,9 @@ pub async fn start_with_tls(
             Pipe::Client(ClientNode::start(options)?)
         }
     };
+    let queue = Queue::start(pipe.clone(), settings.queue.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("the queue: {e}"))?;
     let listen = settings.http_listen();
     if let HttpListen::Tcp(addr) = &listen {
         let ip = addr.ip();
@@ -273,7 +285,7 @@ pub async fn start_with_tls(
     }
     let running = start_http_on(
         pipe,
-        http_options(settings, metrics),
+        http_options(settings, metrics, queue),
         &settings.http_serve,
         &listen,
     )

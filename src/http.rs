@@ -2,7 +2,7 @@
 //!
 //! On a client node `ANY /server/{noun...}` calls the server; on a server node
 //! `ANY /client/{identity}/{noun...}` calls that client. Both serve `GET /health`,
-//! `GET /status`, `GET /metrics` and a status page at `GET /`; the server also serves
+//! `GET /status`, `GET /metrics`, `GET /queued/{id}` and a status page at `GET /`; the server also serves
 //! `GET /clients`. The path maps to an event as docs/HTTP.md
 //! says: the noun's segments are checked, the parameters after `//` are
 //! percent-decoded, and the query string travels with the event. Every failure is a JSON
@@ -16,6 +16,8 @@
 //! - `call`: a call through the door, from the path to the event and from the reply (or the
 //!   failure) to the response;
 //! - `guard`: the Host and Origin guard every request passes first;
+//! - `queued`: queued delivery at the door: `X-Event-Delivery: queued` (202 and an id) and
+//!   `GET /queued/{id}` (docs/QUEUE.md);
 //! - `page`: the operator's view, `GET /metrics` (Prometheus) and the status page at `GET /`;
 //! - `listen`: where the door listens ([`HttpListen`], TCP or a Unix socket) and how
 //!   ([`ServeOptions`]);
@@ -26,6 +28,7 @@ mod call;
 mod guard;
 mod listen;
 mod page;
+mod queued;
 mod serve;
 mod trace;
 
@@ -128,6 +131,9 @@ pub struct HttpOptions {
     pub token: Option<String>,
     /// Where metrics go (a tick per status class).
     pub metrics: Metrics,
+    /// The node's queue, for `X-Event-Delivery: queued` and `GET /queued/{id}`
+    /// (docs/QUEUE.md); without one, those are answered 501.
+    pub queue: Option<crate::queue::Queue>,
 }
 
 struct AppState {
@@ -163,6 +169,7 @@ pub fn router(
         .route("/status", get(status))
         .route("/status/history", get(page::history))
         .route("/metrics", get(page::metrics))
+        .route("/queued/{id}", get(queued::status))
         .route("/", get(page::page));
     app = match side {
         Side::Client => app
@@ -351,6 +358,10 @@ async fn status(State(state): State<Shared>) -> Response {
         "certificate": pipe.core().own_cert.load().summary(),
         "reload": pipe.core().last_reload.load_full().as_deref(),
         "metrics": state.options.metrics.stats(),
+        "queue": state.options.queue.as_ref().map(|q| {
+            let pending = q.pending();
+            json!({ "pending": pending.count, "pending_bytes": pending.bytes })
+        }),
         "http": {
             "connections": state.gauge.open(),
             "max_connections": state.limits.max_connections,

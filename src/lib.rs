@@ -24,6 +24,8 @@
 //! - [`plugins`]: the handler plug-ins this build registers, one line each;
 //! - [`policy`]: who may call what: the `--policy` file's rules on the pipe, and its scoped
 //!   tokens at the front door;
+//! - [`queue`]: queued delivery (`X-Event-Delivery: queued`): a durable store (redb) and a
+//!   delivery task per peer;
 //! - [`app`]: whole nodes (pipe plus front door), the demo, graceful shutdown;
 //! - [`error`]: why a call or a start failed.
 //!
@@ -42,6 +44,7 @@ pub mod metrics;
 pub mod node;
 pub mod plugins;
 pub mod policy;
+pub mod queue;
 pub mod registry;
 pub mod server;
 pub mod tls;

@@ -295,6 +295,7 @@ async fn lib_pair(pki: &Pki, pipe: PipeConfig) -> LibPair {
         max_body: pipe.max_body,
         token: None,
         metrics: Metrics::disabled(),
+        queue: None,
     };
     let mut options = server_options(pki, loopback0(), pipe.clone());
     options.node.handlers = handlers("server", calls.clone());

@@ -131,6 +131,7 @@ impl Scene {
             max_body: pipe().max_body,
             token: None,
             metrics: Metrics::disabled(),
+            queue: None,
         };
         let listen = match listen {
             Some(path) => HttpListen::Unix(path.to_path_buf()),
@@ -521,6 +522,7 @@ async fn unix_socket_mode_stale_sockets_and_foreign_files() {
         max_body: 1024,
         token: None,
         metrics: Metrics::disabled(),
+        queue: None,
     };
     let pipe = Pipe::Client(scene.client.clone());
     let live = app::start_http_on(

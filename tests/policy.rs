@@ -144,6 +144,7 @@ async fn door(pipe: Pipe) -> RunningNode {
         max_body: 1 << 20,
         token: None,
         metrics: Metrics::disabled(),
+        queue: None,
     };
     app::start_http(pipe, options, "127.0.0.1:0".parse().unwrap())
         .await

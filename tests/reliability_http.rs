@@ -81,6 +81,7 @@ impl Pair {
             max_body: LIMIT as u64,
             token: token.map(str::to_string),
             metrics: Metrics::disabled(),
+            queue: None,
         };
         let loopback0: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let mut options = server_options(&pki, loopback0, pipe.clone());

@@ -859,6 +859,7 @@ async fn only_allow_listed_headers_cross_the_pipe() {
         max_body: pipe.max_body,
         token: None,
         metrics: Metrics::disabled(),
+        queue: None,
     };
     let server = ServerNode::start(server_options(&pki, loopback0, pipe.clone()))
         .await

@@ -70,6 +70,9 @@ pub(crate) struct CallHead {
     pub headers: Vec<(String, String)>,
     pub traceparent: Option<String>,
     pub request_id: Option<String>,
+    /// The queued delivery's id (docs/QUEUE.md), when the call delivers a queued event.
+    #[serde(default)]
+    pub delivery_id: Option<String>,
     /// The request's deadline, milliseconds.
     pub timeout_ms: u64,
     /// Whether a body follows as chunks (else it is inline, maybe empty).
@@ -569,6 +572,7 @@ pub(crate) fn call_head(
             .collect(),
         traceparent: request.trace.as_ref().map(TraceContext::traceparent),
         request_id: request.trace.as_ref().map(|t| t.request_id().to_string()),
+        delivery_id: request.delivery_id.clone(),
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         streamed: body.is_some(),
         length: body.and_then(BodyStream::length),
@@ -655,6 +659,7 @@ pub(crate) async fn serve(
         body: inline,
         headers,
         trace,
+        delivery_id: head.delivery_id,
     };
     let cancelled = demux.cancelled.clone();
     let credits = demux.credits.clone();

@@ -325,6 +325,28 @@ pub struct CommonArgs {
     /// Seconds given to in-flight requests at shutdown [default: 10].
     #[arg(long, env = "RP_SHUTDOWN_GRACE_S")]
     pub grace: Option<f64>,
+    /// The directory of the queue's store (docs/QUEUE.md) [default:
+    /// $XDG_STATE_HOME/restpipe/<side>, else ~/.local/state/restpipe/<side>, else
+    /// ./restpipe-data/<side>].
+    #[arg(long, env = "RP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Largest body of a queued event, and of its stored reply, bytes; larger is 413
+    /// [default: 1048576].
+    #[arg(long, env = "RP_QUEUE_MAX_BODY")]
+    pub queue_max_body: Option<u64>,
+    /// Events pending per peer; more is 429 [default: 10000].
+    #[arg(long, env = "RP_QUEUE_MAX_EVENTS")]
+    pub queue_max_events: Option<u64>,
+    /// Bytes pending per peer; more is 507 [default: 268435456].
+    #[arg(long, env = "RP_QUEUE_MAX_BYTES")]
+    pub queue_max_bytes: Option<u64>,
+    /// Seconds a queued event may wait to be delivered, unless it sends X-Event-TTL-S
+    /// [default: 86400].
+    #[arg(long, env = "RP_QUEUE_TTL_S")]
+    pub queue_ttl: Option<f64>,
+    /// Sends of a queued event that may fail in transport before it is failed [default: 20].
+    #[arg(long, env = "RP_QUEUE_MAX_ATTEMPTS")]
+    pub queue_max_attempts: Option<u32>,
     /// Where metrics go.
     #[command(flatten)]
     pub statsd: StatsdArgs,
@@ -365,6 +387,12 @@ impl CommonArgs {
             max_in_flight: self.max_in_flight,
             max_in_flight_bytes: self.max_in_flight_bytes,
             grace: self.grace,
+            data_dir: self.data_dir,
+            queue_max_body: self.queue_max_body,
+            queue_max_events: self.queue_max_events,
+            queue_max_bytes: self.queue_max_bytes,
+            queue_ttl: self.queue_ttl,
+            queue_max_attempts: self.queue_max_attempts,
             statsd_host: self.statsd.statsd_host,
             statsd_port: self.statsd.statsd_port,
             statsd_prefix: self.statsd.statsd_prefix,

@@ -111,6 +111,18 @@ pub struct NodeArgs {
     pub max_in_flight_bytes: Option<usize>,
     /// `--grace`.
     pub grace: Option<f64>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--queue-max-body`.
+    pub queue_max_body: Option<u64>,
+    /// `--queue-max-events`.
+    pub queue_max_events: Option<u64>,
+    /// `--queue-max-bytes`.
+    pub queue_max_bytes: Option<u64>,
+    /// `--queue-ttl`.
+    pub queue_ttl: Option<f64>,
+    /// `--queue-max-attempts`.
+    pub queue_max_attempts: Option<u32>,
     /// `--statsd-host`.
     pub statsd_host: Option<String>,
     /// `--statsd-port`.

@@ -26,6 +26,7 @@ use std::time::Duration;
 use crate::http::{AllowedHosts, HttpLimits, HttpListen, ServeOptions};
 use crate::node::PipeConfig;
 use crate::plugins;
+use crate::queue::{QueueSettings, MAX_TTL};
 use crate::tls::TlsFiles;
 
 mod args;
@@ -103,6 +104,8 @@ pub struct Settings {
     pub pipe: PipeConfig,
     /// Shutdown grace period.
     pub grace: Duration,
+    /// The queue: its store's directory and its bounds (docs/QUEUE.md).
+    pub queue: QueueSettings,
     /// Metrics.
     pub statsd: StatsdSettings,
     /// Debug logs.
@@ -330,6 +333,30 @@ impl Settings {
                 "the HTTP endpoint {http} is not on loopback: give --http-token (every request must then carry it) or --http-insecure"
             ));
         }
+        let queue = {
+            let data_dir = pick!(data_dir).unwrap_or_else(|| QueueSettings::default_data_dir(side));
+            let defaults = QueueSettings::new(data_dir);
+            let ttl = match pick!(queue_ttl) {
+                None => defaults.ttl,
+                Some(s) if s > 0.0 && s <= MAX_TTL.as_secs_f64() => Duration::from_secs_f64(s),
+                Some(s) => {
+                    return Err(format!(
+                        "--queue-ttl must be more than 0 and at most {} seconds, not {s}",
+                        MAX_TTL.as_secs()
+                    ))
+                }
+            };
+            let queue = QueueSettings {
+                max_body: pick!(queue_max_body).unwrap_or(defaults.max_body),
+                max_events: pick!(queue_max_events).unwrap_or(defaults.max_events),
+                max_bytes: pick!(queue_max_bytes).unwrap_or(defaults.max_bytes),
+                max_attempts: pick!(queue_max_attempts).unwrap_or(defaults.max_attempts),
+                ttl,
+                ..defaults
+            };
+            queue.validate()?;
+            queue
+        };
         let server_host = pick!(server_host).unwrap_or_else(|| "localhost".into());
         let server_port = pick!(server_port).unwrap_or(1234);
         let server = server_list(&server_host, server_port)?;
@@ -406,6 +433,7 @@ impl Settings {
             plugins: args.plugins.or(file_plugins),
             pipe,
             grace: seconds("grace", pick!(grace), Duration::from_secs(10))?,
+            queue,
             statsd: StatsdSettings {
                 host: Some(statsd_host).filter(|h| !h.is_empty()),
                 port: pick!(statsd_port).unwrap_or(8125),
@@ -637,6 +665,39 @@ mod tests {
             Side::Server
         )
         .is_err());
+    }
+
+    #[test]
+    fn queue_settings() {
+        let s = Settings::resolve(
+            parse(&[
+                "--data-dir",
+                "/var/lib/rp",
+                "--queue-max-events",
+                "5",
+                "--queue-ttl",
+                "60",
+            ]),
+            Side::Server,
+        )
+        .unwrap();
+        assert_eq!(s.queue.data_dir, Path::new("/var/lib/rp"));
+        assert_eq!(s.queue.max_events, 5);
+        assert_eq!(s.queue.ttl, Duration::from_secs(60));
+        assert_eq!(s.queue.max_body, 1024 * 1024);
+        let s = Settings::resolve(NodeArgs::default(), Side::Client).unwrap();
+        assert!(
+            s.queue.data_dir.ends_with("restpipe/client")
+                || s.queue.data_dir.ends_with("restpipe-data/client")
+        );
+        for (flags, says) in [
+            (&["--queue-ttl", "0"][..], "--queue-ttl"),
+            (&["--queue-max-body", "0"], "--queue-max-body"),
+            (&["--queue-max-attempts", "0"], "--queue-max-attempts"),
+        ] {
+            let err = Settings::resolve(parse(flags), Side::Client).unwrap_err();
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
     }
 
     #[test]

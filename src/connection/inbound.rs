@@ -329,6 +329,7 @@ impl Shared {
             peer_addr: Some(self.info.addr),
             request_id: id,
             deadline: Instant::now() + timeout,
+            delivery_id: request.delivery_id.clone(),
         };
         // Debug level, like the front door's: see `http::guard`.
         let span = debug_span!(

@@ -206,6 +206,8 @@ impl Connection {
         let head = shared.streaming && request.verb == "HEAD";
         if !shared.streaming {
             request.headers = Headers::default();
+            // Field 13 is a version 2 addition; a release-1 peer would drop it anyway.
+            request.delivery_id = None;
             if request.verb == "HEAD" {
                 request.verb = "GET".into();
             }

@@ -138,6 +138,13 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         Ok(timeout) => timeout,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
     };
+    match super::queued::wants_queue(headers) {
+        Ok(false) => {}
+        Ok(true) => {
+            return super::queued::enqueue(&state, method, target, query, timeout, request).await
+        }
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -175,6 +182,7 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
             content_type,
             headers: request_headers,
             body: Bytes::new(),
+            delivery_id: None,
         };
         let result = send(&state, target.client, event, Some(stream), timeout).await;
         // The body's failure, found while it was being sent, says more than the reply to an
@@ -234,6 +242,7 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         content_type,
         body,
         headers: request_headers,
+        delivery_id: None,
     };
     let result = send(&state, target.client, event, None, timeout).await;
     let response = result_response(result);
@@ -318,12 +327,12 @@ pub fn allowed_headers(map: &HeaderMap) -> Headers {
 
 /// Whether reading a body failed because it went over the limit, rather than because it was
 /// malformed or cut short.
-fn over_limit(err: &axum::Error) -> bool {
+pub(super) fn over_limit(err: &axum::Error) -> bool {
     caused_by::<http_body_util::LengthLimitError>(err)
 }
 
 /// Whether reading a body failed because it brought no byte for the body timeout.
-fn stalled(err: &axum::Error) -> bool {
+pub(super) fn stalled(err: &axum::Error) -> bool {
     caused_by::<BodyStalled>(err)
 }
 
@@ -340,7 +349,7 @@ fn caused_by<T: std::error::Error + 'static>(err: &axum::Error) -> bool {
 }
 
 /// An error and its causes, joined by `: `.
-fn causes(err: &dyn std::error::Error) -> String {
+pub(super) fn causes(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut cause = err.source();
     while let Some(e) = cause {
@@ -353,7 +362,7 @@ fn causes(err: &dyn std::error::Error) -> String {
     text
 }
 
-fn requested_timeout(
+pub(super) fn requested_timeout(
     headers: &HeaderMap,
     pipe: &crate::node::PipeConfig,
 ) -> Result<Duration, String> {

@@ -90,6 +90,7 @@ pub(super) fn encode_frame(mut frame: Frame) -> Encoded {
                 streamed: e.streamed,
                 headers: e.headers.clone(),
                 content_length: e.content_length,
+                delivery_id: e.delivery_id.clone(),
                 ..Default::default()
             }
             .encode_to_vec();
@@ -207,6 +208,7 @@ mod tests {
                     value: "bytes=0-1".into(),
                 }],
                 content_length: Some(3),
+                delivery_id: "00000000000000010123456789abcdef".into(),
             })
         };
         let reply = |http_status| {

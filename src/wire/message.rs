@@ -355,7 +355,17 @@ pub fn check_request(request: &Request) -> Result<(), RequestError> {
     bounded("query string", &request.query, limits::QUERY).map_err(RequestError::UriTooLong)?;
     bounded("content type", &request.content_type, limits::CONTENT_TYPE)
         .map_err(RequestError::HeaderTooLarge)?;
-    check_headers(&request.headers).map_err(RequestError::HeaderTooLarge)
+    check_headers(&request.headers).map_err(RequestError::HeaderTooLarge)?;
+    if let Some(id) = &request.delivery_id {
+        let visible = |c: char| c.is_ascii_graphic();
+        if id.is_empty() || id.len() > limits::DELIVERY_ID || !id.chars().all(visible) {
+            return Err(RequestError::Grammar(format!(
+                "the delivery id must be 1 to {} visible ASCII characters",
+                limits::DELIVERY_ID
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Check allow-listed headers as a receiver will (count, names, values).
@@ -500,6 +510,7 @@ fn request_to_wire(request: Request, timeout_ms: u64, streamed: Option<Streamed>
         streamed: streamed.is_some(),
         headers: headers_to_wire(request.headers),
         content_length: streamed.and_then(|s| s.length),
+        delivery_id: request.delivery_id.unwrap_or_default(),
     }
 }
 
@@ -522,6 +533,7 @@ fn request_from_wire(event: proto::Event) -> Result<Request, String> {
         content_type: event.content_type,
         body: event.body,
         headers: headers_from_wire(event.headers)?,
+        delivery_id: Some(event.delivery_id).filter(|id| !id.is_empty()),
     };
     check_request(&request).map_err(|e| e.to_string())?;
     Ok(request)
@@ -611,6 +623,7 @@ mod tests {
                     id: 8,
                     request: Request {
                         headers: Headers::new().with("range", "bytes=0-99"),
+                        delivery_id: Some("00000000000000070123456789abcdef".into()),
                         ..Request::new("HEAD", "files")
                     },
                     timeout_ms: 1,
@@ -754,6 +767,40 @@ mod tests {
         assert!(matches!(
             decode(Bytes::from_static(&[0xff, 0xff, 0xff])),
             Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn delivery_ids_are_bounded() {
+        let with = |id: &str| Request {
+            delivery_id: Some(id.into()),
+            ..Request::new("GET", "time")
+        };
+        assert!(check_request(&with("00000000000000070123456789abcdef")).is_ok());
+        for bad in ["", "has space", "caf\u{e9}", &"x".repeat(129)] {
+            assert!(check_request(&with(bad)).is_err(), "{bad:?}");
+        }
+        // Empty on the wire is none.
+        let event = Message::Event {
+            id: 3,
+            request: Request::new("GET", "time"),
+            timeout_ms: 1,
+            streamed: None,
+        };
+        let Ok(Message::Event { request, .. }) = round_trip(event) else {
+            panic!("not an event");
+        };
+        assert_eq!(request.delivery_id, None);
+        // A bad one from a peer is refused for its event.
+        let event = Message::Event {
+            id: 4,
+            request: with("two words"),
+            timeout_ms: 1,
+            streamed: None,
+        };
+        assert!(matches!(
+            round_trip(event),
+            Err(DecodeError::Invalid { id: 4, .. })
         ));
     }
 

@@ -74,4 +74,6 @@ pub mod limits {
     pub const CONTENT_TYPE: usize = 256;
     /// The message of an error frame, and the reason of a close frame.
     pub const MESSAGE: usize = 1024;
+    /// The delivery id of a queued event: 1 to this many visible ASCII characters.
+    pub const DELIVERY_ID: usize = 128;
 }

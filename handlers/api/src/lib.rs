@@ -135,6 +135,11 @@ pub struct Context {
     pub request_id: u64,
     /// When the caller stops waiting; work after it is wasted.
     pub deadline: Instant,
+    /// The id of the queued event this call delivers (`X-Event-Delivery: queued`,
+    /// docs/QUEUE.md), the same on every attempt; `None` for a direct call. Delivery is at
+    /// least once: a handler with effects remembers the ids it has handled and skips one it
+    /// sees again.
+    pub delivery_id: Option<String>,
 }
 
 impl Context {
@@ -151,6 +156,7 @@ impl Context {
             peer_addr: None,
             request_id: 1,
             deadline: Instant::now() + Duration::from_secs(30),
+            delivery_id: None,
         }
     }
 }
@@ -177,6 +183,10 @@ pub struct Request {
     /// The trace context that follows the request across the pipe, when the two nodes both
     /// speak it (the `trace-context` feature).
     pub trace: Option<TraceContext>,
+    /// The id of the queued event this request delivers, set by the sending node's queue and
+    /// carried across the pipe (protocol version 2); the receiving node gives it to the
+    /// handler as [`Context::delivery_id`]. `None` for a direct call.
+    pub delivery_id: Option<String>,
 }
 
 impl Request {

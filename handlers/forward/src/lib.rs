@@ -15,7 +15,7 @@
 //! | query string | the same query string |
 //! | body, content type | the same, byte for byte, streamed as it arrives: with `Content-Length` when the event's body says its length, else chunked |
 //! | allow-listed headers ([`headers::ALLOWED`]: `Range`, `If-None-Match`, ...) | the same headers |
-//! | context | headers `X-Restpipe-Peer-Identity`, `X-Restpipe-Peer-Addr` (when known), `X-Restpipe-Request-Id` (the id on the pipe connection) |
+//! | context | headers `X-Restpipe-Peer-Identity`, `X-Restpipe-Peer-Addr` (when known), `X-Restpipe-Request-Id` (the id on the pipe connection), `X-Restpipe-Delivery-Id` (for a queued event: its id, the same on every attempt, for the upstream to deduplicate by) |
 //! | trace context (when it crossed the pipe) | headers `traceparent` (W3C) and `X-Request-Id`, as the caller's front door answered it |
 //!
 //! So `POST /server/jobs/42//run?dry=1` calls `POST http://127.0.0.1:9000/api/42/run?dry=1`.
@@ -314,6 +314,12 @@ impl Route {
         }
         if let Some(addr) = ctx.peer_addr {
             request = request.header("X-Restpipe-Peer-Addr", addr.to_string());
+        }
+        // Visible ASCII, checked by the node when the event arrived.
+        if let Some(id) = ctx.delivery_id.as_deref() {
+            if let Ok(value) = HeaderValue::from_str(id) {
+                request = request.header("X-Restpipe-Delivery-Id", value);
+            }
         }
         if let Some(trace) = &req.trace {
             request = request.header("traceparent", trace.traceparent());
@@ -653,7 +659,7 @@ mod tests {
             let ct = header("content-type").unwrap_or_default();
             return (StatusCode::ACCEPTED, [("content-type", ct)], body).into_response();
         }
-        let value = json!({
+        let mut value = json!({
             "method": method.as_str(),
             "path": path,
             "query": query,
@@ -663,6 +669,10 @@ mod tests {
             "peer_addr": header("x-restpipe-peer-addr"),
             "request_id": header("x-restpipe-request-id"),
         });
+        // Only a queued event's delivery carries it.
+        if let Some(id) = header("x-restpipe-delivery-id") {
+            value["delivery_id"] = json!(id);
+        }
         (
             [("content-type", "application/vnd.echo+json")],
             value.to_string(),
@@ -965,6 +975,7 @@ mod tests {
         ctx.peer_identity = "fileserver-1".into();
         ctx.peer_addr = Some("10.1.2.3:5555".parse().unwrap());
         ctx.request_id = 77;
+        ctx.delivery_id = Some("00000000000000010123456789abcdef".into());
         let reply = handlers
             .call(ctx, Request::new("GET", "jobs"))
             .await
@@ -973,6 +984,7 @@ mod tests {
         assert_eq!(value["peer_identity"], "fileserver-1");
         assert_eq!(value["peer_addr"], "10.1.2.3:5555");
         assert_eq!(value["request_id"], "77");
+        assert_eq!(value["delivery_id"], "00000000000000010123456789abcdef");
     }
 
     #[tokio::test]
