@@ -16,6 +16,9 @@ use super::ENVELOPE_ALLOWANCE;
 /// Bytes of the length prefix.
 pub const PREFIX: usize = 4;
 
+/// The initial read buffer of a connection.
+const READ_BUFFER: usize = 512;
+
 /// Encode a frame with its length prefix, in one allocation.
 fn encode_whole(frame: &Frame) -> Bytes {
     let len = frame.encoded_len();
@@ -148,7 +151,10 @@ pub(super) fn encode_frame(mut frame: Frame) -> Encoded {
 /// length exceeds `max_frame + ENVELOPE_ALLOWANCE` before allocating it.
 pub fn frame_reader<R: AsyncRead>(io: R, max_frame: usize) -> FramedRead<R, LengthDelimitedCodec> {
     let codec = codec(max_frame.saturating_add(ENVELOPE_ALLOWANCE));
-    FramedRead::with_capacity(io, codec, 2048)
+    // Small: an idle connection reads only heartbeats, and a busy one grows the buffer to
+    // what its frames need (the codec reserves a frame's announced length). Every byte here
+    // is paid once per idle connection.
+    FramedRead::with_capacity(io, codec, READ_BUFFER)
 }
 
 /// The codec [`frame_reader`] reads with: a 4-byte big-endian length prefix, and a frame
