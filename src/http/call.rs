@@ -209,29 +209,9 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         return response;
     }
     let inline_limit = usize::try_from(limit.min(INLINE_BODY)).unwrap_or(usize::MAX);
-    let body: Bytes = match to_bytes(request.into_body(), inline_limit).await {
+    let body = match read_whole(request.into_body(), inline_limit, "sent", &too_large).await {
         Ok(body) => body,
-        Err(e) if over_limit(&e) => return too_large(&format!("more than {inline_limit}")),
-        Err(e) if stalled(&e) => {
-            let mut response = error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("{}; nothing was sent", causes(&e)),
-            );
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return response;
-        }
-        // A malformed chunked encoding, say: the client's fault, but not a body too large.
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the request body could not be read ({}); nothing was sent",
-                    causes(&e)
-                ),
-            )
-        }
+        Err(response) => return response,
     };
     let event = restpipe_handler::Request {
         trace,
@@ -264,6 +244,39 @@ async fn send(
             let name = client.unwrap_or_default();
             node.call_with_body(&name, event, body, Some(timeout)).await
         }
+    }
+}
+
+/// Read a whole request body of at most `limit` bytes, or the error response that says why it
+/// could not be read: over the limit (`too_large`, given what was read), stalled (408, the
+/// connection closed after it), malformed (400). Nothing was `done` (sent, queued) then.
+pub(super) async fn read_whole(
+    body: Body,
+    limit: usize,
+    done: &str,
+    too_large: &(dyn Fn(&str) -> Response + Sync),
+) -> Result<Bytes, Response> {
+    match to_bytes(body, limit).await {
+        Ok(body) => Ok(body),
+        Err(e) if over_limit(&e) => Err(too_large(&format!("more than {limit}"))),
+        Err(e) if stalled(&e) => {
+            let mut response = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("{}; nothing was {done}", causes(&e)),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(response)
+        }
+        // A malformed chunked encoding, say: the client's fault, but not a body too large.
+        Err(e) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the request body could not be read ({}); nothing was {done}",
+                causes(&e)
+            ),
+        )),
     }
 }
 

@@ -6,14 +6,13 @@
 
 use std::time::Duration;
 
-use axum::body::to_bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::call::{allowed_headers, causes, over_limit, stalled, Target};
+use super::call::{allowed_headers, read_whole, Target};
 use super::{error_response, Shared};
 use crate::queue::{self, NewEvent, QueueError, DELIVERY_HEADER, MAX_TTL, TTL_HEADER};
 use crate::wire;
@@ -95,28 +94,9 @@ pub(super) async fn enqueue(
         return too_large(&declared.to_string());
     }
     let inline = usize::try_from(limit).unwrap_or(usize::MAX);
-    let body = match to_bytes(request.into_body(), inline).await {
+    let body = match read_whole(request.into_body(), inline, "queued", &too_large).await {
         Ok(body) => body,
-        Err(e) if over_limit(&e) => return too_large(&format!("more than {limit}")),
-        Err(e) if stalled(&e) => {
-            let mut response = error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("{}; nothing was queued", causes(&e)),
-            );
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return response;
-        }
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the request body could not be read ({}); nothing was queued",
-                    causes(&e)
-                ),
-            )
-        }
+        Err(response) => return response,
     };
     let event = restpipe_handler::Request {
         verb: method.as_str().to_string(),
