@@ -308,9 +308,13 @@ async fn a_silent_network_is_detected_and_requests_fail_fast_until_it_heals() {
 // ----------------------------------------------------------------------------------------
 // 3. A client that flaps
 
-/// One way a flapping client leaves.
+/// One way a flapping client leaves. The style that waits for its answer connects as an
+/// identity of its own (`answered`): with the flapper's, a connection of the flapper that left
+/// just before could still be registered after it and replace it (the newest wins), and its
+/// request would then rightly get no answer.
 async fn flap_once(
     certs_connector: &tokio_rustls::TlsConnector,
+    answered: &tokio_rustls::TlsConnector,
     addr: std::net::SocketAddr,
     style: usize,
 ) {
@@ -332,8 +336,8 @@ async fn flap_once(
         }
         // Hello, a request answered, then gone.
         3 => {
-            if let Ok(mut peer) = TlsPeer::connect_tls(addr, certs_connector).await {
-                peer.hello("flapper", restpipe::wire::PROTOCOL_VERSION)
+            if let Ok(mut peer) = TlsPeer::connect_tls(addr, answered).await {
+                peer.hello("flapper-answered", restpipe::wire::PROTOCOL_VERSION)
                     .await;
                 peer.send(&event_frame(1, Request::new("GET", "time")))
                     .await
@@ -372,6 +376,7 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
     let pipe = loopback(pipe_port);
     let steady = client(&certs, "steady", pipe, &TIMINGS).await;
     let connector = certs.connector("flapper");
+    let answered = certs.connector("flapper-answered");
     let proc_cert = certs.client("flapper-proc");
     let proc_args = client_args(&certs, &proc_cert, pipe, &TIMINGS);
 
@@ -387,7 +392,7 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
     let flap = |cycles: &mut usize| {
         let style = *cycles % 5;
         *cycles += 1;
-        flap_once(&connector, pipe, style)
+        flap_once(&connector, &answered, pipe, style)
     };
     // Warm-up: every way of leaving a few times, then let the server notice the last one.
     for _ in 0..20 {
