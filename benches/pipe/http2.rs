@@ -339,16 +339,20 @@ pub fn serve_front(port: u16, certs: &Path, upstream: SocketAddr) -> anyhow::Res
             }
             std::process::exit(1);
         });
-        let app = Router::new().fallback(forward).with_state(sender);
-        // Like the baseline and the nodes' front door: TCP_NODELAY on every connection.
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
-        println!("{LISTENING} {}", listener.local_addr()?);
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app).await?;
-        anyhow::Ok(())
+        serve_door(port, Router::new().fallback(forward).with_state(sender)).await
     })
+}
+
+/// Serve a reference pair's front door on `127.0.0.1:port` and say where on stdout: like the
+/// baseline and the nodes' front door, with TCP_NODELAY on every connection.
+pub async fn serve_door(port: u16, app: Router) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    println!("{LISTENING} {}", listener.local_addr()?);
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).await?;
+    Ok(())
 }
 
 /// A reference pair's server and front door, running.

@@ -24,7 +24,6 @@ use anyhow::Context as _;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
-use axum::serve::ListenerExt as _;
 use axum::Router;
 use hyper::header::HOST;
 use hyper::StatusCode;
@@ -185,13 +184,6 @@ pub fn serve_front(port: u16, certs: &Path, upstream: SocketAddr) -> anyhow::Res
             }
             std::process::exit(1);
         });
-        let app = Router::new().fallback(forward).with_state(opens);
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
-        println!("{LISTENING} {}", listener.local_addr()?);
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app).await?;
-        anyhow::Ok(())
+        http2::serve_door(port, Router::new().fallback(forward).with_state(opens)).await
     })
 }
