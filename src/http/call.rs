@@ -330,9 +330,14 @@ fn request_body_stream(
 /// behind. A value that is not visible ASCII, or too long, stays behind too.
 pub fn allowed_headers(map: &HeaderMap) -> Headers {
     let mut out = Headers::new();
-    for name in headers::ALLOWED {
-        if let Some(value) = map.get(name).and_then(|v| v.to_str().ok()) {
-            let _ = out.insert(name, value);
+    // The request's few headers against the list, rather than a lookup per listed name: this
+    // runs for every request.
+    for (name, value) in map {
+        let name = name.as_str();
+        if headers::is_allowed(name) {
+            if let Ok(value) = value.to_str() {
+                let _ = out.insert(name, value);
+            }
         }
     }
     out
