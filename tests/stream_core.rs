@@ -318,3 +318,89 @@ async fn a_release_1_peer_gets_whole_bodies_and_no_version_2_frame() {
         other => panic!("expected the whole reply, got {other:?}"),
     }
 }
+
+/// A hostile version-2 peer: credit far past any window (cut to the window, no overflow),
+/// data, credit and cancel for requests that do not exist (ignored), and the connection goes
+/// on; then one data frame past a body's window, which ends the connection, and the server
+/// serves the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_breaks_flow_control_is_cut_off_and_harms_nothing_else() {
+    use restpipe_testkit::raw::proto::{self, frame::Kind, Frame};
+    use restpipe_testkit::raw::{event_frame, TlsPeer};
+
+    let pki = Pki::new();
+    let server = start_server(&pki, test_pipe()).await;
+    let mut peer = TlsPeer::connect_tls(server.local_addr(), &pki.connector("rogue"))
+        .await
+        .unwrap();
+    peer.hello("rogue", restpipe::wire::PROTOCOL_VERSION).await;
+    wait_for_client(&server, "rogue").await;
+
+    let frame = |id, kind| Frame {
+        id,
+        kind: Some(kind),
+    };
+    for f in [
+        frame(
+            0,
+            Kind::Credit(proto::Credit {
+                bytes: u64::MAX,
+                from_caller: false,
+            }),
+        ),
+        frame(
+            99,
+            Kind::Credit(proto::Credit {
+                bytes: u64::MAX,
+                from_caller: true,
+            }),
+        ),
+        frame(77, Kind::Cancel(proto::Cancel { from_caller: true })),
+        frame(
+            55,
+            Kind::Data(proto::Data {
+                chunk: vec![1u8; 1000].into(),
+                from_caller: true,
+                end: true,
+                abort: String::new(),
+            }),
+        ),
+    ] {
+        peer.send(&f).await.unwrap();
+    }
+    peer.send(&event_frame(1, whoami())).await.unwrap();
+    match peer.recv().await.unwrap() {
+        Some(Frame {
+            id: 1,
+            kind: Some(Kind::Reply(reply)),
+        }) => assert!(String::from_utf8_lossy(&reply.body).contains("server")),
+        other => panic!("expected the reply, got {other:?}"),
+    }
+
+    // A streamed request body whose first data frame is past the body's window.
+    let mut event = event_frame(2, Request::new("POST", "check"));
+    if let Some(Kind::Event(e)) = event.kind.as_mut() {
+        e.streamed = true;
+    }
+    peer.send(&event).await.unwrap();
+    let over = restpipe::wire::STREAM_WINDOW as usize + 1;
+    peer.send(&frame(
+        2,
+        Kind::Data(proto::Data {
+            chunk: vec![7u8; over].into(),
+            from_caller: true,
+            end: false,
+            abort: String::new(),
+        }),
+    ))
+    .await
+    .unwrap();
+    peer.expect_end().await;
+
+    // The server is unharmed.
+    let client = start_client(&pki, "worker-1", &server, test_pipe()).await;
+    assert_eq!(
+        node_of(&client.call(whoami(), None).await.unwrap()),
+        "server"
+    );
+}

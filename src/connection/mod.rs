@@ -237,15 +237,6 @@ impl Connection {
         };
         let started = Instant::now();
         let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = lock(&shared.pending);
-            match pending.as_mut() {
-                Some(map) => map.insert(id, tx),
-                None => return Err(shared.closed_error()),
-            };
-        }
-        let _guard = PendingGuard { shared, id };
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let streamed = body.as_ref().map(|b| wire::Streamed { length: b.length() });
         let frame = wire::encode(Message::Event {
@@ -269,18 +260,31 @@ impl Connection {
                 frame.len()
             )));
         };
+        // Registered only once the request will be sent (a refused one leaves nothing to
+        // cancel), and before it is: its reply, and the peer's credit or cancel of its body,
+        // may come before this task runs again.
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = lock(&shared.pending);
+            match pending.as_mut() {
+                Some(map) => map.insert(id, tx),
+                None => return Err(shared.closed_error()),
+            };
+        }
+        let _guard = PendingGuard { shared, id };
+        let pump = body.map(|body| {
+            let key = (true, id);
+            let (credit, stop) = shared.open_pump(key);
+            stream::pump(self.shared.clone(), key, body, credit, stop)
+        });
         shared.requests_sent.fetch_add(1, Ordering::Relaxed);
         let metrics = &shared.core.metrics;
         metrics.tick("message.send.tick");
         let exchange = async {
             shared.send(frame).await?;
-            if let Some(body) = body {
-                // Registered before the pump starts, so that the peer's credit and cancel
-                // find it; the pump runs on its own, as the reply may start before the body
-                // is all sent.
-                let key = (true, id);
-                let (credit, stop) = shared.open_pump(key);
-                tokio::spawn(stream::pump(self.shared.clone(), key, body, credit, stop));
+            if let Some(pump) = pump {
+                // On its own: the reply may start before the body is all sent.
+                tokio::spawn(pump);
             }
             rx.await.map_err(|_| shared.closed_error())?
         };
