@@ -346,11 +346,14 @@ impl Shared {
         }
         let cancel = self.start_handling(id);
         let shared = Arc::clone(self);
-        tokio::spawn(
+        // Boxed before it is spawned: the task then holds a pointer, not the whole future,
+        // which it would otherwise copy as it starts and again as it ends (measured with
+        // callgrind: docs/PERFORMANCE.md).
+        tokio::spawn(Box::pin(
             shared
                 .handle(ctx, request, body, cancel, (permit, bytes))
                 .instrument(span),
-        );
+        ));
     }
 
     /// Run the handler and send its reply. The reply is held against the connection's byte
@@ -392,7 +395,7 @@ impl Shared {
             Some(stream) if self.streaming => Some(stream),
             Some(stream) => {
                 // A release-1 peer takes the body whole, within its frame limit.
-                match stream.collect(self.peer_max_frame).await {
+                match Box::pin(stream.collect(self.peer_max_frame)).await {
                     Ok(body) => reply.body = body,
                     Err(e) => reply = body_failed_reply(e),
                 }
@@ -423,6 +426,20 @@ impl Shared {
                 .await;
             return self.end_handling(id);
         };
+        // Boxed: a streamed reply's state stays out of the future of every small request.
+        Box::pin(self.send_streamed_reply(id, reply, stream, head_only, cancel)).await;
+    }
+
+    /// Send a reply whose body follows in data frames: its head, then the body within the
+    /// flow control, until it ends or `cancel` stops it.
+    async fn send_streamed_reply(
+        self: &Arc<Self>,
+        id: u64,
+        reply: Reply,
+        stream: BodyStream,
+        head_only: bool,
+        cancel: CancellationToken,
+    ) {
         let key = (false, id);
         let (credit, stop) = self.open_pump(key);
         let streamed = Some(wire::Streamed {

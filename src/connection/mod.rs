@@ -212,7 +212,9 @@ impl Connection {
                 request.verb = "GET".into();
             }
             if let Some(body) = body.take() {
-                request.body = body.collect(limit).await.map_err(|e| match e {
+                // Boxed, like the pump below: the rare path's state stays out of every call's
+                // future, which is moved whole several times per request.
+                request.body = Box::pin(body.collect(limit)).await.map_err(|e| match e {
                     BodyError::TooLarge { limit } => CallError::BodyTooLarge { limit },
                     e => CallError::BodyFailed(e.to_string()),
                 })?;
@@ -275,7 +277,7 @@ impl Connection {
         let pump = body.map(|body| {
             let key = (true, id);
             let (credit, stop) = shared.open_pump(key);
-            stream::pump(self.shared.clone(), key, body, credit, stop)
+            Box::pin(stream::pump(self.shared.clone(), key, body, credit, stop))
         });
         shared.requests_sent.fetch_add(1, Ordering::Relaxed);
         let metrics = &shared.core.metrics;

@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io::IoSlice;
+
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::mpsc;
@@ -166,46 +168,96 @@ fn take_queued(rx: &mut mpsc::Receiver<wire::Encoded>, batch: &mut Vec<Bytes>) {
 /// Write a batch of frames, coalescing the small ones. Fails with `TimedOut` when the peer
 /// takes nothing for `stall`: a single write or the flush makes no progress for that long. A
 /// large frame that crosses a slow link slowly but steadily is not a stall.
+///
+/// Runs of small frames are copied together into `buf`; a large frame is not copied, and goes
+/// out in the same vectored write as the small ones around it, so that a data frame's head and
+/// its chunk share TLS records and system calls instead of the head taking a record of its own.
 pub(super) async fn write_batch<W: AsyncWrite + Unpin>(
     io: &mut W,
     batch: &mut Vec<Bytes>,
     buf: &mut Vec<u8>,
     stall: Duration,
 ) -> std::io::Result<()> {
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut run_start = 0;
     for frame in batch.drain(..) {
         if frame.len() > COALESCE_LIMIT {
-            if !buf.is_empty() {
-                write_all(io, buf, stall).await?;
-                buf.clear();
+            if buf.len() > run_start {
+                segments.push(Segment::Copied(run_start..buf.len()));
+                run_start = buf.len();
             }
-            write_all(io, &frame, stall).await?;
+            segments.push(Segment::Frame(frame));
         } else {
             buf.extend_from_slice(&frame);
         }
     }
-    if !buf.is_empty() {
-        write_all(io, buf, stall).await?;
-        buf.clear();
+    if buf.len() > run_start {
+        segments.push(Segment::Copied(run_start..buf.len()));
     }
+    let written = write_all(io, buf, &segments, stall).await;
+    buf.clear();
+    written?;
     tokio::time::timeout(stall, io.flush())
         .await
         .map_err(|_| std::io::ErrorKind::TimedOut)?
 }
 
-/// `write_all`, failing with `TimedOut` when one write makes no progress for `stall`.
+/// One part of a batch as it is written: a run of small frames copied into the batch's buffer,
+/// or a large frame as it is. Never empty.
+enum Segment {
+    Copied(std::ops::Range<usize>),
+    Frame(Bytes),
+}
+
+impl Segment {
+    fn bytes<'a>(&'a self, buf: &'a [u8]) -> &'a [u8] {
+        match self {
+            Segment::Copied(range) => &buf[range.clone()],
+            Segment::Frame(frame) => frame,
+        }
+    }
+}
+
+/// Slices given to one vectored write at most. A batch is rarely more than a few segments
+/// (runs of small frames are one each), and the array lives in every connection's writer
+/// task, idle or not: 64 slices cost 1 KiB per idle connection, measured.
+const MAX_IOV: usize = 8;
+
+/// Write every segment in order, in vectored writes, failing with `TimedOut` when one write
+/// makes no progress for `stall`.
 async fn write_all<W: AsyncWrite + Unpin>(
     io: &mut W,
-    mut data: &[u8],
+    buf: &[u8],
+    segments: &[Segment],
     stall: Duration,
 ) -> std::io::Result<()> {
-    while !data.is_empty() {
-        let n = tokio::time::timeout(stall, io.write(data))
+    // The first segment not all written, and how much of it is.
+    let (mut first, mut done) = (0, 0);
+    while first < segments.len() {
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let parts = segments[first..].iter().take(MAX_IOV).map(|s| s.bytes(buf));
+        let mut count = 0;
+        for (slice, part) in slices.iter_mut().zip(parts) {
+            *slice = IoSlice::new(if count == 0 { &part[done..] } else { part });
+            count += 1;
+        }
+        let mut n = tokio::time::timeout(stall, io.write_vectored(&slices[..count]))
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        data = &data[n..];
+        while n > 0 && first < segments.len() {
+            let left = segments[first].bytes(buf).len() - done;
+            if n >= left {
+                n -= left;
+                first += 1;
+                done = 0;
+            } else {
+                done += n;
+                n = 0;
+            }
+        }
     }
     Ok(())
 }
@@ -241,6 +293,32 @@ mod tests {
             .unwrap();
         assert!(started.elapsed() > stall);
         assert_eq!(reader.await.unwrap(), frame);
+    }
+
+    /// Small and large frames mixed go out whole and in order: the small ones coalesced, the
+    /// large ones beside them in the same vectored writes.
+    #[tokio::test]
+    async fn a_mixed_batch_arrives_in_order() {
+        let (mut ours, mut theirs) = tokio::io::duplex(4096);
+        let frames: Vec<Bytes> = [20, 300 * 1024, 7, 12, 40 * 1024, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Bytes::from(vec![i as u8 + 1; len]))
+            .collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let total = expected.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; total];
+            theirs.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let mut batch = frames;
+        let mut buf = Vec::new();
+        write_batch(&mut ours, &mut batch, &mut buf, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(batch.is_empty() && buf.is_empty());
+        assert_eq!(reader.await.unwrap(), expected);
     }
 
     /// A peer that reads nothing is a stall.

@@ -50,8 +50,14 @@ impl TraceContext {
     /// Parse a `traceparent` header value.
     pub fn parse(traceparent: &str) -> Result<Self, TraceError> {
         let bad = |why: &str| TraceError(format!("traceparent {traceparent:?}: {why}"));
-        let parts: Vec<&str> = traceparent.trim().split('-').collect();
-        let [version, trace, parent, flags] = parts[..] else {
+        let mut parts = traceparent.trim().split('-');
+        let (Some(version), Some(trace), Some(parent), Some(flags), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(bad("not four fields joined by -"));
         };
         if version != "00" {
@@ -102,11 +108,11 @@ impl TraceContext {
     pub fn traceparent(&self) -> String {
         let mut out = String::with_capacity(55);
         out.push_str("00-");
-        out.push_str(&self.trace_id_hex());
+        push_hex(&mut out, &self.trace_id);
         out.push('-');
-        out.push_str(&to_hex(&self.parent_id));
+        push_hex(&mut out, &self.parent_id);
         out.push('-');
-        out.push_str(&to_hex(&[self.flags]));
+        push_hex(&mut out, &[self.flags]);
         out
     }
 
@@ -132,24 +138,42 @@ impl TraceContext {
 
 /// Lower-case hex of `bytes`, in one allocation (this runs for every request).
 fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
+    let mut out = String::with_capacity(2 * bytes.len());
+    push_hex(&mut out, bytes);
     out
 }
 
+/// Append the lower-case hex of `bytes` to `out`.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.extend(bytes.iter().flat_map(|b| {
+        [
+            char::from(DIGITS[usize::from(b >> 4)]),
+            char::from(DIGITS[usize::from(b & 0x0f)]),
+        ]
+    }));
+}
+
+/// `N` bytes from exactly `2 * N` lowercase hex digits.
 fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != 2 * N || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    let text = text.as_bytes();
+    if text.len() != 2 * N {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     Some(out)
+}
+
+/// The value of one lowercase hex digit.
+fn nibble(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
