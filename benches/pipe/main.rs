@@ -18,10 +18,13 @@
 //!   side by side with the pipe: its target joins the keepalive points (with `keepalive` not
 //!   asked for, `h2` runs them for the baseline, the pipe client→server and HTTP/2 only) and
 //!   its column the bulk points (run for all sizes even if `bulk` is not asked for);
-//! - `yamux`: the same with yamux streams, HTTP/1.1 on each ([`yamux_pair`]).
+//! - `yamux`: the same with yamux streams, HTTP/1.1 on each ([`yamux_pair`]);
+//! - `queue`: queued delivery (`X-Event-Delivery: queued`, fsync'd before the 202) at 1 and 8
+//!   connections, accepted and delivered events/s, against a raw redb commit loop in this
+//!   process, in the same runs ([`queue`]).
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
-//! `--only keepalive,close,bulk,scale,h2,yamux`, `--out FILE` (markdown; a full run defaults to
+//! `--only keepalive,close,bulk,scale,h2,yamux,queue`, `--out FILE` (markdown; a full run defaults to
 //! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`,
 //! `--policy-rules N`.
 //!
@@ -54,12 +57,13 @@
 //!
 //! The modules: [`load`] (the load generator), [`procs`] (child processes, `/proc`),
 //! [`servers`] (the reference servers), [`http2`] and [`yamux_pair`] (the reference pairs on
-//! other multiplexers), [`bulk`], [`scale`], [`report`].
+//! other multiplexers), [`bulk`], [`scale`], [`queue`], [`report`].
 
 mod bulk;
 mod http2;
 mod load;
 mod procs;
+mod queue;
 mod report;
 mod scale;
 mod servers;
@@ -74,7 +78,15 @@ use http2::Proto;
 use load::ConnMode;
 use report::{Bulk, RefBulk, Report, Run, Series};
 
-const SCENARIOS: [&str; 6] = ["keepalive", "close", "bulk", "scale", "h2", "yamux"];
+const SCENARIOS: [&str; 7] = [
+    "keepalive",
+    "close",
+    "bulk",
+    "scale",
+    "h2",
+    "yamux",
+    "queue",
+];
 const MIB: usize = 1024 * 1024;
 
 /// How long and how often each point is measured.
@@ -89,6 +101,8 @@ struct Plan {
     bulk_window: Duration,
     bulk_min_reps: usize,
     scale: scale::Plan,
+    /// Connections of the queued-delivery points.
+    queue_conns: Vec<usize>,
 }
 
 impl Plan {
@@ -147,12 +161,13 @@ impl Plan {
             bulk_window,
             bulk_min_reps,
             scale,
+            queue_conns: vec![1, 8],
         }
     }
 
     fn method(&self) -> String {
         format!(
-            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). CPU µs/req: CPU time (user + system, from `/proc`, 10 ms ticks) of the processes serving the target (the baseline's one, a pair's two) over the window, per request answered (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window.",
+            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). CPU µs/req: CPU time (user + system, from `/proc`, 10 ms ticks) of the processes serving the target (the baseline's one, a pair's two) over the window, per request answered (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window. Queue: {} run(s) of {:.1} s per point, no warm-up.",
             self.runs,
             self.window.as_secs_f64(),
             self.warmup.as_secs_f64(),
@@ -162,6 +177,8 @@ impl Plan {
             bulk::size_label(bulk::LARGE),
             self.scale.settle.as_secs_f64(),
             self.scale.window.as_secs_f64(),
+            self.runs,
+            self.window.as_secs_f64(),
         )
     }
 }
@@ -178,7 +195,7 @@ struct Options {
     args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux,queue] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
@@ -490,6 +507,10 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         println!("scale: {:?} idle clients", plan.scale.counts);
         report.scale =
             Some(scale::run(&work, &plan.scale, restpipe_testkit::procs::clock_ticks()).await?);
+    }
+    if wants("queue") {
+        println!("queue: queued delivery at {:?} conns", plan.queue_conns);
+        report.queue = Some(queue::run(&work, plan.runs, plan.window, &plan.queue_conns).await?);
     }
     Ok(report)
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::bulk::size_label;
 use crate::http2::Proto;
 use crate::load::{ConnMode, Sample};
-use crate::scale;
+use crate::{queue, scale};
 
 /// The markers between which the results live in an existing markdown file.
 pub const BEGIN: &str = "<!-- bench:pipe:begin -->";
@@ -190,6 +190,8 @@ pub struct Report {
     pub bulk: Vec<Bulk>,
     /// The scale scenario.
     pub scale: Option<scale::Outcome>,
+    /// The queue scenario.
+    pub queue: Option<queue::Outcome>,
     /// statsd datagrams received while metrics were on.
     pub statsd_datagrams: u64,
     /// The command that produced it.
@@ -758,6 +760,9 @@ impl Report {
             );
             out.push('\n');
         }
+        if let Some(q) = &self.queue {
+            queue_table(&mut out, q);
+        }
         self.targets(&mut out);
         out
     }
@@ -1011,6 +1016,48 @@ impl Report {
         }
         out.push('\n');
     }
+}
+
+/// Queued delivery against the raw redb commit rate of the same runs.
+fn queue_table(out: &mut String, q: &queue::Outcome) {
+    let _ = writeln!(
+        out,
+        "### Queued delivery (`X-Event-Delivery: queued`) against the store's raw commit rate\n\nA server node queues `GET /client/dev-client/time` (202 once the event is committed with an fsync) and delivers each event to its connected client node, whose `get_time` answers; no warm-up, every 202 counts. *Accepted*: 202s per second over the window (p50: the 202's latency). *Delivered*: events accepted / the time from the start of the load until the node's queue is empty. *Raw*: this process's own redb loop (one {}-byte record per write transaction, `Durability::Immediate`) into a file in the same directory as the node's `--data-dir` ({}, {}), measured in the same runs. Ratios are per run against the raw rate of the same run, median (min–max).\n",
+        queue::RAW_RECORD, q.place.0, q.place.1
+    );
+    out.push_str(
+        "| what | conns | events/s (median) | min–max | p50 µs | / raw commits (min–max) |\n",
+    );
+    out.push_str("|---|---:|---:|---|---:|---|\n");
+    let (lo, hi) = min_max(&q.raw);
+    let _ = writeln!(
+        out,
+        "| raw redb commits (1 record, fsync each) | 1 | {} | {}–{} | - | — |",
+        thousands(median(&q.raw)),
+        thousands(lo),
+        thousands(hi)
+    );
+    for p in &q.points {
+        for (what, values, p50) in [
+            ("accepted (202, fsync'd)", &p.accepted, Some(&p.p50)),
+            ("delivered (accept to empty queue)", &p.delivered, None),
+        ] {
+            let r = per_run(values, &q.raw);
+            let (lo, hi) = min_max(values);
+            let _ = writeln!(
+                out,
+                "| {what} | {} | {} | {}–{} | {} | {} ({}) |",
+                p.conns,
+                thousands(median(values)),
+                thousands(lo),
+                thousands(hi),
+                p50.map_or("-".into(), |v| format!("{:.0}", median(v))),
+                pct(median(&r)),
+                pct_range(&r)
+            );
+        }
+    }
+    out.push('\n');
 }
 
 /// Write `text` to `path`: between the markers if the file has them, else appended with them
