@@ -331,6 +331,7 @@ fn main() -> ExitCode {
         }),
         Some("--load") => load_only(&args),
         Some("--load-bulk") => load_bulk(&args),
+        Some("--raw-redb") => raw_redb(&args),
         _ => parse(&args).and_then(bench),
     };
     match result {
@@ -390,6 +391,17 @@ fn load_bulk(args: &[String]) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+/// `--raw-redb DIR SECS`: only the queue scenario's raw redb commit loop, into `DIR/raw.redb`
+/// (for comparing file systems by hand).
+fn raw_redb(args: &[String]) -> anyhow::Result<()> {
+    let usage = "--raw-redb DIR SECS";
+    let dir = PathBuf::from(args.get(1).context(usage)?);
+    let secs: f64 = args.get(2).context(usage)?.parse()?;
+    let (alone, awake) = queue::raw_rate(&dir, Duration::from_secs_f64(secs))?;
+    println!("{alone:.0} commits/s alone, {awake:.0} with a busy thread beside");
+    Ok(())
 }
 
 fn port(args: &[String]) -> anyhow::Result<u16> {
