@@ -1019,7 +1019,7 @@ impl Report {
                 ),
                 format!(
                     "{} of {} back, all in {all:.1} s (p50 {:.2} s); {} missing",
-                    f.times.len(),
+                    thousands(f.times.len() as f64),
                     thousands(f.clients as f64),
                     scale::quantile(&f.times, 0.5),
                     f.missing
