@@ -29,9 +29,9 @@
 //!   process, in the same runs ([`queue`]).
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
-//! `--only keepalive,close,bulk,scale,h2,yamux,cluster,queue`, `--out FILE` (markdown; a full run defaults to
-//! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`,
-//! `--policy-rules N`.
+//! `--only keepalive,close,bulk,scale,h2,yamux,cluster,queue`, `--out FILE` (markdown; a full
+//! run defaults to `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin
+//! PATH`, `--policy-rules N`.
 //!
 //! `--compare-bin PATH` (with the `keepalive` scenario) also runs a pair of nodes of another
 //! `restpipe` binary, an older build, through the keepalive points in both directions,
