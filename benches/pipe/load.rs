@@ -4,7 +4,7 @@
 //! The same code drives the bare baseline server and the nodes, so the two differ only in
 //! what answers. Every request carries `Host: <the address dialled>` (`127.0.0.1:port`), as
 //! a browser would: the nodes' front door refuses a request whose `Host` is not loopback. An
-//! answer other than 200 is counted apart from I/O errors ([`Sample::refused`]), so that a
+//! answer other than 200 (or the status a [`Call`] expects) is counted apart from I/O errors ([`Sample::refused`]), so that a
 //! caller can refuse figures made of refusals.
 
 use std::net::SocketAddr;
@@ -16,8 +16,9 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::header::{CONNECTION, HOST};
-use hyper::{Request, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Barrier;
@@ -38,9 +39,10 @@ pub enum ConnMode {
 pub struct Sample {
     /// Requests completed inside the window.
     pub requests: u64,
-    /// Requests that failed (I/O error or a status other than 200), inside or outside it.
+    /// Requests that failed (I/O error or a status other than the one expected, 200 unless
+    /// the [`Call`] says otherwise), inside or outside it.
     pub errors: u64,
-    /// Of the `errors`, those answered with a status other than 200, and the last such status.
+    /// Of the `errors`, those answered with another status, and the last such status.
     pub refused: (u64, Option<StatusCode>),
     /// The window's length.
     pub window: Duration,
@@ -86,6 +88,30 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_NS, 3).unwrap_or_else(|_| unreachable!())
 }
 
+/// What each request of a load is: its method, the headers it carries besides `Host`, and
+/// the status that counts as answered (any other is an error, counted in
+/// [`Sample::refused`]).
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// The method.
+    pub method: Method,
+    /// Headers besides `Host` (and `Connection: close` in [`ConnMode::Close`]).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The status of an answered request.
+    pub expect: StatusCode,
+}
+
+impl Call {
+    /// `GET`, no other header, 200.
+    pub fn get() -> Call {
+        Call {
+            method: Method::GET,
+            headers: Vec::new(),
+            expect: StatusCode::OK,
+        }
+    }
+}
+
 /// An HTTP/1.1 connection, and the `Host` its requests carry.
 pub struct Conn {
     sender: SendRequest<Empty<Bytes>>,
@@ -108,13 +134,39 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
     })
 }
 
-/// `GET path` on `conn`; returns the status and the number of body bytes read.
-pub async fn get(conn: &mut Conn, path: &str, close: bool) -> anyhow::Result<(StatusCode, usize)> {
-    let mut request = Request::get(path).header(HOST, conn.host.as_str());
+/// The request of `call` on `path`, with `Host: host`.
+fn request(
+    host: &str,
+    path: &str,
+    call: &Call,
+    close: bool,
+) -> anyhow::Result<Request<Empty<Bytes>>> {
+    let mut request = Request::builder()
+        .method(call.method.clone())
+        .uri(path)
+        .header(HOST, host);
+    for (name, value) in &call.headers {
+        request = request.header(name, value);
+    }
     if close {
         request = request.header(CONNECTION, "close");
     }
-    let request = request.body(Empty::new())?;
+    Ok(request.body(Empty::new())?)
+}
+
+/// `GET path` on `conn`; returns the status and the number of body bytes read.
+pub async fn get(conn: &mut Conn, path: &str, close: bool) -> anyhow::Result<(StatusCode, usize)> {
+    send(conn, path, &Call::get(), close).await
+}
+
+/// `call` on `path` on `conn`; returns the status and the number of body bytes read.
+pub async fn send(
+    conn: &mut Conn,
+    path: &str,
+    call: &Call,
+    close: bool,
+) -> anyhow::Result<(StatusCode, usize)> {
+    let request = request(&conn.host, path, call, close)?;
     conn.sender.ready().await?;
     let response = conn.sender.send_request(request).await?;
     let status = response.status();
@@ -130,10 +182,17 @@ pub async fn get(conn: &mut Conn, path: &str, close: bool) -> anyhow::Result<(St
 
 /// `GET path` on a fresh connection, the whole body as bytes (for checks).
 pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    fetch_call(addr, path, &Call::get()).await
+}
+
+/// `call` on `path` on a fresh connection, the whole body as bytes (for checks).
+pub async fn fetch_call(
+    addr: SocketAddr,
+    path: &str,
+    call: &Call,
+) -> anyhow::Result<(StatusCode, Bytes)> {
     let mut conn = connect(addr).await?;
-    let request = Request::get(path)
-        .header(HOST, conn.host.as_str())
-        .body(Empty::new())?;
+    let request = request(&conn.host, path, call, false)?;
     conn.sender.ready().await?;
     let response = conn.sender.send_request(request).await?;
     let status = response.status();
@@ -149,17 +208,32 @@ pub async fn run(
     path: &str,
     conns: usize,
     mode: ConnMode,
+    windows: (Duration, Duration),
+    pids: &[u32],
+) -> anyhow::Result<Sample> {
+    run_call(addr, path, &Call::get(), conns, mode, windows, pids).await
+}
+
+/// [`run`] with requests of `call` rather than `GET`.
+pub async fn run_call(
+    addr: SocketAddr,
+    path: &str,
+    call: &Call,
+    conns: usize,
+    mode: ConnMode,
     (warmup, window): (Duration, Duration),
     pids: &[u32],
 ) -> anyhow::Result<Sample> {
     let barrier = Arc::new(Barrier::new(conns + 1));
     let path: Arc<str> = path.into();
+    let call = Arc::new(call.clone());
     let mut workers = Vec::with_capacity(conns);
     for _ in 0..conns {
         let barrier = barrier.clone();
         let path = path.clone();
+        let call = call.clone();
         workers.push(tokio::spawn(async move {
-            worker(addr, &path, mode, barrier, warmup, window).await
+            worker(addr, &path, &call, mode, barrier, warmup, window).await
         }));
     }
     barrier.wait().await;
@@ -197,6 +271,7 @@ pub async fn run(
 async fn worker(
     addr: SocketAddr,
     path: &str,
+    call: &Call,
     mode: ConnMode,
     barrier: Arc<Barrier>,
     warmup: Duration,
@@ -222,7 +297,7 @@ async fn worker(
                 Some(conn) => conn,
                 None => connect(addr).await?,
             };
-            let got = get(&mut conn, path, mode == ConnMode::Close).await?;
+            let got = send(&mut conn, path, call, mode == ConnMode::Close).await?;
             if mode == ConnMode::KeepAlive {
                 sender = Some(conn);
             }
@@ -231,12 +306,12 @@ async fn worker(
         .await;
         let done = Instant::now();
         match outcome {
-            Ok((StatusCode::OK, _)) if started >= from => {
+            Ok((status, _)) if status == call.expect && started >= from => {
                 requests += 1;
                 let ns = u64::try_from((done - started).as_nanos()).unwrap_or(MAX_NS);
                 hist.saturating_record(ns.clamp(1, MAX_NS));
             }
-            Ok((StatusCode::OK, _)) => {}
+            Ok((status, _)) if status == call.expect => {}
             _ => {
                 errors += 1;
                 if let Ok((status, _)) = &outcome {

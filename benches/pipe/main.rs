@@ -18,12 +18,20 @@
 //!   side by side with the pipe: its target joins the keepalive points (with `keepalive` not
 //!   asked for, `h2` runs them for the baseline, the pipe client→server and HTTP/2 only) and
 //!   its column the bulk points (run for all sizes even if `bulk` is not asked for);
-//! - `yamux`: the same with yamux streams, HTTP/1.1 on each ([`yamux_pair`]).
+//! - `yamux`: the same with yamux streams, HTTP/1.1 on each ([`yamux_pair`]);
+//! - `cluster`: three `restpipe server --cluster` replicas over a real nats-server: a call
+//!   routed across replicas against a local one (req/s ratio at 32 connections, p50 added at
+//!   1), idle clients spread over the replicas (each replica's RSS and CPU, and nats-server's),
+//!   and the return of a killed replica's clients ([`cluster`]; skipped, saying why, when
+//!   there is no nats-server and `CI` is not `true`);
+//! - `queue`: queued delivery (`X-Event-Delivery: queued`, fsync'd before the 202) at 1 and 8
+//!   connections, accepted and delivered events/s, against a raw redb commit loop in this
+//!   process, in the same runs ([`queue`]).
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
-//! `--only keepalive,close,bulk,scale,h2,yamux`, `--out FILE` (markdown; a full run defaults to
-//! `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin PATH`,
-//! `--policy-rules N`.
+//! `--only keepalive,close,bulk,scale,h2,yamux,cluster,queue`, `--out FILE` (markdown; a full
+//! run defaults to `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin
+//! PATH`, `--policy-rules N`.
 //!
 //! `--compare-bin PATH` (with the `keepalive` scenario) also runs a pair of nodes of another
 //! `restpipe` binary, an older build, through the keepalive points in both directions,
@@ -54,12 +62,14 @@
 //!
 //! The modules: [`load`] (the load generator), [`procs`] (child processes, `/proc`),
 //! [`servers`] (the reference servers), [`http2`] and [`yamux_pair`] (the reference pairs on
-//! other multiplexers), [`bulk`], [`scale`], [`report`].
+//! other multiplexers), [`bulk`], [`scale`], [`cluster`], [`queue`], [`report`].
 
 mod bulk;
+mod cluster;
 mod http2;
 mod load;
 mod procs;
+mod queue;
 mod report;
 mod scale;
 mod servers;
@@ -74,7 +84,16 @@ use http2::Proto;
 use load::ConnMode;
 use report::{Bulk, RefBulk, Report, Run, Series};
 
-const SCENARIOS: [&str; 6] = ["keepalive", "close", "bulk", "scale", "h2", "yamux"];
+const SCENARIOS: [&str; 8] = [
+    "keepalive",
+    "close",
+    "bulk",
+    "scale",
+    "h2",
+    "yamux",
+    "cluster",
+    "queue",
+];
 const MIB: usize = 1024 * 1024;
 
 /// How long and how often each point is measured.
@@ -89,12 +108,29 @@ struct Plan {
     bulk_window: Duration,
     bulk_min_reps: usize,
     scale: scale::Plan,
+    /// Connections of the queued-delivery points.
+    queue_conns: Vec<usize>,
+    cluster: cluster::Plan,
+    /// Keep-alive connections of the routed and local cluster points.
+    cluster_conns: Vec<usize>,
 }
 
 impl Plan {
     fn new(mode: &'static str) -> Plan {
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
+        let cluster = |idle, back, settle, window| cluster::Plan {
+            replicas: 3,
+            idle,
+            back,
+            settle,
+            window,
+        };
+        let cluster = match mode {
+            "smoke" => cluster(30, 5, ms(500), s(1)),
+            "quick" => cluster(1000, 200, s(3), s(5)),
+            _ => cluster(10_000, 1000, s(6), s(15)),
+        };
         let (runs, warmup, window, bulk_window, bulk_min_reps, scale, large) = match mode {
             "smoke" => (
                 1,
@@ -147,12 +183,15 @@ impl Plan {
             bulk_window,
             bulk_min_reps,
             scale,
+            queue_conns: vec![1, 8],
+            cluster,
+            cluster_conns: vec![1, 32],
         }
     }
 
     fn method(&self) -> String {
         format!(
-            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). CPU µs/req: CPU time (user + system, from `/proc`, 10 ms ticks) of the processes serving the target (the baseline's one, a pair's two) over the window, per request answered (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window.",
+            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). CPU µs/req: CPU time (user + system, from `/proc`, 10 ms ticks) of the processes serving the target (the baseline's one, a pair's two) over the window, per request answered (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window. Cluster: {} replicas; the routed and local points as the request points; {} idle clients, {:.1} s settle, {:.0} s CPU window; {} clients of the killed replica watched. Queue: {} run(s) of {:.1} s per point, no warm-up.",
             self.runs,
             self.window.as_secs_f64(),
             self.warmup.as_secs_f64(),
@@ -162,6 +201,13 @@ impl Plan {
             bulk::size_label(bulk::LARGE),
             self.scale.settle.as_secs_f64(),
             self.scale.window.as_secs_f64(),
+            self.cluster.replicas,
+            self.cluster.idle,
+            self.cluster.settle.as_secs_f64(),
+            self.cluster.window.as_secs_f64(),
+            self.cluster.back,
+            self.runs,
+            self.window.as_secs_f64(),
         )
     }
 }
@@ -178,7 +224,7 @@ struct Options {
     args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux,cluster,queue] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
@@ -285,6 +331,7 @@ fn main() -> ExitCode {
         }),
         Some("--load") => load_only(&args),
         Some("--load-bulk") => load_bulk(&args),
+        Some("--raw-redb") => raw_redb(&args),
         _ => parse(&args).and_then(bench),
     };
     match result {
@@ -344,6 +391,17 @@ fn load_bulk(args: &[String]) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+/// `--raw-redb DIR SECS`: only the queue scenario's raw redb commit loop, into `DIR/raw.redb`
+/// (for comparing file systems by hand).
+fn raw_redb(args: &[String]) -> anyhow::Result<()> {
+    let usage = "--raw-redb DIR SECS";
+    let dir = PathBuf::from(args.get(1).context(usage)?);
+    let secs: f64 = args.get(2).context(usage)?.parse()?;
+    let (alone, awake) = queue::raw_rate(&dir, Duration::from_secs_f64(secs))?;
+    println!("{alone:.0} commits/s alone, {awake:.0} with a busy thread beside");
+    Ok(())
 }
 
 fn port(args: &[String]) -> anyhow::Result<u16> {
@@ -490,6 +548,24 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         println!("scale: {:?} idle clients", plan.scale.counts);
         report.scale =
             Some(scale::run(&work, &plan.scale, restpipe_testkit::procs::clock_ticks()).await?);
+    }
+    if wants("cluster") {
+        println!(
+            "cluster: {} replicas over nats-server, {} idle clients",
+            plan.cluster.replicas, plan.cluster.idle
+        );
+        let requests = cluster::Requests {
+            runs: plan.runs,
+            windows: (plan.warmup, plan.window),
+            conns: &plan.cluster_conns,
+        };
+        let ticks = restpipe_testkit::procs::clock_ticks();
+        report.cluster = cluster::run(&work, &plan.cluster, &requests, ticks).await?;
+        report.cluster_skipped = report.cluster.is_none();
+    }
+    if wants("queue") {
+        println!("queue: queued delivery at {:?} conns", plan.queue_conns);
+        report.queue = Some(queue::run(&work, plan.runs, plan.window, &plan.queue_conns).await?);
     }
     Ok(report)
 }

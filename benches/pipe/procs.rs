@@ -134,6 +134,8 @@ pub struct PairOptions {
     pub statsd: Option<u16>,
     /// More flags for both nodes.
     pub extra: Vec<String>,
+    /// More flags for the server node.
+    pub server_extra: Vec<String>,
     /// More flags for the client node.
     pub client_extra: Vec<String>,
     /// The `restpipe` binary of both nodes; `None` for the one cargo built.
@@ -216,15 +218,25 @@ fn set_flag(args: &mut [String], flag: &str, value: &str) {
     }
 }
 
+/// The dev set's client certificate (identity `dev-client`).
+pub fn dev_client(work: &Certs) -> restpipe_testkit::certs::CertFiles {
+    restpipe_testkit::certs::CertFiles {
+        identity: restpipe_certs::DEV_CLIENT_IDENTITY.into(),
+        cert: work.paths.client_cert.clone(),
+        key: work.paths.client_key.clone(),
+    }
+}
+
 /// A server node and a client node (identity `dev-client`), both with the `time` handlers,
 /// connected, both of `options.bin`.
 pub async fn pair(work: &Certs, options: &PairOptions) -> anyhow::Result<Pair> {
+    let server_flags = [options.extra.as_slice(), &options.server_extra].concat();
     let server = server_node(
         work,
         &format!("{}-server", options.name),
         (0, 0),
         options.statsd,
-        &options.extra,
+        &server_flags,
         options.bin.as_deref(),
     )
     .await?;
@@ -232,12 +244,7 @@ pub async fn pair(work: &Certs, options: &PairOptions) -> anyhow::Result<Pair> {
     flags.extend_from_slice(&options.extra);
     flags.extend_from_slice(&options.client_extra);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let dev_client = restpipe_testkit::certs::CertFiles {
-        identity: restpipe_certs::DEV_CLIENT_IDENTITY.into(),
-        cert: work.paths.client_cert.clone(),
-        key: work.paths.client_key.clone(),
-    };
-    let args = procs::client_args(work, &dev_client, server.pipe_addr(), &flags);
+    let args = procs::client_args(work, &dev_client(work), server.pipe_addr(), &flags);
     let mut client = start_node(
         work,
         &format!("{}-client", options.name),
@@ -273,4 +280,19 @@ pub fn rss_bytes(process: &Process) -> anyhow::Result<u64> {
 /// CPU time of `pid` so far, user plus system.
 pub fn cpu_time(pid: u32, ticks_per_s: f64) -> anyhow::Result<Duration> {
     procs::cpu_time(pid, ticks_per_s).with_context(|| format!("CPU time of {pid}"))
+}
+
+/// CPU of each of `pids` over `window`, % of one core each, in the same order.
+pub async fn cpu_pct_over(pids: &[u32], window: Duration, ticks: f64) -> anyhow::Result<Vec<f64>> {
+    let before = pids
+        .iter()
+        .map(|&pid| cpu_time(pid, ticks))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tokio::time::sleep(window).await;
+    let mut pcts = Vec::with_capacity(pids.len());
+    for (&pid, from) in pids.iter().zip(before) {
+        let to = cpu_time(pid, ticks)?;
+        pcts.push(to.saturating_sub(from).as_secs_f64() / window.as_secs_f64() * 100.0);
+    }
+    Ok(pcts)
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::bulk::size_label;
 use crate::http2::Proto;
 use crate::load::{ConnMode, Sample};
-use crate::scale;
+use crate::{cluster, queue, scale};
 
 /// The markers between which the results live in an existing markdown file.
 pub const BEGIN: &str = "<!-- bench:pipe:begin -->";
@@ -190,6 +190,12 @@ pub struct Report {
     pub bulk: Vec<Bulk>,
     /// The scale scenario.
     pub scale: Option<scale::Outcome>,
+    /// The queue scenario.
+    pub queue: Option<queue::Outcome>,
+    /// The cluster scenario.
+    pub cluster: Option<cluster::Outcome>,
+    /// The cluster scenario was asked for but skipped (no nats-server).
+    pub cluster_skipped: bool,
     /// statsd datagrams received while metrics were on.
     pub statsd_datagrams: u64,
     /// The command that produced it.
@@ -758,6 +764,14 @@ impl Report {
             );
             out.push('\n');
         }
+        if let Some(c) = &self.cluster {
+            cluster_tables(&mut out, c);
+        } else if self.cluster_skipped {
+            out.push_str("### Cluster\n\nSkipped: no nats-server on this machine (set `NATS_SERVER` or install it).\n\n");
+        }
+        if let Some(q) = &self.queue {
+            queue_table(&mut out, q);
+        }
         self.targets(&mut out);
         out
     }
@@ -995,6 +1009,24 @@ impl Report {
                 verdict(r.missing == 0 && all <= 30.0, None),
             ));
         }
+        if let Some(c) = &self.cluster {
+            let f = &c.failover;
+            let all = scale::quantile(&f.times, 1.0);
+            rows.push((
+                format!(
+                    "a replica of {} killed (SIGKILL): its clients back on the others within the reconnect backoff (≤ 15 s with the defaults)",
+                    c.replicas
+                ),
+                format!(
+                    "{} of {} back, all in {all:.1} s (p50 {:.2} s); {} missing",
+                    thousands(f.times.len() as f64),
+                    thousands(f.clients as f64),
+                    scale::quantile(&f.times, 0.5),
+                    f.missing
+                ),
+                verdict(f.missing == 0 && all <= 15.0, None),
+            ));
+        }
         if rows.is_empty() {
             return;
         }
@@ -1011,6 +1043,160 @@ impl Report {
         }
         out.push('\n');
     }
+}
+
+/// The cluster scenario: routed against local calls, idle clients over the replicas, and a
+/// replica's failover.
+fn cluster_tables(out: &mut String, c: &cluster::Outcome) {
+    let _ = writeln!(
+        out,
+        "### Cluster: {} replicas over NATS\n\nReal processes: a nats-server and {} `restpipe server --cluster` replicas on this machine. *Local*: `GET /client/dev-client/time` on the replica the client process is connected to; *routed*: the same on another replica, which carries it over NATS to the holder. Interleaved run by run (the order swapped every other run); routed / local is per run, median (min–max). CPU µs/req: the processes serving the call (local: the holder and the client; routed: both replicas, the client and nats-server).\n",
+        c.replicas, c.replicas
+    );
+    out.push_str("| conns | local req/s | routed req/s | routed / local (min–max) | local p50 µs | routed p50 µs | p50 added µs | local p99 µs | routed p99 µs | local CPU µs/req | routed CPU µs/req | errors |\n");
+    out.push_str("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let find = |key: &str, conns: usize| c.series.iter().find(|s| s.key == key && s.conns == conns);
+    let mut conns: Vec<usize> = c.series.iter().map(|s| s.conns).collect();
+    conns.dedup();
+    for n in conns {
+        let (Some(local), Some(routed)) = (find("cluster-local", n), find("cluster-routed", n))
+        else {
+            continue;
+        };
+        let rps = |s: &Series| s.col(|r| r.rps);
+        let r = per_run(&rps(routed), &rps(local));
+        let errors: u64 = local
+            .runs
+            .iter()
+            .chain(&routed.runs)
+            .map(|r| r.errors)
+            .sum();
+        let _ = writeln!(
+            out,
+            "| {n} | {} | {} | {} ({}) | {:.0} | {:.0} | {:+.0} | {:.0} | {:.0} | {} | {} | {errors} |",
+            thousands(median(&rps(local))),
+            thousands(median(&rps(routed))),
+            pct(median(&r)),
+            pct_range(&r),
+            local.p50(),
+            routed.p50(),
+            routed.p50() - local.p50(),
+            median(&local.col(|r| r.p99)),
+            median(&routed.col(|r| r.p99)),
+            local.cpu_cell(),
+            routed.cpu_cell(),
+        );
+    }
+    let (idle, issued, connected) = c.idle;
+    let _ = writeln!(
+        out,
+        "\n{} idle client nodes in the bench process, each knowing every replica (a random one first); certificates issued in {issued:.1} s, all connected and counted by the replicas in {connected:.1} s. RSS and CPU from `/proc` over a {:.0} s window after the settle time:\n",
+        thousands(idle as f64),
+        c.window_secs
+    );
+    out.push_str("| process | clients held | RSS at its start | RSS with the clients | CPU (% of one core) |\n");
+    out.push_str("|---|---:|---:|---:|---:|\n");
+    let mib = |b: u64| b as f64 / 1048576.0;
+    for r in &c.idle_replicas {
+        let _ = writeln!(
+            out,
+            "| replica {} | {} | {:.1} MiB | {:.1} MiB | {:.2}% |",
+            r.name,
+            thousands(r.clients as f64),
+            mib(r.rss_start),
+            mib(r.rss),
+            r.cpu_pct
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| nats-server | — | {:.1} MiB | {:.1} MiB | {:.2}% |",
+        mib(c.nats.0),
+        mib(c.nats.1),
+        c.nats.2
+    );
+    let _ = writeln!(
+        out,
+        "| the client nodes (bench process) | {} | — | — | {:.2}% |",
+        thousands(idle as f64),
+        c.clients_cpu_pct
+    );
+    let f = &c.failover;
+    let last = scale::quantile(&f.times, 1.0);
+    let seconds = f.per_second.len().max(1);
+    let _ = writeln!(
+        out,
+        "\nFailover: {} clients kept on replica {} (the one that held the most; its other clients were shut down first), {} on the others left alone; {} killed with SIGKILL. Back (connected again, each client's own moment): {} of {}, {} missing; from the kill: p10 {:.2} s, p50 {:.2} s, p90 {:.2} s, max {last:.2} s. The survivors' `/health` counted every client {:.2} s after the kill, spread {:?}. Reconnects per second from the kill: {:?}: at most {} in one second against {:.0} per second on average over the {seconds} s until the last; at most {} in any 100 ms.\n",
+        thousands(f.clients as f64),
+        f.killed,
+        thousands(f.others as f64),
+        f.killed,
+        thousands(f.times.len() as f64),
+        thousands(f.clients as f64),
+        f.missing,
+        scale::quantile(&f.times, 0.1),
+        scale::quantile(&f.times, 0.5),
+        scale::quantile(&f.times, 0.9),
+        f.counted_secs,
+        f.spread,
+        f.per_second,
+        f.per_second.iter().copied().max().unwrap_or(0),
+        f.times.len() as f64 / seconds as f64,
+        f.peak_per_100ms
+    );
+}
+
+/// Queued delivery against the raw redb commit rate of the same runs.
+fn queue_table(out: &mut String, q: &queue::Outcome) {
+    let _ = writeln!(
+        out,
+        "### Queued delivery (`X-Event-Delivery: queued`) against the store's raw commit rate\n\nA server node queues `GET /client/dev-client/time` (202 once the event is committed with an fsync) and delivers each event to its connected client node, whose `get_time` answers; no warm-up, every 202 counts. *Accepted*: 202s per second over the window (p50: the 202's latency). *Delivered*: events accepted / the time from the start of the load until the node's queue is empty. *Raw*: this process's own redb loop (one {}-byte record per write transaction, `Durability::Immediate`) into a file in the same directory as the node's `--data-dir` ({}, {}), measured in the same runs. Ratios are per run against the raw rate of the same run, median (min–max).\n",
+        queue::RAW_RECORD, q.place.0, q.place.1
+    );
+    out.push_str(
+        "| what | conns | events/s (median) | min–max | p50 µs | / raw commits (min–max) |\n",
+    );
+    out.push_str("|---|---:|---:|---|---:|---|\n");
+    for (what, values) in [
+        ("raw redb commits (1 record, fsync each)", &q.raw),
+        (
+            "raw redb commits, a busy thread beside the loop²",
+            &q.raw_awake,
+        ),
+    ] {
+        let (lo, hi) = min_max(values);
+        let r = per_run(values, &q.raw);
+        let _ = writeln!(
+            out,
+            "| {what} | 1 | {} | {}–{} | - | {} ({}) |",
+            thousands(median(values)),
+            thousands(lo),
+            thousands(hi),
+            pct(median(&r)),
+            pct_range(&r)
+        );
+    }
+    for p in &q.points {
+        for (what, values, p50) in [
+            ("accepted (202, fsync'd)", &p.accepted, Some(&p.p50)),
+            ("delivered (accept to empty queue)", &p.delivered, None),
+        ] {
+            let r = per_run(values, &q.raw);
+            let (lo, hi) = min_max(values);
+            let _ = writeln!(
+                out,
+                "| {what} | {} | {} | {}–{} | {} | {} ({}) |",
+                p.conns,
+                thousands(median(values)),
+                thousands(lo),
+                thousands(hi),
+                p50.map_or("-".into(), |v| format!("{:.0}", median(v))),
+                pct(median(&r)),
+                pct_range(&r)
+            );
+        }
+    }
+    out.push_str("\n² On this VM a commit loop alone waits on each fsync with its vCPU halted and is woken late; the node commits among busy threads (its own, the load generator's). The second raw row keeps a core busy with a spinning thread in the bench process meanwhile: when it is well above the first, the raw rate alone is not a ceiling here, and the node's rates can exceed it.\n\n");
 }
 
 /// Write `text` to `path`: between the markers if the file has them, else appended with them

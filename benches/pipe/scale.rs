@@ -61,11 +61,7 @@ pub struct Restart {
 impl Restart {
     /// The reconnect time at quantile `q`, seconds.
     pub fn quantile(&self, q: f64) -> f64 {
-        if self.times.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.times.len() - 1) as f64 * q).round() as usize;
-        self.times[i]
+        quantile(&self.times, q)
     }
 }
 
@@ -95,7 +91,7 @@ pub struct Plan {
 }
 
 /// Issue `n` client certificates from `ca` on every core; PEM (certificate, key) pairs.
-fn issue(ca: &CertificateAuthority, n: usize) -> anyhow::Result<Vec<TlsMaterial>> {
+pub fn issue(ca: &CertificateAuthority, n: usize) -> anyhow::Result<Vec<TlsMaterial>> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = n.div_ceil(threads).max(1);
     let indices: Vec<usize> = (0..n).collect();
@@ -131,7 +127,7 @@ fn issue(ca: &CertificateAuthority, n: usize) -> anyhow::Result<Vec<TlsMaterial>
 }
 
 /// How many clients the server's `/health` counts.
-async fn server_count(http: std::net::SocketAddr) -> Option<u64> {
+pub async fn server_count(http: std::net::SocketAddr) -> Option<u64> {
     let (status, body) = load::fetch(http, "/health").await.ok()?;
     if status != StatusCode::OK {
         return None;
@@ -156,12 +152,91 @@ async fn wait_count(http: std::net::SocketAddr, n: usize, within: Duration) -> a
 
 /// CPU of `pid` and of this process over `window`, % of one core each.
 async fn cpu_over(pid: u32, window: Duration, ticks: f64) -> anyhow::Result<(f64, f64)> {
-    let me = std::process::id();
-    let (s0, c0) = (procs::cpu_time(pid, ticks)?, procs::cpu_time(me, ticks)?);
-    tokio::time::sleep(window).await;
-    let (s1, c1) = (procs::cpu_time(pid, ticks)?, procs::cpu_time(me, ticks)?);
-    let pct = |a: Duration, b: Duration| (b - a).as_secs_f64() / window.as_secs_f64() * 100.0;
-    Ok((pct(s0, s1), pct(c0, c1)))
+    let pcts = procs::cpu_pct_over(&[pid, std::process::id()], window, ticks).await?;
+    Ok((pcts[0], pcts[1]))
+}
+
+/// Start `n` client nodes of the certificates `materials` yields (in batches of [`BATCH`],
+/// each waited for), dialling `server` (`host:port`, or several, comma separated), into
+/// `clients`.
+pub async fn start_clients(
+    materials: &mut impl Iterator<Item = TlsMaterial>,
+    n: usize,
+    server: &str,
+    clients: &mut Vec<ClientNode>,
+) -> anyhow::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(BATCH);
+        let mut fresh = Vec::with_capacity(batch);
+        for tls in materials.by_ref().take(batch) {
+            let mut options = ClientOptions::new(NodeOptions::new(tls), server.to_string());
+            options.server_name = Some("localhost".into());
+            fresh.push(ClientNode::start(options)?);
+        }
+        if fresh.len() < batch {
+            bail!("{n} clients asked for, but too few certificates");
+        }
+        let waits = fresh
+            .iter()
+            .map(|c| c.wait_connected(Duration::from_secs(60)));
+        for result in futures_util::future::join_all(waits).await {
+            result.map_err(|e| anyhow::anyhow!("a client did not connect: {e}"))?;
+        }
+        clients.extend(fresh);
+        left -= batch;
+    }
+    Ok(())
+}
+
+/// A watcher per client of `clients`: once the client's current connection closes, the
+/// moment it is connected again (`None` if not within `limit`).
+pub fn reconnect_watchers(
+    clients: &[ClientNode],
+    limit: Duration,
+) -> Vec<tokio::task::JoinHandle<Option<Instant>>> {
+    clients
+        .iter()
+        .map(|client| {
+            let client = client.clone();
+            let old = client.connection();
+            tokio::spawn(async move {
+                if let Some(old) = old {
+                    old.closed().await;
+                }
+                client
+                    .wait_connected(limit)
+                    .await
+                    .ok()
+                    .map(|_| Instant::now())
+            })
+        })
+        .collect()
+}
+
+/// Reconnects per second of `times` (seconds from an event): `[0 s, 1 s)`, `[1 s, 2 s)`,
+/// ...; and the most in any 100 ms.
+pub fn profile(times: &[f64]) -> (Vec<usize>, usize) {
+    let mut per_second = Vec::new();
+    let mut per_100ms = std::collections::HashMap::<u64, usize>::new();
+    for &t in times {
+        let s = t as usize;
+        if per_second.len() <= s {
+            per_second.resize(s + 1, 0);
+        }
+        per_second[s] += 1;
+        *per_100ms.entry((t * 10.0) as u64).or_default() += 1;
+    }
+    (per_second, per_100ms.values().copied().max().unwrap_or(0))
+}
+
+/// The value at quantile `q` of `sorted`; NaN if empty.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
 }
 
 /// Run the scenario.
@@ -188,22 +263,8 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
     let mut points = Vec::new();
     for &n in &plan.counts {
         let started = Instant::now();
-        while clients.len() < n {
-            let batch = (n - clients.len()).min(BATCH);
-            let mut fresh = Vec::with_capacity(batch);
-            for tls in materials.by_ref().take(batch) {
-                let mut options = ClientOptions::new(NodeOptions::new(tls), server_addr.clone());
-                options.server_name = Some("localhost".into());
-                fresh.push(ClientNode::start(options)?);
-            }
-            let waits = fresh
-                .iter()
-                .map(|c| c.wait_connected(Duration::from_secs(60)));
-            for result in futures_util::future::join_all(waits).await {
-                result.map_err(|e| anyhow::anyhow!("a scale client did not connect: {e}"))?;
-            }
-            clients.extend(fresh);
-        }
+        let more = n.saturating_sub(clients.len());
+        start_clients(&mut materials, more, &server_addr, &mut clients).await?;
         let connect_secs = started.elapsed().as_secs_f64();
         wait_count(http, n, Duration::from_secs(30)).await?;
         tokio::time::sleep(plan.settle).await;
@@ -228,23 +289,7 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
     }
 
     // Kill the server, start it again on the same ports, and time every client's return.
-    let watchers: Vec<_> = clients
-        .iter()
-        .map(|client| {
-            let client = client.clone();
-            let old = client.connection();
-            tokio::spawn(async move {
-                if let Some(old) = old {
-                    old.closed().await;
-                }
-                client
-                    .wait_connected(Duration::from_secs(120))
-                    .await
-                    .ok()
-                    .map(|_| Instant::now())
-            })
-        })
-        .collect();
+    let watchers = reconnect_watchers(&clients, Duration::from_secs(120));
     let killed = Instant::now();
     server.kill();
     let restarted = Instant::now();
@@ -270,16 +315,7 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
     times.sort_by(f64::total_cmp);
     wait_count(http, max, Duration::from_secs(60)).await?;
     let server_counted_secs = restarted.elapsed().as_secs_f64();
-    let mut per_second = Vec::new();
-    let mut per_100ms = std::collections::HashMap::<u64, usize>::new();
-    for &t in &times {
-        let s = t as usize;
-        if per_second.len() <= s {
-            per_second.resize(s + 1, 0);
-        }
-        per_second[s] += 1;
-        *per_100ms.entry((t * 10.0) as u64).or_default() += 1;
-    }
+    let (per_second, peak_per_100ms) = profile(&times);
     tokio::time::sleep(plan.settle).await;
     let rss_after = procs::rss_bytes(&server)?;
     let restart = Restart {
@@ -288,7 +324,7 @@ pub async fn run(work: &Workdir, plan: &Plan, ticks: f64) -> anyhow::Result<Outc
         times,
         missing,
         server_counted_secs,
-        peak_per_100ms: per_100ms.values().copied().max().unwrap_or(0),
+        peak_per_100ms,
         per_second,
         rss_after,
     };

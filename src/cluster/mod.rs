@@ -138,6 +138,9 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
+/// Whoever holds more than one of `local`, `epochs` and `remote` at once takes them in that
+/// order: the presence task and the reconcile task run on different worker threads, and two
+/// orders deadlock them (both workers blocked, the replica dead but alive).
 struct Inner {
     client: Client,
     options: ClusterOptions,
@@ -271,13 +274,16 @@ impl Cluster {
             .values()
             .map(|r| r.replica.clone())
             .collect();
+        // One lock at a time (see [`Inner`] for the order when several are held).
+        let here = crate::util::lock(&self.inner.local).len();
+        let elsewhere = crate::util::lock(&self.inner.remote).len();
         serde_json::json!({
             "replica": self.replica(),
             "name": self.inner.options.name,
             "nats": if self.is_connected() { "connected" } else { "unreachable" },
             "nats_urls": self.inner.options.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
-            "clients_here": crate::util::lock(&self.inner.local).len(),
-            "clients_elsewhere": crate::util::lock(&self.inner.remote).len(),
+            "clients_here": here,
+            "clients_elsewhere": elsewhere,
             "other_replicas_with_clients": replicas,
         })
     }
@@ -443,9 +449,10 @@ impl Inner {
         }
         let mut fenced = Vec::new();
         {
-            let mut remote = crate::util::lock(&self.remote);
-            let mut epochs = crate::util::lock(&self.epochs);
+            // The order of [`Inner`]: local, epochs, remote.
             let local = crate::util::lock(&self.local);
+            let mut epochs = crate::util::lock(&self.epochs);
+            let mut remote = crate::util::lock(&self.remote);
             for seen in presence.clients.into_iter().take(MAX_ENTRIES) {
                 if seen.identity.is_empty() || seen.identity.len() > MAX_NAME {
                     continue;

@@ -70,6 +70,11 @@ impl NatsServer {
         self.process.set_args(args);
     }
 
+    /// The nats-server process (its pid, memory).
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
