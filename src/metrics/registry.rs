@@ -11,7 +11,7 @@
 //!
 //! Beside the counters it keeps two small bounded records for the status page: the last
 //! [`RECENT_ERRORS`] error events, and the heartbeat round trips of the last
-//! [`RTT_SAMPLES`] heartbeats of each live connection. Both are touched only on rare events
+//! [`RTT_SAMPLES`] heartbeats of each live connection (of the first [`RTT_PEERS`]). Both are touched only on rare events
 //! (an error, a heartbeat every few seconds), never per request.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -33,6 +33,12 @@ const MESSAGE_CHARS: usize = 300;
 /// A connection's round trips are forgotten when none came for this long (a connection whose
 /// end was missed); live ones send a heartbeat every few seconds.
 const RTT_STALE: Duration = Duration::from_secs(600);
+/// Connections whose round trips are kept, at most: the status page shows a sparkline for
+/// each; later connections get none. Without a bound, each of 10,000 idle connections held
+/// about 1 KiB of samples, and every heartbeat swept them all.
+pub const RTT_PEERS: usize = 256;
+/// How often the stale round trips are swept, at most.
+const RTT_SWEEP: Duration = Duration::from_secs(60);
 
 /// Upper bounds of the latency buckets, in microseconds (100 µs to 30 s).
 const BUCKETS_US: [u64; 17] = [
@@ -202,6 +208,14 @@ pub struct PeerRtts {
     pub samples: VecDeque<(f64, f64)>,
 }
 
+/// The round trips kept for the status page, by connection.
+#[derive(Default)]
+struct Rtts {
+    peers: HashMap<u64, PeerRtts>,
+    /// When the stale ones were last swept, in seconds since the epoch.
+    swept: f64,
+}
+
 /// The registry: every counter and histogram of one node (or of every node that shares the
 /// [`Metrics`](super::Metrics) handle).
 pub struct Registry {
@@ -215,7 +229,7 @@ pub struct Registry {
     /// By the handler's metric label; written when a node starts, read at scrapes.
     handlers: Mutex<BTreeMap<String, Arc<HandlerStats>>>,
     errors: Mutex<VecDeque<ErrorEvent>>,
-    rtts: Mutex<HashMap<u64, PeerRtts>>,
+    rtts: Mutex<Rtts>,
 }
 
 impl Default for Registry {
@@ -229,7 +243,7 @@ impl Default for Registry {
             heartbeat: Histogram::default(),
             handlers: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(VecDeque::with_capacity(RECENT_ERRORS)),
-            rtts: Mutex::new(HashMap::new()),
+            rtts: Mutex::default(),
         }
     }
 }
@@ -336,9 +350,16 @@ impl Registry {
     pub fn rtt_sample(&self, id: u64, identity: &str, address: &str, rtt: Duration) {
         let now = epoch_secs(SystemTime::now());
         let mut rtts = lock(&self.rtts);
-        let stale = now - RTT_STALE.as_secs_f64();
-        rtts.retain(|_, p| p.samples.back().is_some_and(|(at, _)| *at >= stale));
-        let peer = rtts.entry(id).or_insert_with(|| PeerRtts {
+        if now - rtts.swept >= RTT_SWEEP.as_secs_f64() {
+            let stale = now - RTT_STALE.as_secs_f64();
+            rtts.peers
+                .retain(|_, p| p.samples.back().is_some_and(|(at, _)| *at >= stale));
+            rtts.swept = now;
+        }
+        if rtts.peers.len() >= RTT_PEERS && !rtts.peers.contains_key(&id) {
+            return;
+        }
+        let peer = rtts.peers.entry(id).or_insert_with(|| PeerRtts {
             identity: identity.to_string(),
             address: address.to_string(),
             samples: VecDeque::with_capacity(RTT_SAMPLES),
@@ -351,12 +372,12 @@ impl Registry {
 
     /// Forget the round trips of connection `id`, which has ended.
     pub fn connection_ended(&self, id: u64) {
-        lock(&self.rtts).remove(&id);
+        lock(&self.rtts).peers.remove(&id);
     }
 
     /// The round trips of every live connection, by identity.
     pub fn rtts(&self) -> Vec<PeerRtts> {
-        let mut all: Vec<PeerRtts> = lock(&self.rtts).values().cloned().collect();
+        let mut all: Vec<PeerRtts> = lock(&self.rtts).peers.values().cloned().collect();
         all.sort_by(|a, b| a.identity.cmp(&b.identity));
         all
     }
@@ -573,5 +594,18 @@ mod tests {
         assert_eq!(r.rtts()[0].samples.len(), RTT_SAMPLES);
         r.connection_ended(9);
         assert!(r.rtts().is_empty());
+        for id in 0..RTT_PEERS as u64 + 10 {
+            r.rtt_sample(id, "c", "127.0.0.1:1", Duration::from_millis(1));
+        }
+        assert_eq!(r.rtts().len(), RTT_PEERS);
+        // A connection that ends makes room for the next one.
+        r.connection_ended(0);
+        r.rtt_sample(
+            RTT_PEERS as u64 + 20,
+            "late",
+            "127.0.0.1:2",
+            Duration::from_millis(1),
+        );
+        assert!(r.rtts().iter().any(|p| p.identity == "late"));
     }
 }
