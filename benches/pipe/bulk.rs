@@ -169,17 +169,7 @@ pub async fn rustls(
     window: Duration,
     min_reps: usize,
 ) -> anyhow::Result<f64> {
-    let certs = &work.paths;
-    let tls = TlsMaterial::from_files(&TlsFiles {
-        ca: certs.ca_cert.clone(),
-        cert: certs.client_cert.clone(),
-        key: certs.client_key.clone(),
-        ..TlsFiles::default()
-    })?;
-    let tcp = TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let name = ServerName::try_from("localhost").context("server name")?;
-    let mut stream = tls.connector()?.connect(name, tcp).await?;
+    let mut stream = connect(work, addr).await?;
     let (warm, min_reps) = reps(size, min_reps);
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = Duration::ZERO;
@@ -196,6 +186,52 @@ pub async fn rustls(
         }
     }
     Ok(mb_per_s(size * reps, total))
+}
+
+/// A TLS connection to the copy server, with the client certificate of the pipe's nodes.
+async fn connect(
+    work: &Workdir,
+    addr: SocketAddr,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let certs = &work.paths;
+    let tls = TlsMaterial::from_files(&TlsFiles {
+        ca: certs.ca_cert.clone(),
+        cert: certs.client_cert.clone(),
+        key: certs.client_key.clone(),
+        ..TlsFiles::default()
+    })?;
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from("localhost").context("server name")?;
+    Ok(tls.connector()?.connect(name, tcp).await?)
+}
+
+/// The floor of what the pipe adds to one request: the p50 round trip, in µs, of one small
+/// TLS record each way (an 8-byte ask, a 64-byte answer) between this process and the copy
+/// server, one exchange at a time for `window` after as long a warm-up as `warmup`.
+pub async fn round_trip_p50(
+    work: &Workdir,
+    addr: SocketAddr,
+    (warmup, window): (Duration, Duration),
+) -> anyhow::Result<f64> {
+    let mut stream = connect(work, addr).await?;
+    let mut buf = vec![0u8; 1024];
+    let started = Instant::now();
+    while started.elapsed() < warmup {
+        copy_once(&mut stream, 64, &mut buf).await?;
+    }
+    let mut micros = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < window {
+        let one = Instant::now();
+        copy_once(&mut stream, 64, &mut buf).await?;
+        micros.push(one.elapsed().as_secs_f64() * 1e6);
+    }
+    micros.sort_by(f64::total_cmp);
+    micros
+        .get(micros.len() / 2)
+        .copied()
+        .context("no round trip in the window")
 }
 
 async fn copy_once(

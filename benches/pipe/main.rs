@@ -792,7 +792,22 @@ async fn requests(
             });
         }
     }
+    // The floor of one request's added latency, measured in every run beside the 1-conn
+    // points (issue 17): the plain rustls server, one small record each way.
+    let floor_server = if keepalive && plan.conns.contains(&1) {
+        Some(procs::rustls_copy(work).await?)
+    } else {
+        None
+    };
     for run in 1..=plan.runs {
+        if let Some((_, addr)) = &floor_server {
+            let p50 = bulk::round_trip_p50(work, *addr, (plan.warmup, plan.window)).await?;
+            println!(
+                "  run {run}/{}: floor: one small TLS record each way, p50 {p50:.0} µs",
+                plan.runs
+            );
+            report.floor.push(p50);
+        }
         // With an older binary to compare with, old and new swap places on every other run,
         // so that neither always runs right after the other; so do the pairs with and
         // without a policy.

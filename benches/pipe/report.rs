@@ -204,6 +204,9 @@ pub struct Report {
     pub compare: Option<String>,
     /// The rules of the policy measured against none (`--policy-rules`), if any.
     pub policy_rules: Option<usize>,
+    /// The floor of one request's added latency: the p50 round trip (µs) of one small TLS
+    /// record each way between this process and the plain rustls server, one per run.
+    pub floor: Vec<f64>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -787,6 +790,42 @@ impl Report {
             }
         };
         let ka = ConnMode::KeepAlive;
+        // Issue 17: one request near the floor, and ≥ 70% of the baseline at 32 and 256.
+        for (key, name) in [("c2s", "client→server"), ("s2c", "server→client")] {
+            if let (Some(a), Some(b)) = (self.find(key, 1, ka), self.find("baseline", 1, ka)) {
+                let added = a.p50() - b.p50();
+                let floor = if self.floor.is_empty() {
+                    String::new()
+                } else {
+                    let (lo, hi) = min_max(&self.floor);
+                    format!(
+                        "; the floor, one small TLS record each way between two processes: p50 {:.0} µs ({lo:.0}–{hi:.0})",
+                        median(&self.floor)
+                    )
+                };
+                rows.push((
+                    format!("1 conn, pipe {name}: adds ≤ 25 µs p50 over baseline (issue 17)"),
+                    format!(
+                        "+{added:.0} µs ({:.0} vs {:.0} µs){floor}",
+                        a.p50(),
+                        b.p50()
+                    ),
+                    verdict(added <= 25.0, None),
+                ));
+            }
+            for conns in [32, 256] {
+                if let Some(r) = self.ratios(key, "baseline", conns, ka) {
+                    let x = median(&r);
+                    rows.push((
+                        format!(
+                            "{conns} keep-alive conns, pipe {name}: ≥ 70% of baseline req/s (issue 17)"
+                        ),
+                        format!("{} ({})", pct(x), pct_range(&r)),
+                        verdict(x >= 0.70, None),
+                    ));
+                }
+            }
+        }
         for (key, name) in [("c2s", "client→server"), ("s2c", "server→client")] {
             if let Some(r) = self.ratios(key, "baseline", 32, ka) {
                 let x = median(&r);
