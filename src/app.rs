@@ -91,6 +91,9 @@ impl RunningNode {
         if let Some(queue) = &self.queue {
             queue.shutdown();
         }
+        if let Some(pubsub) = self.pipe.core().pubsub.get() {
+            pubsub.shutdown();
+        }
         let mut http_task = self.http_task;
         if tokio::time::timeout(grace, &mut http_task).await.is_err() {
             warn!("HTTP requests still in flight after the grace period");
@@ -273,6 +276,13 @@ pub async fn start_with_tls(
     let queue = Queue::start(pipe.clone(), settings.queue.clone())
         .await
         .map_err(|e| anyhow::anyhow!("the queue: {e}"))?;
+    let pubsub = crate::pubsub::Pubsub::start(&pipe, settings.pubsub.clone())
+        .map_err(|e| anyhow::anyhow!("publish/subscribe: {e}"))?;
+    if let Pipe::Server(server) = &pipe {
+        if let Some(cluster) = server.cluster() {
+            cluster.carry_pubsub(&pubsub);
+        }
+    }
     let listen = settings.http_listen();
     if let HttpListen::Tcp(addr) = &listen {
         let ip = addr.ip();

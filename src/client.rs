@@ -172,6 +172,16 @@ impl ClientNode {
         self.inner.core.handler_names()
     }
 
+    /// The node's publish/subscribe hub, once started ([`crate::pubsub::Pubsub::start`]).
+    pub fn pubsub(&self) -> Option<crate::pubsub::Pubsub> {
+        self.inner.core.pubsub.get().cloned()
+    }
+
+    /// A receiver of the connection to the server, changed at every connect and disconnect.
+    pub(crate) fn connections(&self) -> watch::Receiver<Option<Connection>> {
+        self.inner.current.subscribe()
+    }
+
     /// Wait up to `wait` for the pipe to be up.
     pub async fn wait_connected(&self, wait: Duration) -> Result<Connection, CallError> {
         let mut rx = self.inner.current.subscribe();

@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod node;
 pub mod plugins;
 pub mod policy;
+pub mod pubsub;
 pub mod queue;
 pub mod registry;
 pub mod server;

@@ -106,6 +106,8 @@ pub struct Settings {
     pub grace: Duration,
     /// The queue: its store's directory and its bounds (docs/QUEUE.md).
     pub queue: QueueSettings,
+    /// Publish/subscribe: the node's subscriptions and the bounds (docs/PUBSUB.md).
+    pub pubsub: crate::pubsub::PubsubSettings,
     /// Metrics.
     pub statsd: StatsdSettings,
     /// Debug logs.
@@ -357,6 +359,30 @@ impl Settings {
             queue.validate()?;
             queue
         };
+        let pubsub = {
+            let defaults = crate::pubsub::PubsubSettings::default();
+            let pubsub = crate::pubsub::PubsubSettings {
+                subscribe: pick!(subscribe)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|g| g.trim().to_string())
+                    .filter(|g| !g.is_empty())
+                    .collect(),
+                max_publish_bytes: pick!(max_publish_bytes).unwrap_or(defaults.max_publish_bytes),
+                retain_count: pick!(pubsub_retain_count).unwrap_or(defaults.retain_count),
+                retain_age: positive_seconds(
+                    "pubsub-retain-age",
+                    pick!(pubsub_retain_age),
+                    defaults.retain_age,
+                )?,
+                retain_bytes: pick!(pubsub_retain_bytes).unwrap_or(defaults.retain_bytes),
+                stall: positive_seconds("pubsub-stall", pick!(pubsub_stall), defaults.stall)?,
+                // The server keeps its topic log beside the queue's store.
+                data_dir: server_side.then(|| queue.data_dir.clone()),
+            };
+            pubsub.validate()?;
+            pubsub
+        };
         let server_host = pick!(server_host).unwrap_or_else(|| "localhost".into());
         let server_port = pick!(server_port).unwrap_or(1234);
         let server = server_list(&server_host, server_port)?;
@@ -434,6 +460,7 @@ impl Settings {
             pipe,
             grace: seconds("grace", pick!(grace), Duration::from_secs(10))?,
             queue,
+            pubsub,
             statsd: StatsdSettings {
                 host: Some(statsd_host).filter(|h| !h.is_empty()),
                 port: pick!(statsd_port).unwrap_or(8125),

@@ -533,7 +533,7 @@ impl Inner {
 
 /// Make the data directory (mode 0700 where it is made), refusing a path that is not a
 /// directory.
-fn make_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn make_dir(dir: &Path) -> Result<(), StoreError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
