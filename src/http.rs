@@ -40,7 +40,7 @@ pub use call::{call_error_response, parse_path, reply_response, Target};
 pub use guard::AllowedHosts;
 pub use listen::{HttpListen, ServeOptions};
 pub(crate) use serve::{bind_unix, serve, Listener};
-pub use serve::{BodyStalled, HttpGauge, HttpLimits};
+pub use serve::{BodyStalled, HttpGauge, HttpLimits, WRITE_STALL};
 pub use trace::{REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 
 use std::sync::Arc;

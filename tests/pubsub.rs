@@ -822,3 +822,36 @@ async fn the_server_log_survives_a_restart() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("more than the 64"), "{stderr}");
 }
+
+/// A live event stream outlasts the front door's idle and header timeouts (1 s here): it is
+/// a response being written, not an idle connection.
+#[tokio::test]
+async fn a_live_stream_outlasts_the_idle_timeout() {
+    use restpipe::http::{HttpLimits, HttpListen, ServeOptions};
+    let pki = Pki::new();
+    let node = start_server(&pki, test_pipe()).await;
+    let pipe = Pipe::Server(node.clone());
+    Pubsub::start(&pipe, PubsubSettings::default()).unwrap();
+    let serve = ServeOptions {
+        limits: HttpLimits {
+            header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            ..HttpLimits::default()
+        },
+        ..ServeOptions::default()
+    };
+    let options = HttpOptions {
+        max_body: 1 << 20,
+        token: None,
+        metrics: Metrics::disabled(),
+        queue: None,
+    };
+    let door = app::start_http_on(pipe, options, &serve, &HttpListen::Tcp(loopback0()))
+        .await
+        .unwrap();
+    let mut listener = Listener::open(&door, "news", None).await;
+    // Three times the timeouts with nothing to send.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let id = publish_ok(&door, "news", "still here").await;
+    assert_eq!(listener.events(1).await[0].0, id);
+}
