@@ -477,6 +477,8 @@ pub async fn demo(
         bail!("the demo's server node did not start as a server");
     };
     let mut client_settings = base(Side::Client, args.client_http)?;
+    // The demo's client subscribes to `news/**` (docs/PUBSUB.md).
+    client_settings.pubsub.subscribe = vec!["news/**".into()];
     client_settings.server = server_pipe.local_addr().to_string();
     client_settings.server_name = Some("localhost".into());
     let client = start_with_tls(Side::Client, &client_settings, client_tls).await?;
@@ -511,6 +513,10 @@ pub async fn demo(
          \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/time\n\
          \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/files//\n\
          \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/file//reports/q3.csv\n\
+         \n\
+         Publish/subscribe (the client subscribes to news/**):\n\
+         \x20 curl -N http://{c}/events/news/**     # Server-Sent Events, in another terminal\n\
+         \x20 curl -d 'hello' http://{s}/publish/news/today\n\
          \n\
          Status and errors:\n\
          \x20 curl http://{s}/clients\n\
