@@ -580,6 +580,18 @@ async fn send_to_client(
     mut from: u64,
     stop: CancellationToken,
 ) {
+    /// Forgets the connection's subscription when its task ends, whatever the reason, unless
+    /// a newer subscription replaced it.
+    struct Forget<'a>(&'a Inner, u64, CancellationToken);
+    impl Drop for Forget<'_> {
+        fn drop(&mut self) {
+            let mut subscribers = lock(&self.0.subscribers);
+            if subscribers.get(&self.1).is_some_and(|t| *t == self.2) {
+                subscribers.remove(&self.1);
+            }
+        }
+    }
+    let _forget = Forget(&inner, conn.id(), stop.clone());
     let identity = conn.peer().identity.clone();
     let mut appended = inner.log.watch();
     loop {
@@ -607,13 +619,7 @@ async fn send_to_client(
             tokio::select! {
                 changed = appended.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
-                _ = conn.closed() => {
-                    let mut subscribers = lock(&inner.subscribers);
-                    if subscribers.get(&conn.id()).is_some_and(|t| t.is_cancelled() || t == &stop) {
-                        subscribers.remove(&conn.id());
-                    }
-                    return;
-                }
+                _ = conn.closed() => return,
             }
         }
     }
