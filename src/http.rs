@@ -367,6 +367,7 @@ async fn status(State(state): State<Shared>) -> Response {
             let pending = q.pending();
             json!({ "pending": pending.count, "pending_bytes": pending.bytes })
         }),
+        "pubsub": pipe.core().pubsub.get().map(crate::pubsub::Pubsub::status),
         "http": {
             "connections": state.gauge.open(),
             "max_connections": state.limits.max_connections,

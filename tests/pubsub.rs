@@ -275,6 +275,25 @@ async fn the_server_fans_out_to_three_clients() {
     for c in &clients {
         assert_eq!(c.seen.lock().unwrap().len(), 21, "no stray event");
     }
+    let status: serde_json::Value = reqwest::get(url(&server.door, "/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["pubsub"]["subscribed_connections"], 3, "{status}");
+    assert_eq!(status["pubsub"]["events"], 22, "{status}");
+    let status: serde_json::Value = reqwest::get(url(&clients[0].door, "/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status["pubsub"]["events"], 21,
+        "only what it subscribed to: {status}"
+    );
+    assert_eq!(status["pubsub"]["listeners"], 1, "{status}");
 }
 
 /// A client's publish goes to the server and fans out from there: the other subscribed

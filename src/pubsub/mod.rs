@@ -445,6 +445,21 @@ impl Pubsub {
         warn!(%why, "an events listener was cut");
     }
 
+    /// What `GET /status` shows: the log's events and bytes, the subscribed connections
+    /// (server), the open listeners, and the node's globs.
+    pub fn status(&self) -> serde_json::Value {
+        let inner = &self.inner;
+        let (events, bytes) = inner.log.usage();
+        serde_json::json!({
+            "events": events,
+            "bytes": bytes,
+            "subscribed_connections": lock(&inner.subscribers).len(),
+            "listeners": MAX_LISTENERS - inner.listeners.available_permits(),
+            "subscribe": inner.settings.subscribe,
+            "stored": inner.store.get().is_some_and(Option::is_some),
+        })
+    }
+
     /// Resolves when the hub stops.
     pub async fn stopped(&self) {
         self.inner.stop.cancelled().await
