@@ -874,3 +874,110 @@ async fn a_live_stream_outlasts_the_idle_timeout() {
     let id = publish_ok(&door, "news", "still here").await;
     assert_eq!(listener.events(1).await[0].0, id);
 }
+
+/// A measurement, not a check (`cargo test --release --test pubsub fan_out -- --ignored
+/// --nocapture`; `RP_FANOUT_CLIENTS`, default 1000, `RP_FANOUT_EVENTS`, default 200): the
+/// server publishes events of 256 bytes to that many subscribed in-process clients, each
+/// delivering to its `event_bench` handler. Prints deliveries per second and the delivery
+/// latency (publication to handler, ms) at p50 and p99.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn fan_out_to_many_clients() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let n: usize = std::env::var("RP_FANOUT_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let events: usize = std::env::var("RP_FANOUT_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let pki = Pki::new();
+    let server = start_server(&pki, test_pipe()).await;
+    let hub = Pubsub::start(&Pipe::Server(server.clone()), PubsubSettings::default()).unwrap();
+    let latencies: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    let started = Instant::now();
+    for i in 0..n {
+        let identity = format!("fan-{i}");
+        let mut options = client_options(&pki, &identity, server.local_addr(), test_pipe());
+        let (latencies, delivered) = (latencies.clone(), delivered.clone());
+        options
+            .node
+            .handlers
+            .add("event_bench", move |ctx: Context, _req: Request| {
+                let (latencies, delivered) = (latencies.clone(), delivered.clone());
+                async move {
+                    let id = ctx.event_id.unwrap_or_default();
+                    let sent: u64 = id.split('-').next().unwrap_or("0").parse().unwrap_or(0);
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as u64;
+                    latencies.lock().unwrap().push(now.saturating_sub(sent));
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    Ok::<_, HandlerError>("ok")
+                }
+            });
+        let node = ClientNode::start(options).unwrap();
+        Pubsub::start(&Pipe::Client(node.clone()), subscribing(&["bench"])).unwrap();
+        clients.push(node);
+    }
+    for c in &clients {
+        c.wait_connected(Duration::from_secs(60)).await.unwrap();
+    }
+    println!("{n} clients connected in {:?}", started.elapsed());
+    // Warm-up: until every client has its subscription in place.
+    let warm = Instant::now();
+    loop {
+        hub.publish("bench".into(), String::new(), "warm".into())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let subscribed = hub.status()["subscribed_connections"].as_u64().unwrap_or(0);
+        if subscribed as usize == n {
+            break;
+        }
+        assert!(
+            warm.elapsed() < Duration::from_secs(60),
+            "only {subscribed} subscribed"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    latencies.lock().unwrap().clear();
+    let before = delivered.load(Ordering::Relaxed);
+    let body = bytes::Bytes::from(vec![b'e'; 256]);
+    let t0 = Instant::now();
+    for _ in 0..events {
+        hub.publish("bench".into(), String::new(), body.clone())
+            .await
+            .unwrap();
+    }
+    let publish_time = t0.elapsed();
+    let want = before + (n * events) as u64;
+    let done = wait_until(Duration::from_secs(300), || {
+        delivered.load(Ordering::Relaxed) >= want
+    })
+    .await;
+    let elapsed = t0.elapsed();
+    let got = delivered.load(Ordering::Relaxed) - before;
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort_unstable();
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "fan-out: {n} clients x {events} events of 256 B: {got} deliveries in {:.2} s ({:.0} deliveries/s, {:.1} events/s published and delivered to all; publishing took {:.2} s); latency p50 {} ms, p99 {} ms, max {} ms; complete: {done}",
+        elapsed.as_secs_f64(),
+        got as f64 / elapsed.as_secs_f64(),
+        events as f64 / elapsed.as_secs_f64(),
+        publish_time.as_secs_f64(),
+        pct(0.50),
+        pct(0.99),
+        l.last().copied().unwrap_or(0),
+    );
+    assert!(done, "only {got} of {} delivered", n * events);
+}
