@@ -695,6 +695,52 @@ mod tests {
     }
 
     #[test]
+    fn pubsub_settings() {
+        let s = Settings::resolve(
+            parse(&[
+                "--subscribe",
+                "sensors/*",
+                "--subscribe",
+                "alerts, news/**",
+                "--max-publish-bytes",
+                "4096",
+                "--pubsub-retain-count",
+                "50",
+                "--pubsub-retain-age",
+                "90",
+                "--pubsub-stall",
+                "2.5",
+            ]),
+            Side::Server,
+        )
+        .unwrap();
+        assert_eq!(s.pubsub.subscribe, ["sensors/*", "alerts", "news/**"]);
+        assert_eq!(s.pubsub.max_publish_bytes, 4096);
+        assert_eq!(s.pubsub.retain_count, 50);
+        assert_eq!(s.pubsub.retain_age, Duration::from_secs(90));
+        assert_eq!(s.pubsub.stall, Duration::from_millis(2500));
+        // The server keeps its log beside the queue's store; a client only in memory.
+        assert_eq!(
+            s.pubsub.data_dir.as_deref(),
+            Some(s.queue.data_dir.as_path())
+        );
+        let client = Settings::resolve(NodeArgs::default(), Side::Client).unwrap();
+        assert_eq!(client.pubsub.data_dir, None);
+        assert!(client.pubsub.subscribe.is_empty());
+        let many: Vec<String> = (0..65).map(|i| format!("t{i}")).collect();
+        let many = many.join(",");
+        for (flags, says) in [
+            (&["--subscribe", many.as_str()][..], "more than the 64"),
+            (&["--subscribe", "a["], "--subscribe"),
+            (&["--max-publish-bytes", "0"], "--max-publish-bytes"),
+            (&["--pubsub-stall", "0"], "--pubsub-stall"),
+        ] {
+            let err = Settings::resolve(parse(flags), Side::Server).unwrap_err();
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
+    }
+
+    #[test]
     fn queue_settings() {
         let s = Settings::resolve(
             parse(&[
