@@ -376,6 +376,15 @@ async fn a_client_away_gets_what_it_missed() {
         .unwrap()
         .close("test: away for a while");
     assert!(wait_until(Duration::from_secs(5), || !c.node.is_connected()).await);
+    // Its own publish while the server is away: 503 at once, not after the connect wait.
+    let asked = Instant::now();
+    let (status, json) = publish(&c.door, "news", "from a client that is away").await;
+    assert_eq!(status, 503, "{json}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
     let mut expected = vec!["before".to_string()];
     for i in 0..5 {
         let body = format!("while away {i}");
