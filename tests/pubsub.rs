@@ -1021,3 +1021,43 @@ async fn fan_out_to_many_clients() {
     );
     assert!(done, "only {got} of {} delivered", n * events);
 }
+
+/// A server of an earlier release (its hello lists no `pubsub`): a subscribed client sends it
+/// no subscription, and its own publishes are 503 saying why; its calls are unaffected.
+#[tokio::test]
+async fn a_server_without_the_feature_gets_no_subscription() {
+    use restpipe_testkit::raw::RawPeer;
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = pki.server_tls().acceptor().unwrap();
+    let mut options = client_options(&pki, "modern", addr, test_pipe());
+    options.reconnect_initial = Duration::from_secs(5);
+    let node = ClientNode::start(options).unwrap();
+    let door = door(
+        Pipe::Client(node.clone()),
+        subscribing(&["news"]),
+        Metrics::disabled(),
+    )
+    .await;
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut old = RawPeer::new(acceptor.accept(tcp).await.unwrap());
+    old.send(&raw::hello_frame(proto::Role::Server, SERVER_NAME, 2))
+        .await
+        .unwrap();
+    match old.recv().await.unwrap() {
+        Some(proto::Frame {
+            kind: Some(proto::frame::Kind::Hello(h)),
+            ..
+        }) => assert!(h.features.iter().any(|f| f == "pubsub"), "{h:?}"),
+        other => panic!("expected the client's hello, got {other:?}"),
+    }
+    node.wait_connected(Duration::from_secs(5)).await.unwrap();
+    let (status, json) = publish(&door, "news", "x").await;
+    assert_eq!(status, 503, "{json}");
+    assert!(json["error"].as_str().unwrap().contains("pubsub"), "{json}");
+    // Nothing but heartbeats comes from the client for a while: no subscribe, no publish.
+    let next = tokio::time::timeout(Duration::from_millis(1500), old.recv()).await;
+    assert!(next.is_err(), "the client sent {next:?}");
+    assert!(node.is_connected());
+}
