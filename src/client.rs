@@ -79,7 +79,23 @@ struct Inner {
     stopped: CancellationToken,
 }
 
+/// A client node that does not keep it alive: what its publish/subscribe hub holds (the
+/// node holds the hub).
+#[derive(Clone)]
+pub(crate) struct WeakClient(std::sync::Weak<Inner>);
+
+impl WeakClient {
+    /// The client, if it still runs.
+    pub(crate) fn upgrade(&self) -> Option<ClientNode> {
+        self.0.upgrade().map(|inner| ClientNode { inner })
+    }
+}
+
 impl ClientNode {
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.inner))
+    }
+
     /// Start dialling the server; the node keeps reconnecting until [`ClientNode::shutdown`].
     pub fn start(options: ClientOptions) -> Result<ClientNode, NodeError> {
         let core = Arc::new(NodeCore::new(Side::Client, &options.node)?);

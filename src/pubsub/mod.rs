@@ -166,8 +166,9 @@ struct Inner {
     /// The node's own `--subscribe` globs.
     local: GlobSet,
     core: Weak<NodeCore>,
-    /// The client's pipe (to publish through the server); `None` on the server.
-    client: Option<crate::client::ClientNode>,
+    /// The client's pipe (to publish through the server); `None` on the server. Weak: the
+    /// node holds the hub.
+    client: Option<crate::client::WeakClient>,
     /// The part of event ids that names this process (random at start).
     origin: u32,
     counter: AtomicU64,
@@ -272,7 +273,7 @@ impl Pubsub {
             local,
             core: Arc::downgrade(core),
             client: match pipe {
-                Pipe::Client(c) => Some(c.clone()),
+                Pipe::Client(c) => Some(c.downgrade()),
                 Pipe::Server(_) => None,
             },
             origin: rand::random(),
@@ -345,6 +346,11 @@ impl Pubsub {
         };
         let Some(client) = &inner.client else {
             return inner.append_new(event).await;
+        };
+        let Some(client) = client.upgrade() else {
+            return Err(PublishError::Unavailable(
+                "the client node has stopped".into(),
+            ));
         };
         // A client: the server has it, or the caller hears at once that it is away.
         let conn = client.connection().ok_or_else(|| {
