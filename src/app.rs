@@ -91,6 +91,9 @@ impl RunningNode {
         if let Some(queue) = &self.queue {
             queue.shutdown();
         }
+        if let Some(pubsub) = self.pipe.core().pubsub.get() {
+            pubsub.shutdown();
+        }
         let mut http_task = self.http_task;
         if tokio::time::timeout(grace, &mut http_task).await.is_err() {
             warn!("HTTP requests still in flight after the grace period");
@@ -273,6 +276,13 @@ pub async fn start_with_tls(
     let queue = Queue::start(pipe.clone(), settings.queue.clone())
         .await
         .map_err(|e| anyhow::anyhow!("the queue: {e}"))?;
+    let pubsub = crate::pubsub::Pubsub::start(&pipe, settings.pubsub.clone())
+        .map_err(|e| anyhow::anyhow!("publish/subscribe: {e}"))?;
+    if let Pipe::Server(server) = &pipe {
+        if let Some(cluster) = server.cluster() {
+            cluster.carry_pubsub(&pubsub);
+        }
+    }
     let listen = settings.http_listen();
     if let HttpListen::Tcp(addr) = &listen {
         let ip = addr.ip();
@@ -467,6 +477,8 @@ pub async fn demo(
         bail!("the demo's server node did not start as a server");
     };
     let mut client_settings = base(Side::Client, args.client_http)?;
+    // The demo's client subscribes to `news/**` (docs/PUBSUB.md).
+    client_settings.pubsub.subscribe = vec!["news/**".into()];
     client_settings.server = server_pipe.local_addr().to_string();
     client_settings.server_name = Some("localhost".into());
     let client = start_with_tls(Side::Client, &client_settings, client_tls).await?;
@@ -501,6 +513,10 @@ pub async fn demo(
          \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/time\n\
          \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/files//\n\
          \x20 curl http://{s}/client/{DEV_CLIENT_IDENTITY}/file//reports/q3.csv\n\
+         \n\
+         Publish/subscribe (the client subscribes to news/**):\n\
+         \x20 curl -N http://{c}/events/news/**     # Server-Sent Events, in another terminal\n\
+         \x20 curl -d 'hello' http://{s}/publish/news/today\n\
          \n\
          Status and errors:\n\
          \x20 curl http://{s}/clients\n\

@@ -79,7 +79,23 @@ struct Inner {
     stopped: CancellationToken,
 }
 
+/// A client node that does not keep it alive: what its publish/subscribe hub holds (the
+/// node holds the hub).
+#[derive(Clone)]
+pub(crate) struct WeakClient(std::sync::Weak<Inner>);
+
+impl WeakClient {
+    /// The client, if it still runs.
+    pub(crate) fn upgrade(&self) -> Option<ClientNode> {
+        self.0.upgrade().map(|inner| ClientNode { inner })
+    }
+}
+
 impl ClientNode {
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.inner))
+    }
+
     /// Start dialling the server; the node keeps reconnecting until [`ClientNode::shutdown`].
     pub fn start(options: ClientOptions) -> Result<ClientNode, NodeError> {
         let core = Arc::new(NodeCore::new(Side::Client, &options.node)?);
@@ -170,6 +186,16 @@ impl ClientNode {
     /// patterns are checked against.
     pub fn handler_names(&self) -> Vec<String> {
         self.inner.core.handler_names()
+    }
+
+    /// The node's publish/subscribe hub, once started ([`crate::pubsub::Pubsub::start`]).
+    pub fn pubsub(&self) -> Option<crate::pubsub::Pubsub> {
+        self.inner.core.pubsub.get().cloned()
+    }
+
+    /// A receiver of the connection to the server, changed at every connect and disconnect.
+    pub(crate) fn connections(&self) -> watch::Receiver<Option<Connection>> {
+        self.inner.current.subscribe()
     }
 
     /// Wait up to `wait` for the pipe to be up.

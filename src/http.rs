@@ -16,6 +16,8 @@
 //! - `call`: a call through the door, from the path to the event and from the reply (or the
 //!   failure) to the response;
 //! - `guard`: the Host and Origin guard every request passes first;
+//! - `events`: publish/subscribe at the door: `POST /publish/{topic}` and `GET /events/{glob}`
+//!   as Server-Sent Events (docs/PUBSUB.md);
 //! - `queued`: queued delivery at the door: `X-Event-Delivery: queued` (202 and an id) and
 //!   `GET /queued/{id}` (docs/QUEUE.md);
 //! - `page`: the operator's view, `GET /metrics` (Prometheus) and the status page at `GET /`;
@@ -25,6 +27,7 @@
 //!   ([`HttpLimits`]).
 
 mod call;
+mod events;
 mod guard;
 mod listen;
 mod page;
@@ -37,7 +40,7 @@ pub use call::{call_error_response, parse_path, reply_response, Target};
 pub use guard::AllowedHosts;
 pub use listen::{HttpListen, ServeOptions};
 pub(crate) use serve::{bind_unix, serve, Listener};
-pub use serve::{BodyStalled, HttpGauge, HttpLimits};
+pub use serve::{BodyStalled, HttpGauge, HttpLimits, WRITE_STALL};
 pub use trace::{REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 
 use std::sync::Arc;
@@ -170,6 +173,8 @@ pub fn router(
         .route("/status/history", get(page::history))
         .route("/metrics", get(page::metrics))
         .route("/queued/{id}", get(queued::status))
+        .route("/publish/{*topic}", axum::routing::post(events::publish))
+        .route("/events/{*glob}", get(events::events))
         .route("/", get(page::page));
     app = match side {
         Side::Client => app
@@ -362,6 +367,7 @@ async fn status(State(state): State<Shared>) -> Response {
             let pending = q.pending();
             json!({ "pending": pending.count, "pending_bytes": pending.bytes })
         }),
+        "pubsub": pipe.core().pubsub.get().map(crate::pubsub::Pubsub::status),
         "http": {
             "connections": state.gauge.open(),
             "max_connections": state.limits.max_connections,

@@ -26,6 +26,9 @@
 //!   tokens at the front door;
 //! - [`queue`]: queued delivery (`X-Event-Delivery: queued`): a durable store (redb) and a
 //!   delivery task per peer;
+//! - [`pubsub`]: publish/subscribe: each node's topic log (in redb on the server), read by
+//!   cursor by the server's subscribed clients, the node's `event_{topic}` handlers and its
+//!   `GET /events` listeners (docs/PUBSUB.md);
 //! - [`app`]: whole nodes (pipe plus front door), the demo, graceful shutdown;
 //! - [`error`]: why a call or a start failed.
 //!
@@ -44,6 +47,7 @@ pub mod metrics;
 pub mod node;
 pub mod plugins;
 pub mod policy;
+pub mod pubsub;
 pub mod queue;
 pub mod registry;
 pub mod server;

@@ -198,6 +198,8 @@ pub(crate) struct NodeCore {
     pub(crate) policy: ArcSwap<Policy>,
     /// The budget of "call refused" log lines.
     forbidden_log: LogLimiter,
+    /// The node's publish/subscribe hub, once it is started (docs/PUBSUB.md).
+    pub(crate) pubsub: std::sync::OnceLock<crate::pubsub::Pubsub>,
 }
 
 /// The outcome of a reload of the node's files (SIGHUP), as `/status` shows it.
@@ -231,6 +233,7 @@ impl NodeCore {
             last_reload: ArcSwapOption::empty(),
             policy: ArcSwap::from_pointee(options.policy.clone()),
             forbidden_log: LogLimiter::new(admission::LOG_BURST, admission::LOG_PER_SECOND),
+            pubsub: std::sync::OnceLock::new(),
         })
     }
 

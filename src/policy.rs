@@ -45,10 +45,13 @@ pub struct Policy {
 }
 
 /// One `[[allow]]` rule: peers matching any of `peers` may call handlers matching any of
-/// `handlers`.
+/// `handlers`, publish to topics matching `publish`, and subscribe to topics matching
+/// `subscribe`.
 #[derive(Clone)]
 struct Rule {
     handlers: GlobSet,
+    publish: GlobSet,
+    subscribe: GlobSet,
     /// The patterns as written (peers, handlers), for `Debug`.
     written: (Vec<String>, Vec<String>),
 }
@@ -94,12 +97,36 @@ impl Policy {
         for rule in raw.allow {
             let at = rule.span().start;
             let rule = rule.into_inner();
-            if rule.peers.is_empty() || rule.handlers.is_empty() {
+            if rule.peers.is_empty()
+                || (rule.handlers.is_empty()
+                    && rule.publish.is_empty()
+                    && rule.subscribe.is_empty())
+            {
                 return Err(source.error(
                     at,
-                    "an [[allow]] rule needs at least one pattern in `peers` and in `handlers`",
+                    "an [[allow]] rule needs at least one pattern in `peers`, and one in `handlers`, `publish` or `subscribe`",
                 ));
             }
+            let topics = |list: &[toml::Spanned<String>]| {
+                let mut set = GlobSetBuilder::new();
+                for pattern in list {
+                    let text = pattern.get_ref();
+                    let compiled = GlobBuilder::new(text)
+                        .literal_separator(true)
+                        .build()
+                        .map_err(|e| {
+                            source.error(
+                                pattern.span().start,
+                                &format!("topic pattern {text:?}: {}", e.kind()),
+                            )
+                        })?;
+                    set.add(compiled);
+                }
+                set.build()
+                    .map_err(|e| source.error(at, &format!("the rule does not compile: {e}")))
+            };
+            let publish = topics(&rule.publish)?;
+            let subscribe = topics(&rule.subscribe)?;
             let mut handlers = GlobSetBuilder::new();
             let mut written = (Vec::new(), Vec::new());
             for pattern in &rule.peers {
@@ -141,6 +168,8 @@ impl Policy {
             };
             rules.push(Rule {
                 handlers: build(handlers)?,
+                publish,
+                subscribe,
                 written,
             });
         }
@@ -169,6 +198,37 @@ impl Policy {
                 .into_iter()
                 .filter_map(|i| self.peer_rule.get(i).and_then(|&r| rules.get(r)))
                 .any(|rule| rule.handlers.is_match(handler)),
+        }
+    }
+
+    /// Whether `peer` may publish to `topic` (docs/PUBSUB.md): the open policy allows it; a
+    /// file allows what the `publish` patterns of a rule that names the peer allow.
+    pub fn may_publish(&self, peer: &str, topic: &str) -> bool {
+        self.any_rule(peer, |rule| rule.publish.is_match(topic))
+    }
+
+    /// Whether `peer` may be sent the events of `topic`; asked for every event sent to a
+    /// subscribed client.
+    pub fn may_subscribe(&self, peer: &str, topic: &str) -> bool {
+        self.any_rule(peer, |rule| rule.subscribe.is_match(topic))
+    }
+
+    /// Whether `peer` may subscribe with the glob `glob`: a `subscribe` pattern of a rule that
+    /// names the peer matches the glob's own text (`sensors/**` allows the glob `sensors/*`,
+    /// not `**`). Each event is also checked with [`Policy::may_subscribe`].
+    pub fn may_subscribe_glob(&self, peer: &str, glob: &str) -> bool {
+        self.may_subscribe(peer, glob)
+    }
+
+    fn any_rule(&self, peer: &str, test: impl Fn(&Rule) -> bool) -> bool {
+        match &self.rules {
+            None => true,
+            Some(rules) => self
+                .peers
+                .matches(peer)
+                .into_iter()
+                .filter_map(|i| self.peer_rule.get(i).and_then(|&r| rules.get(r)))
+                .any(test),
         }
     }
 

@@ -149,6 +149,11 @@ impl ServerNode {
         Ok(cluster)
     }
 
+    /// The node's publish/subscribe hub, once started ([`crate::pubsub::Pubsub::start`]).
+    pub fn pubsub(&self) -> Option<crate::pubsub::Pubsub> {
+        self.inner.core.pubsub.get().cloned()
+    }
+
     /// The cluster this server is a replica of, if any.
     pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
         self.inner.cluster.get()

@@ -148,6 +148,8 @@ struct CurlLine {
     url: String,
     /// `-i`: the user wants to see the status, which the comment states.
     shows_status: bool,
+    /// `-d 'data'`: a POST with this body.
+    data: Option<String>,
     comment: String,
 }
 
@@ -160,9 +162,19 @@ fn parse_curl_line(line: &str) -> Option<CurlLine> {
         .iter()
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no URL in {line:?}"));
-    for word in &words {
+    let mut data = None;
+    let mut words_left = words.iter();
+    while let Some(word) = words_left.next() {
+        if *word == "-d" {
+            let value = words_left
+                .next()
+                .unwrap_or_else(|| panic!("-d without data in {line:?}"));
+            data = Some(value.trim_matches('\'').to_string());
+            continue;
+        }
+        // `-N`: no buffering, for an event stream.
         assert!(
-            word.starts_with("http://") || *word == "-i",
+            word.starts_with("http://") || *word == "-i" || *word == "-N",
             "option {word:?} in {line:?} is not handled by this test"
         );
     }
@@ -170,6 +182,7 @@ fn parse_curl_line(line: &str) -> Option<CurlLine> {
         line: line.to_string(),
         url: url.to_string(),
         shows_status: words.contains(&"-i"),
+        data,
         comment: comment.trim().to_string(),
     })
 }
@@ -241,6 +254,29 @@ async fn check_curl_line(curl: &CurlLine) {
             assert_eq!(response.status(), StatusCode::OK);
             let body: Value = response.json().await.unwrap();
             assert_eq!(body[0]["identity"], DEV_CLIENT_IDENTITY, "{body}");
+        }
+        "/events/news/**" => {
+            let mut response = get(url).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.headers()["content-type"], "text/event-stream");
+            let first = within(Duration::from_secs(10), url, response.chunk())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(first.starts_with(b": connected"), "{first:?}");
+        }
+        "/publish/news/today" => {
+            let data = curl.data.clone().expect("the publish line sends data");
+            let response = within(
+                Duration::from_secs(30),
+                url,
+                http().post(url).body(data).send(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(response.status(), StatusCode::ACCEPTED, "{}", curl.line);
+            let body: Value = response.json().await.unwrap();
+            assert!(body["id"].is_string(), "{body}");
         }
         "/status" => {
             let response = get(url).await;

@@ -289,3 +289,65 @@ async fn with_nats_down_each_replica_serves_its_own_and_routing_resumes_after() 
         }
     }
 }
+
+/// A call queued (`X-Event-Delivery: queued`) on a replica for a client connected to another
+/// is delivered through the cluster, and its reply stored where it was queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_event_reaches_a_client_on_another_replica() {
+    use restpipe::http::{HttpOptions, Pipe};
+    use restpipe::queue::{Queue, QueueSettings};
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = NatsServer::start(dir.path()).await else {
+        return;
+    };
+    let pki = Pki::new();
+    let servers = replicas(&pki, &nats).await;
+    let _client = start_client(&pki, "q-far", &servers[1], test_pipe()).await;
+    wait_presence(&servers[0], "q-far", "r2").await;
+    let pipe = Pipe::Server(servers[0].clone());
+    let queue = Queue::start(pipe.clone(), QueueSettings::new(dir.path().join("r1")))
+        .await
+        .unwrap();
+    let options = HttpOptions {
+        max_body: 1 << 20,
+        token: None,
+        metrics: restpipe::Metrics::disabled(),
+        queue: Some(queue),
+    };
+    let door = restpipe::app::start_http(pipe, options, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", door.http_addr);
+    let response = http
+        .post(format!("{base}/client/q-far/echo"))
+        .header("X-Event-Delivery", "queued")
+        .header("Content-Type", "text/plain")
+        .body("queued across")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let view: serde_json::Value = http
+            .get(format!("{base}/queued/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["state"] == "delivered" {
+            assert_eq!(view["reply"]["status"], 200, "{view}");
+            assert_eq!(view["reply"]["body"], "queued across", "{view}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -121,6 +121,16 @@ pub fn check_message(message: &Message) {
         }
         Message::Cancel { id, .. } => assert_ne!(*id, 0, "a cancel with id 0 never decodes"),
         Message::Credit { .. } | Message::Ping(_) | Message::Pong(_) | Message::Unknown { .. } => {}
+        Message::Subscribe {
+            globs,
+            resume_after,
+        } => {
+            assert!(wire::check_subscription(globs, resume_after).is_ok());
+        }
+        Message::Publish { id, event } => {
+            assert!(wire::check_published(event).is_ok());
+            assert_eq!(*id == 0, !event.id.is_empty(), "a request has no event id");
+        }
     }
 }
 
@@ -146,7 +156,8 @@ pub fn check_built(message: &Message) {
                 | Message::Reply { id, .. }
                 | Message::Error { id, .. }
                 | Message::Data { id, .. }
-                | Message::Cancel { id, .. } => *id,
+                | Message::Cancel { id, .. }
+                | Message::Publish { id, .. } => *id,
                 _ => 0,
             };
             assert_eq!(id, expected, "an invalid frame names its own id");
@@ -187,7 +198,7 @@ fn verb(u: &mut Unstructured) -> arbitrary::Result<String> {
 
 /// An arbitrary message of any kind, built field by field; it may break the rules.
 pub fn arbitrary_message(u: &mut Unstructured) -> arbitrary::Result<Message> {
-    Ok(match u.int_in_range(0..=10u8)? {
+    Ok(match u.int_in_range(0..=12u8)? {
         0 => Message::Unknown { id: u.arbitrary()? },
         1 => {
             let a: u32 = u.arbitrary()?;
@@ -264,6 +275,20 @@ pub fn arbitrary_message(u: &mut Unstructured) -> arbitrary::Result<Message> {
         10 => Message::Cancel {
             id: u.arbitrary()?,
             from_caller: u.arbitrary()?,
+        },
+        11 => Message::Subscribe {
+            globs: u.arbitrary()?,
+            resume_after: u.arbitrary()?,
+        },
+        12 => Message::Publish {
+            id: u.arbitrary()?,
+            event: wire::Published {
+                topic: u.arbitrary()?,
+                content_type: u.arbitrary()?,
+                body: body(u)?,
+                id: u.arbitrary()?,
+                published_ms: u.arbitrary()?,
+            },
         },
         _ => Message::Close(u.arbitrary()?),
     })
@@ -350,5 +375,16 @@ fn copy(message: &Message) -> Message {
         Message::Pong(n) => Message::Pong(*n),
         Message::Close(reason) => Message::Close(reason.clone()),
         Message::Unknown { id } => Message::Unknown { id: *id },
+        Message::Subscribe {
+            globs,
+            resume_after,
+        } => Message::Subscribe {
+            globs: globs.clone(),
+            resume_after: resume_after.clone(),
+        },
+        Message::Publish { id, event } => Message::Publish {
+            id: *id,
+            event: event.clone(),
+        },
     }
 }

@@ -787,3 +787,115 @@ mod tests {
         assert!(default_replica_name(1234).ends_with(":1234"));
     }
 }
+
+/// Events waiting to go to NATS, at most; past it a published event is not carried to the
+/// other replicas (logged), never held without bound.
+const PUBLISH_QUEUE: usize = 1024;
+
+/// A published event as it crosses NATS, on `restpipe.<cluster>.publish`: the length of a
+/// JSON head (4 bytes, big-endian), the head, then the body.
+#[derive(Serialize, Deserialize)]
+struct PublishedHead {
+    replica: String,
+    topic: String,
+    content_type: String,
+    id: String,
+    published_ms: u64,
+}
+
+fn encode_published(replica: &str, event: &crate::wire::Published) -> Option<Bytes> {
+    let head = serde_json::to_vec(&PublishedHead {
+        replica: replica.to_string(),
+        topic: event.topic.clone(),
+        content_type: event.content_type.clone(),
+        id: event.id.clone(),
+        published_ms: event.published_ms,
+    })
+    .ok()?;
+    let len = u32::try_from(head.len()).ok()?;
+    let mut out = Vec::with_capacity(4 + head.len() + event.body.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&event.body);
+    Some(Bytes::from(out))
+}
+
+fn decode_published(payload: &Bytes) -> Option<(String, crate::wire::Published)> {
+    let len = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?) as usize;
+    let head: PublishedHead = serde_json::from_slice(payload.get(4..4 + len)?).ok()?;
+    let event = crate::wire::Published {
+        topic: head.topic,
+        content_type: head.content_type,
+        body: payload.slice(4 + len..),
+        id: head.id,
+        published_ms: head.published_ms,
+    };
+    // Held to the pipe's rules: another replica is trusted, but its events are still checked.
+    crate::wire::check_published(&event).ok()?;
+    (!event.id.is_empty()).then_some((head.replica, event))
+}
+
+impl Cluster {
+    /// Carry the publish/subscribe events of this replica to the others and theirs to it
+    /// (docs/CLUSTER.md): every event published here goes out on `restpipe.<cluster>.publish`,
+    /// and every event heard there from another replica is appended to this replica's log
+    /// (deduplicated by id), from which its subscribed clients get it.
+    pub fn carry_pubsub(&self, hub: &crate::pubsub::Pubsub) {
+        let inner = self.inner.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PUBLISH_QUEUE);
+        let replica = inner.options.replica.clone();
+        hub.set_forward(Box::new(move |event| {
+            let Some(payload) = encode_published(&replica, event) else {
+                return;
+            };
+            if tx.try_send(payload).is_err() {
+                warn!(id = %event.id, "cluster: the publish queue to NATS is full; the event stays on this replica");
+            }
+        }));
+        let sender = inner.clone();
+        tokio::spawn(async move {
+            let subject = sender.subject("publish");
+            loop {
+                let payload = tokio::select! {
+                    _ = sender.stop.cancelled() => return,
+                    p = rx.recv() => match p { Some(p) => p, None => return },
+                };
+                let publish = sender.client.publish(subject.clone(), payload);
+                match tokio::time::timeout(Duration::from_secs(2), publish).await {
+                    Ok(Ok(())) => {}
+                    _ => warn!("cluster: an event was not carried to the other replicas (NATS unreachable, or the event over its size limit)"),
+                }
+            }
+        });
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let subject = inner.subject("publish");
+            loop {
+                let subscribed = tokio::select! {
+                    _ = inner.stop.cancelled() => return,
+                    s = inner.client.subscribe(subject.clone()) => s,
+                };
+                let mut subscriber = match subscribed {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(cause = %e, "cluster: cannot subscribe to published events; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                loop {
+                    let message = tokio::select! {
+                        _ = inner.stop.cancelled() => return,
+                        m = subscriber.next() => m,
+                    };
+                    let Some(message) = message else { break };
+                    match decode_published(&message.payload) {
+                        Some((from, _)) if from == inner.options.replica => {}
+                        Some((_, event)) => hub.append_remote(event).await,
+                        None => debug!("cluster: a published event that does not decode, ignored"),
+                    }
+                }
+            }
+        });
+    }
+}

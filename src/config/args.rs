@@ -347,6 +347,31 @@ pub struct CommonArgs {
     /// Sends of a queued event that may fail in transport before it is failed [default: 20].
     #[arg(long, env = "RP_QUEUE_MAX_ATTEMPTS")]
     pub queue_max_attempts: Option<u32>,
+    /// Subscribe to the topics matching this glob (docs/PUBSUB.md): `*` within a segment,
+    /// `**` across segments (repeatable; comma separated in the environment; at most 64).
+    #[arg(
+        long = "subscribe",
+        env = "RP_SUBSCRIBE",
+        value_delimiter = ',',
+        value_name = "GLOB"
+    )]
+    pub subscribe: Option<Vec<String>>,
+    /// Largest body of a published event, bytes; larger is 413 [default: 1048576].
+    #[arg(long, env = "RP_MAX_PUBLISH_BYTES")]
+    pub max_publish_bytes: Option<usize>,
+    /// Published events the topic log keeps [default: 10000].
+    #[arg(long, env = "RP_PUBSUB_RETAIN_COUNT")]
+    pub pubsub_retain_count: Option<usize>,
+    /// Seconds the topic log keeps a published event [default: 3600].
+    #[arg(long, env = "RP_PUBSUB_RETAIN_AGE_S")]
+    pub pubsub_retain_age: Option<f64>,
+    /// Bytes the topic log keeps [default: 67108864].
+    #[arg(long, env = "RP_PUBSUB_RETAIN_BYTES")]
+    pub pubsub_retain_bytes: Option<u64>,
+    /// Seconds a GET /events listener may take no byte while events wait before it is cut
+    /// [default: 10].
+    #[arg(long, env = "RP_PUBSUB_STALL_S")]
+    pub pubsub_stall: Option<f64>,
     /// Where metrics go.
     #[command(flatten)]
     pub statsd: StatsdArgs,
@@ -393,6 +418,12 @@ impl CommonArgs {
             queue_max_bytes: self.queue_max_bytes,
             queue_ttl: self.queue_ttl,
             queue_max_attempts: self.queue_max_attempts,
+            subscribe: self.subscribe,
+            max_publish_bytes: self.max_publish_bytes,
+            pubsub_retain_count: self.pubsub_retain_count,
+            pubsub_retain_age: self.pubsub_retain_age,
+            pubsub_retain_bytes: self.pubsub_retain_bytes,
+            pubsub_stall: self.pubsub_stall,
             statsd_host: self.statsd.statsd_host,
             statsd_port: self.statsd.statsd_port,
             statsd_prefix: self.statsd.statsd_prefix,

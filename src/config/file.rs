@@ -123,6 +123,18 @@ pub struct NodeArgs {
     pub queue_ttl: Option<f64>,
     /// `--queue-max-attempts`.
     pub queue_max_attempts: Option<u32>,
+    /// `--subscribe`, repeatable.
+    pub subscribe: Option<Vec<String>>,
+    /// `--max-publish-bytes`.
+    pub max_publish_bytes: Option<usize>,
+    /// `--pubsub-retain-count`.
+    pub pubsub_retain_count: Option<usize>,
+    /// `--pubsub-retain-age`.
+    pub pubsub_retain_age: Option<f64>,
+    /// `--pubsub-retain-bytes`.
+    pub pubsub_retain_bytes: Option<u64>,
+    /// `--pubsub-stall`.
+    pub pubsub_stall: Option<f64>,
     /// `--statsd-host`.
     pub statsd_host: Option<String>,
     /// `--statsd-port`.

@@ -106,6 +106,8 @@ pub struct Settings {
     pub grace: Duration,
     /// The queue: its store's directory and its bounds (docs/QUEUE.md).
     pub queue: QueueSettings,
+    /// Publish/subscribe: the node's subscriptions and the bounds (docs/PUBSUB.md).
+    pub pubsub: crate::pubsub::PubsubSettings,
     /// Metrics.
     pub statsd: StatsdSettings,
     /// Debug logs.
@@ -357,6 +359,30 @@ impl Settings {
             queue.validate()?;
             queue
         };
+        let pubsub = {
+            let defaults = crate::pubsub::PubsubSettings::default();
+            let pubsub = crate::pubsub::PubsubSettings {
+                subscribe: pick!(subscribe)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|g| g.trim().to_string())
+                    .filter(|g| !g.is_empty())
+                    .collect(),
+                max_publish_bytes: pick!(max_publish_bytes).unwrap_or(defaults.max_publish_bytes),
+                retain_count: pick!(pubsub_retain_count).unwrap_or(defaults.retain_count),
+                retain_age: positive_seconds(
+                    "pubsub-retain-age",
+                    pick!(pubsub_retain_age),
+                    defaults.retain_age,
+                )?,
+                retain_bytes: pick!(pubsub_retain_bytes).unwrap_or(defaults.retain_bytes),
+                stall: positive_seconds("pubsub-stall", pick!(pubsub_stall), defaults.stall)?,
+                // The server keeps its topic log beside the queue's store.
+                data_dir: server_side.then(|| queue.data_dir.clone()),
+            };
+            pubsub.validate()?;
+            pubsub
+        };
         let server_host = pick!(server_host).unwrap_or_else(|| "localhost".into());
         let server_port = pick!(server_port).unwrap_or(1234);
         let server = server_list(&server_host, server_port)?;
@@ -434,6 +460,7 @@ impl Settings {
             pipe,
             grace: seconds("grace", pick!(grace), Duration::from_secs(10))?,
             queue,
+            pubsub,
             statsd: StatsdSettings {
                 host: Some(statsd_host).filter(|h| !h.is_empty()),
                 port: pick!(statsd_port).unwrap_or(8125),
@@ -665,6 +692,52 @@ mod tests {
             Side::Server
         )
         .is_err());
+    }
+
+    #[test]
+    fn pubsub_settings() {
+        let s = Settings::resolve(
+            parse(&[
+                "--subscribe",
+                "sensors/*",
+                "--subscribe",
+                "alerts, news/**",
+                "--max-publish-bytes",
+                "4096",
+                "--pubsub-retain-count",
+                "50",
+                "--pubsub-retain-age",
+                "90",
+                "--pubsub-stall",
+                "2.5",
+            ]),
+            Side::Server,
+        )
+        .unwrap();
+        assert_eq!(s.pubsub.subscribe, ["sensors/*", "alerts", "news/**"]);
+        assert_eq!(s.pubsub.max_publish_bytes, 4096);
+        assert_eq!(s.pubsub.retain_count, 50);
+        assert_eq!(s.pubsub.retain_age, Duration::from_secs(90));
+        assert_eq!(s.pubsub.stall, Duration::from_millis(2500));
+        // The server keeps its log beside the queue's store; a client only in memory.
+        assert_eq!(
+            s.pubsub.data_dir.as_deref(),
+            Some(s.queue.data_dir.as_path())
+        );
+        let client = Settings::resolve(NodeArgs::default(), Side::Client).unwrap();
+        assert_eq!(client.pubsub.data_dir, None);
+        assert!(client.pubsub.subscribe.is_empty());
+        let many: Vec<String> = (0..65).map(|i| format!("t{i}")).collect();
+        let many = many.join(",");
+        for (flags, says) in [
+            (&["--subscribe", many.as_str()][..], "more than the 64"),
+            (&["--subscribe", "a["], "--subscribe"),
+            (&["--max-publish-bytes", "0"], "--max-publish-bytes"),
+            (&["--pubsub-stall", "0"], "--pubsub-stall"),
+        ] {
+            let err = Settings::resolve(parse(flags), Side::Server).unwrap_err();
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
     }
 
     #[test]

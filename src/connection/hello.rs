@@ -131,6 +131,7 @@ where
         .cloned()
         .collect();
     let trace_context = features.iter().any(|f| f == wire::TRACE_CONTEXT);
+    let pubsub = features.iter().any(|f| f == wire::PUBSUB);
     let peer_max_frame = usize::try_from(peer_hello.max_frame_bytes)
         .unwrap_or(usize::MAX)
         .min(core.pipe.max_frame)
@@ -167,6 +168,7 @@ where
         outbound_bytes: Arc::new(Semaphore::new(budgets)),
         peer_max_frame,
         trace_context,
+        pubsub,
         streaming: protocol_version >= wire::STREAMING_VERSION,
         streams: Default::default(),
         last_rtt_us: AtomicU64::new(0),

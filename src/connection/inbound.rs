@@ -158,6 +158,17 @@ impl Shared {
                 bytes,
             } => self.on_credit(id, from_caller, bytes),
             Message::Cancel { id, from_caller } => self.on_cancel(id, from_caller),
+            Message::Subscribe { .. } | Message::Publish { .. } if !self.pubsub => {
+                return Some(
+                    "the peer sent a pub/sub frame on a connection without the pubsub feature"
+                        .into(),
+                );
+            }
+            Message::Subscribe {
+                globs,
+                resume_after,
+            } => return self.on_subscribe(globs, resume_after),
+            Message::Publish { id, event } => return self.on_publish(id, event),
             Message::Error { id, kind, message } => {
                 let result = match kind {
                     ErrorKind::Overloaded => CallError::Overloaded(message),
@@ -197,6 +208,59 @@ impl Shared {
             ),
         }
         None
+    }
+
+    /// A client's subscription (feature `pubsub`): handed to the server's hub, which starts
+    /// sending it what it subscribed to. Only a client subscribes.
+    fn on_subscribe(self: &Arc<Self>, globs: Vec<String>, resume_after: String) -> Option<String> {
+        if self.core.side != restpipe_handler::Side::Server {
+            return Some("the server sent a subscribe frame".into());
+        }
+        match self.core.pubsub.get() {
+            Some(hub) => hub.subscribe(self.connection(), globs, resume_after),
+            None => self.send_error(
+                0,
+                ErrorKind::BadRequest,
+                "this server has no publish/subscribe hub".into(),
+            ),
+        }
+        None
+    }
+
+    /// A publish frame: on the server, a client's publish request (answered by the hub with
+    /// a reply of the same id); on a client, an event the server sends.
+    fn on_publish(self: &Arc<Self>, id: u64, event: wire::Published) -> Option<String> {
+        let Some(hub) = self.core.pubsub.get() else {
+            if id != 0 {
+                self.send_error(
+                    id,
+                    ErrorKind::BadRequest,
+                    "this node has no publish/subscribe hub".into(),
+                );
+            }
+            return None;
+        };
+        match (self.core.side, id) {
+            (restpipe_handler::Side::Server, 0) => {
+                Some("the client sent a published event without a request id".into())
+            }
+            (restpipe_handler::Side::Server, id) => {
+                hub.publish_from_client(self.connection(), id, event);
+                None
+            }
+            (restpipe_handler::Side::Client, 0) => {
+                hub.received(event);
+                None
+            }
+            (restpipe_handler::Side::Client, _) => Some("the server sent a publish request".into()),
+        }
+    }
+
+    /// A handle onto this connection.
+    fn connection(self: &Arc<Self>) -> super::Connection {
+        super::Connection {
+            shared: Arc::clone(self),
+        }
     }
 
     /// The reply to one of this side's requests: handed to its caller, with its body's
@@ -246,6 +310,20 @@ impl Shared {
                     id,
                     Err(CallError::Refused(format!("the peer's answer: {error}"))),
                 );
+            }
+            DecodeError::Invalid {
+                id,
+                what: "publish",
+                ..
+            } if id != 0 => {
+                warn!(cause = %error, "publish request refused");
+                self.send_error(id, ErrorKind::BadRequest, error.to_string());
+            }
+            DecodeError::Invalid {
+                what: "subscribe", ..
+            } => {
+                warn!(cause = %error, "subscription refused");
+                self.send_error(0, ErrorKind::BadRequest, error.to_string());
             }
             DecodeError::Invalid { what: "close", .. } => {
                 self.close(format!("the peer closed the connection ({error})"));
@@ -330,6 +408,7 @@ impl Shared {
             request_id: id,
             deadline: Instant::now() + timeout,
             delivery_id: request.delivery_id.clone(),
+            event_id: None,
         };
         // Debug level, like the front door's: see `http::guard`.
         let span = debug_span!(

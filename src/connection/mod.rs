@@ -138,6 +138,8 @@ struct Shared {
     peer_max_frame: usize,
     /// Whether both sides speak the `trace-context` feature (decided once, at the hello).
     trace_context: bool,
+    /// Whether both sides speak the `pubsub` feature (decided once, at the hello).
+    pubsub: bool,
     /// Whether bodies may be streamed and headers carried (protocol version 2 and up).
     streaming: bool,
     /// The streamed bodies on the connection, both ways.
@@ -305,6 +307,107 @@ impl Connection {
         }
         metrics.timing("message.send.timing", started.elapsed());
         result
+    }
+
+    /// Whether both sides speak the `pubsub` feature: only then may pub/sub frames cross.
+    pub fn speaks_pubsub(&self) -> bool {
+        self.shared.pubsub
+    }
+
+    /// Send a subscription (client to server; feature `pubsub`). Nothing is sent to a peer
+    /// without the feature.
+    pub(crate) async fn send_subscribe(
+        &self,
+        globs: Vec<String>,
+        resume_after: String,
+    ) -> Result<(), CallError> {
+        if !self.shared.pubsub {
+            return Ok(());
+        }
+        self.shared
+            .send(wire::encode(Message::Subscribe {
+                globs,
+                resume_after,
+            }))
+            .await
+    }
+
+    /// Send a published event (server to client; feature `pubsub`), waiting for room in the
+    /// connection's write budget: the backpressure of a subscriber that reads slowly.
+    pub(crate) async fn send_published(&self, event: wire::Published) -> Result<(), CallError> {
+        if !self.shared.pubsub {
+            return Ok(());
+        }
+        self.shared
+            .send(wire::encode(Message::Publish { id: 0, event }))
+            .await
+    }
+
+    /// Tell the peer that something it sent without a request id (a subscription) was
+    /// refused, and why.
+    pub(crate) async fn send_refusal(&self, message: String) {
+        self.shared
+            .send_error(0, wire::ErrorKind::BadRequest, message);
+    }
+
+    /// Answer the peer's request `id` (a publish request) with `reply`.
+    pub(crate) async fn send_reply(&self, id: u64, reply: Reply) -> Result<(), CallError> {
+        self.shared
+            .send(wire::encode(Message::Reply {
+                id,
+                reply,
+                streamed: None,
+            }))
+            .await
+    }
+
+    /// Ask the server to publish `event` (client to server; feature `pubsub`) and wait at
+    /// most `timeout` for its answer: a reply whose status is 202 (and body `{"id": ...}`)
+    /// once the server has it, or the status of its refusal.
+    pub(crate) async fn publish(
+        &self,
+        event: wire::Published,
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
+        let shared = &self.shared;
+        if !shared.pubsub {
+            return Err(CallError::Refused(
+                "the server does not speak the pubsub feature (an older release)".into(),
+            ));
+        }
+        let frame_limit = shared.peer_max_frame + wire::ENVELOPE_ALLOWANCE;
+        if event.body.len() > shared.peer_max_frame {
+            return Err(CallError::TooLarge {
+                size: event.body.len(),
+                limit: shared.peer_max_frame,
+            });
+        }
+        let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let frame = wire::encode(Message::Publish { id, event });
+        let size = frame.len() - wire::PREFIX;
+        if size > frame_limit {
+            return Err(CallError::FrameTooLarge {
+                size,
+                limit: frame_limit,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = lock(&shared.pending);
+            match pending.as_mut() {
+                Some(map) => map.insert(id, tx),
+                None => return Err(shared.closed_error()),
+            };
+        }
+        let _guard = PendingGuard { shared, id };
+        let exchange = async {
+            shared.send(frame).await?;
+            rx.await.map_err(|_| shared.closed_error())?
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
     }
 
     /// A snapshot for `/status`.

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -276,7 +276,17 @@ enum Phase {
 /// task.
 struct Clock {
     phase: Mutex<Phase>,
+    /// When the connection started, the origin of `write_blocked_ms`.
+    born: Instant,
+    /// Since when (ms after `born`, plus one) a write has found the socket full with nothing
+    /// accepted since; 0 while writes go through.
+    write_blocked_ms: AtomicU64,
 }
+
+/// A response (an event stream, a large body) whose peer accepts no byte of it for this long
+/// closes its connection: what it holds (the socket's buffers, one chunk) is freed, and the
+/// connection no longer counts against the cap.
+pub const WRITE_STALL: Duration = Duration::from_secs(60);
 
 impl Clock {
     fn set(&self, update: impl FnOnce(Phase) -> Phase) {
@@ -305,6 +315,32 @@ impl Clock {
         });
     }
 
+    /// A write found the socket full.
+    fn write_blocked(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) == 0 {
+            let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.write_blocked_ms.store(ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write went through.
+    fn write_done(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) != 0 {
+            self.write_blocked_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether writes have been blocked for `WRITE_STALL` or more.
+    fn write_stalled(&self) -> bool {
+        match self.write_blocked_ms.load(Ordering::Relaxed) {
+            0 => false,
+            since => {
+                let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                now.saturating_sub(since - 1) >= WRITE_STALL.as_millis() as u64
+            }
+        }
+    }
+
     fn request_done(&self) {
         self.set(|phase| match phase {
             Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
@@ -316,16 +352,51 @@ impl Clock {
 /// Marks a request in progress on its connection's clock until dropped.
 struct InRequest(Arc<Clock>);
 
+/// A response body that keeps its request in progress until it is dropped.
+struct Tracked {
+    body: Body,
+    _in_request: InRequest,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 impl Drop for InRequest {
     fn drop(&mut self) {
         self.0.request_done();
     }
 }
 
-/// A stream that tells its connection's clock when bytes arrive.
+/// A stream that tells its connection's clock when bytes arrive, and when writes block.
 struct Watched<S> {
     inner: S,
     clock: Arc<Clock>,
+}
+
+impl<S> Watched<S> {
+    fn note_write(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.clock.write_blocked(),
+            Poll::Ready(_) => self.clock.write_done(),
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -349,7 +420,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&polled);
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -365,7 +438,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -392,6 +467,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let clock = Arc::new(Clock {
+        born: Instant::now(),
+        write_blocked_ms: AtomicU64::new(0),
         phase: Mutex::new(Phase::Head(Instant::now())),
     });
     let io = TokioIo::new(Watched {
@@ -407,9 +484,16 @@ where
             let request = request.map(|body| Body::new(StallTimed::new(body, limits.body_timeout)));
             let answered = hyper::service::Service::call(&tower, request);
             async move {
-                let response = answered.await;
-                drop(in_request);
-                response
+                // The request is in progress until its response body is written whole (or
+                // dropped): a streamed response is not an idle connection.
+                answered.await.map(|response| {
+                    response.map(|body| {
+                        Body::new(Tracked {
+                            body,
+                            _in_request: in_request,
+                        })
+                    })
+                })
             }
         })
     };
@@ -441,6 +525,10 @@ where
                 let deadline = match clock.get() {
                     Phase::Head(since) => since + limits.header_timeout,
                     Phase::Idle(since) => since + limits.idle_timeout,
+                    Phase::Busy(_) if clock.write_stalled() => {
+                        debug!("HTTP connection closed: its peer took no byte of the response for {WRITE_STALL:?}");
+                        return;
+                    }
                     Phase::Busy(_) => now + recheck,
                 };
                 if now >= deadline {

@@ -98,7 +98,7 @@ impl Histogram {
 }
 
 /// The plain counters, one per statsd counter name: (statsd name, Prometheus name, help).
-const COUNTERS: [(&str, &str, &str); 11] = [
+const COUNTERS: [(&str, &str, &str); 14] = [
     (
         "client.connect.new.tick",
         "restpipe_client_connect_attempts_total",
@@ -153,6 +153,21 @@ const COUNTERS: [(&str, &str, &str); 11] = [
         "tls.handshake.log_held_back.tick",
         "restpipe_tls_handshake_log_held_back_total",
         "Server: refused handshakes not logged (over the log's rate).",
+    ),
+    (
+        "pubsub.published.tick",
+        "restpipe_pubsub_published_total",
+        "Events published on this node (at its front door, or by a client through the server).",
+    ),
+    (
+        "pubsub.listener.cut.tick",
+        "restpipe_pubsub_listener_cut_total",
+        "GET /events listeners cut for falling behind (stalled, or past the retention).",
+    ),
+    (
+        "pubsub.refused.tick",
+        "restpipe_pubsub_refused_total",
+        "Server: publish requests and subscription globs the policy refused.",
     ),
 ];
 
@@ -286,6 +301,9 @@ impl Registry {
             "server.identity.cut.tick" => &self.counters[8],
             "server.identity.replaced.tick" => &self.counters[9],
             "tls.handshake.log_held_back.tick" => &self.counters[10],
+            "pubsub.published.tick" => &self.counters[11],
+            "pubsub.listener.cut.tick" => &self.counters[12],
+            "pubsub.refused.tick" => &self.counters[13],
             "http.status.1xx.tick" => &self.status[0],
             "http.status.2xx.tick" => &self.status[1],
             "http.status.3xx.tick" => &self.status[2],

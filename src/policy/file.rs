@@ -24,7 +24,14 @@ pub(super) struct RawRule {
     /// Globs on the calling peer's certificate identity.
     pub(super) peers: Vec<Spanned<String>>,
     /// Globs on handler names.
+    #[serde(default)]
     pub(super) handlers: Vec<Spanned<String>>,
+    /// Globs on the topics the peers may publish to (docs/PUBSUB.md).
+    #[serde(default)]
+    pub(super) publish: Vec<Spanned<String>>,
+    /// Globs on the topics the peers may subscribe to.
+    #[serde(default)]
+    pub(super) subscribe: Vec<Spanned<String>>,
 }
 
 /// One `[[token]]` table.

@@ -533,7 +533,7 @@ impl Inner {
 
 /// Make the data directory (mode 0700 where it is made), refusing a path that is not a
 /// directory.
-fn make_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn make_dir(dir: &Path) -> Result<(), StoreError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -573,6 +573,23 @@ async fn prune_loop(inner: Arc<Inner>, store: Arc<Store>) {
 }
 
 /// Wait up to `wait` for the connection to `peer`.
+/// How an event reaches its peer: on the connection here, or through the replica of the
+/// cluster that holds the client.
+enum Route {
+    Local(Connection),
+    Cluster,
+}
+
+/// Whether `peer` is a client another replica of this server's cluster holds now.
+fn held_elsewhere(pipe: &Pipe, peer: &str) -> bool {
+    match pipe {
+        Pipe::Server(server) => server
+            .cluster()
+            .is_some_and(|c| c.remote_clients().iter().any(|r| r.identity == peer)),
+        Pipe::Client(_) => false,
+    }
+}
+
 async fn connection(pipe: &Pipe, peer: &str, wait: Duration) -> Result<Connection, CallError> {
     match pipe {
         Pipe::Client(client) => client.wait_connected(wait).await,
@@ -716,7 +733,9 @@ async fn deliver(inner: Arc<Inner>, peer: String, worker: Arc<Worker>) {
                 conn = connection(&inner.pipe, &peer, left.min(CHECK_EVERY)) => conn,
             };
             match conn {
-                Ok(conn) => break Some(conn),
+                Ok(conn) => break Some(Route::Local(conn)),
+                // In a cluster, a client connected to another replica is reached through it.
+                Err(_) if held_elsewhere(&inner.pipe, &peer) => break Some(Route::Cluster),
                 // An answer at once (an address several clients share) must not spin.
                 Err(_) if asked.elapsed() < CHECK_EVERY / 10 => {
                     if pause(&inner, CHECK_EVERY).await {
@@ -726,14 +745,23 @@ async fn deliver(inner: Arc<Inner>, peer: String, worker: Arc<Worker>) {
                 Err(_) => {}
             }
         };
-        let Some(conn) = conn else {
+        let Some(route) = conn else {
             continue;
         };
         let timeout = Duration::from_millis(record.timeout_ms.max(1));
         let request = request_of(seq, &record, body);
+        let call = async {
+            match (route, &inner.pipe) {
+                (Route::Local(conn), _) => conn.call(request, timeout).await,
+                (Route::Cluster, Pipe::Server(server)) => {
+                    server.call(&peer, request, Some(timeout)).await
+                }
+                (Route::Cluster, Pipe::Client(client)) => client.call(request, Some(timeout)).await,
+            }
+        };
         let result = tokio::select! {
             _ = inner.stop.cancelled() => return,
-            result = conn.call(request, timeout) => result,
+            result = call => result,
         };
         record.attempts = record.attempts.saturating_add(1);
         let outcome = match result {

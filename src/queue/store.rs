@@ -17,10 +17,12 @@
 //! Every function here blocks on the disk; the queue calls them on the blocking pool.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use redb::{
-    Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+    Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -137,8 +139,15 @@ pub struct Usage {
 pub type Stored = (Record, Option<Vec<u8>>);
 
 /// The database.
+///
+/// After a failed operation (a full disk, say) redb refuses every later one ("previous I/O
+/// error") until the database is opened again; so a failure closes it here, and the next
+/// operation opens it again (redb's repair brings it back to its last commit). A node whose
+/// disk filled up goes on serving what it stored, and takes new events once there is room.
 pub struct Store {
-    db: Database,
+    path: PathBuf,
+    /// `None` after a failure, until the next operation opens it again.
+    db: RwLock<Option<Database>>,
 }
 
 fn encode(record: &Record) -> Result<Vec<u8>, StoreError> {
@@ -156,7 +165,10 @@ impl Store {
         let path = dir.join(FILE_NAME);
         let db = Database::create(&path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        let store = Store { db };
+        let store = Store {
+            path,
+            db: RwLock::new(Some(db)),
+        };
         // Every table exists from the start, so that readers never meet a missing one.
         store.write(|tx| {
             tx.open_table(RECORDS)?;
@@ -170,16 +182,58 @@ impl Store {
         Ok(store)
     }
 
-    /// Run `f` in one write transaction, committed durably (fsync) before this returns.
+    /// Run `f` with the database, opened again first if a failure closed it.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        {
+            let db = self.db.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(db) = db.as_ref() {
+                return f(db);
+            }
+        }
+        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if db.is_none() {
+            let opened = Database::create(&self.path).map_err(|e| {
+                StoreError(format!("cannot open {} again: {e}", self.path.display()))
+            })?;
+            tracing::info!(path = %self.path.display(), "the queue's store is open again");
+            *db = Some(opened);
+        }
+        match db.as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError("the queue's store is closed".into())),
+        }
+    }
+
+    /// Close the database after a failure: redb takes nothing more until it is opened again.
+    fn closed_on_failure<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if result.is_err() {
+            *self.db.write().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        result
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+        let tx = self.with_db(|db| Ok(db.begin_read()?));
+        self.closed_on_failure(tx)
+    }
+
+    /// Run `f` in one write transaction, committed durably (fsync) before this returns. A
+    /// failure leaves the store as it was (the transaction is not committed).
     fn write<T>(
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Immediate);
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        let result = self.with_db(|db| {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(Durability::Immediate);
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        });
+        self.closed_on_failure(result)
     }
 
     /// Store a new pending event with its body; returns its sequence number.
@@ -199,7 +253,7 @@ impl Store {
 
     /// The pending events of every peer, by count and bytes.
     pub fn usage(&self) -> Result<HashMap<String, Usage>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.begin_read()?;
         let pending = tx.open_table(PENDING)?;
         let records = tx.open_table(RECORDS)?;
         let mut usage: HashMap<String, Usage> = HashMap::new();
@@ -219,7 +273,7 @@ impl Store {
 
     /// The first pending event of `peer`: its sequence number, record and body.
     pub fn head(&self, peer: &str) -> Result<Option<(u64, Record, Vec<u8>)>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.begin_read()?;
         let pending = tx.open_table(PENDING)?;
         let first = pending.range((peer, 0u64)..=(peer, u64::MAX))?.next();
         let Some(item) = first else {
@@ -240,7 +294,7 @@ impl Store {
 
     /// The record of event `seq` and the body of its reply, if there is one.
     pub fn get(&self, seq: u64) -> Result<Option<Stored>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.begin_read()?;
         let Some(record) = tx.open_table(RECORDS)?.get(seq)?.map(|v| decode(v.value())) else {
             return Ok(None);
         };
@@ -288,7 +342,7 @@ impl Store {
     /// one transaction; returns how many and their bytes.
     pub fn expire_due(&self, peer: &str, now_ms: u64) -> Result<Usage, StoreError> {
         let due: Vec<u64> = {
-            let tx = self.db.begin_read()?;
+            let tx = self.begin_read()?;
             let pending = tx.open_table(PENDING)?;
             let mut due = Vec::new();
             for item in pending.range((peer, 0u64)..=(peer, u64::MAX))? {

@@ -69,6 +69,21 @@ pub enum DataEnd {
     Aborted(String),
 }
 
+/// A published event as it crosses the pipe (feature `pubsub`, docs/PUBSUB.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The topic: the noun grammar, at most [`limits::TOPIC`] bytes.
+    pub topic: String,
+    /// The body's content type.
+    pub content_type: String,
+    /// The body.
+    pub body: Bytes,
+    /// The event's id; empty in a publish request (the server names it).
+    pub id: String,
+    /// When it was published, ms since the epoch; 0 in a publish request.
+    pub published_ms: u64,
+}
+
 /// One message on the pipe.
 #[derive(Debug, PartialEq)]
 pub enum Message {
@@ -138,6 +153,22 @@ pub enum Message {
     Pong(u64),
     /// The sender is about to hang up, and says why.
     Close(String),
+    /// Feature `pubsub`, client to server: the topic globs it subscribes to, replacing the
+    /// last ones, and the id of the last event it saw (empty: from now on).
+    Subscribe {
+        /// The topic globs, at most [`limits::SUBSCRIPTIONS`].
+        globs: Vec<String>,
+        /// The id of the last published event the client saw, or empty.
+        resume_after: String,
+    },
+    /// Feature `pubsub`: client to server with a non-zero `id`, a publish request answered by
+    /// a [`Message::Reply`] of that id; server to client with `id` 0, a published event.
+    Publish {
+        /// The frame's request id; 0 for an event the server sends.
+        id: u64,
+        /// The event.
+        event: Published,
+    },
     /// A frame whose kind this build does not know (a newer peer's); answered with
     /// [`ErrorKind::UnknownMessage`].
     Unknown {
@@ -157,7 +188,8 @@ pub enum DecodeError {
     Invalid {
         /// The frame's request id (0 when it has none).
         id: u64,
-        /// Which kind of frame it was: `hello`, `event`, `reply`, `error`, `close`.
+        /// Which kind of frame it was: `hello`, `event`, `reply`, `error`, `close`,
+        /// `subscribe`, `publish`.
         what: &'static str,
         /// What rule it breaks.
         reason: String,
@@ -241,6 +273,30 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
                 message: e.message,
             }
         }
+        Some(Kind::Subscribe(s)) => {
+            check_subscription(&s.globs, &s.resume_after).map_err(invalid("subscribe"))?;
+            Message::Subscribe {
+                globs: s.globs,
+                resume_after: s.resume_after,
+            }
+        }
+        Some(Kind::Publish(p)) => {
+            let event = Published {
+                topic: p.topic,
+                content_type: p.content_type,
+                body: p.body,
+                id: p.id,
+                published_ms: p.published_ms,
+            };
+            check_published(&event).map_err(invalid("publish"))?;
+            // A request carries no id; an event from the server always does.
+            if (id == 0) == event.id.is_empty() {
+                return Err(invalid("publish")(
+                    "a publish request has a frame id and no event id; a published event the reverse".into(),
+                ));
+            }
+            Message::Publish { id, event }
+        }
         Some(Kind::Ping(p)) => Message::Ping(p.nonce),
         Some(Kind::Pong(p)) => Message::Pong(p.nonce),
         Some(Kind::Close(c)) => {
@@ -301,6 +357,26 @@ pub fn encode(message: Message) -> Encoded {
             Kind::Error(proto::Error {
                 kind: error_kind_to_wire(kind) as i32,
                 message: truncate(message, limits::MESSAGE),
+            }),
+        ),
+        Message::Subscribe {
+            globs,
+            resume_after,
+        } => (
+            0,
+            Kind::Subscribe(proto::Subscribe {
+                globs,
+                resume_after,
+            }),
+        ),
+        Message::Publish { id, event } => (
+            id,
+            Kind::Publish(proto::Publish {
+                topic: event.topic,
+                content_type: event.content_type,
+                body: event.body,
+                id: event.id,
+                published_ms: event.published_ms,
             }),
         ),
         Message::Ping(nonce) => (0, Kind::Ping(proto::Ping { nonce })),
@@ -366,6 +442,64 @@ pub fn check_request(request: &Request) -> Result<(), RequestError> {
         }
     }
     Ok(())
+}
+
+/// Check a topic: the noun grammar, and at most [`limits::TOPIC`] bytes.
+pub fn check_topic(topic: &str) -> Result<(), String> {
+    bounded("topic", topic, limits::TOPIC)?;
+    grammar::check_noun(topic).map_err(|e| format!("bad topic: {e}"))
+}
+
+/// Check a topic glob: 1 to [`limits::GLOB`] visible ASCII characters that compile as a glob
+/// (`*` and `?` within a segment, `**` across segments, `[...]`, `{a,b}`).
+pub fn check_topic_glob(glob: &str) -> Result<globset::GlobMatcher, String> {
+    if glob.is_empty() || glob.len() > limits::GLOB || !glob.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "a topic glob is 1 to {} visible ASCII characters",
+            limits::GLOB
+        ));
+    }
+    globset::GlobBuilder::new(glob)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| format!("bad topic glob {glob:?}: {e}"))
+}
+
+/// Check an event id, or a `resume_after`: empty, or at most [`limits::EVENT_ID`] visible
+/// ASCII characters.
+pub fn check_event_id(id: &str) -> Result<(), String> {
+    if id.len() > limits::EVENT_ID || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "an event id is at most {} visible ASCII characters",
+            limits::EVENT_ID
+        ));
+    }
+    Ok(())
+}
+
+/// Check a subscription as the server will: at most [`limits::SUBSCRIPTIONS`] globs, each a
+/// topic glob, and a well-formed `resume_after`.
+pub fn check_subscription(globs: &[String], resume_after: &str) -> Result<(), String> {
+    if globs.len() > limits::SUBSCRIPTIONS {
+        return Err(format!(
+            "{} topic globs, more than {}",
+            globs.len(),
+            limits::SUBSCRIPTIONS
+        ));
+    }
+    for glob in globs {
+        check_topic_glob(glob)?;
+    }
+    check_event_id(resume_after)
+}
+
+/// Check a published event's topic, content type and id (its body is bounded by the frame
+/// limit here, and by the receiver's `--max-publish-bytes`).
+pub fn check_published(event: &Published) -> Result<(), String> {
+    check_topic(&event.topic)?;
+    bounded("content type", &event.content_type, limits::CONTENT_TYPE)?;
+    check_event_id(&event.id)
 }
 
 /// Check allow-listed headers as a receiver will (count, names, values).
@@ -677,6 +811,30 @@ mod tests {
                 Message::Pong(2),
                 Message::Close("bye".into()),
                 Message::Unknown { id: 3 },
+                Message::Subscribe {
+                    globs: vec!["sensors/**".into(), "alerts".into()],
+                    resume_after: "1700000000000-0000abcd-00000001".into(),
+                },
+                Message::Publish {
+                    id: 12,
+                    event: Published {
+                        topic: "sensors/t1".into(),
+                        content_type: "text/plain".into(),
+                        body: body.clone(),
+                        id: String::new(),
+                        published_ms: 0,
+                    },
+                },
+                Message::Publish {
+                    id: 0,
+                    event: Published {
+                        topic: "sensors/t1".into(),
+                        content_type: String::new(),
+                        body: Bytes::from_static(b"x"),
+                        id: "1700000000000-0000abcd-00000001".into(),
+                        published_ms: 1_700_000_000_000,
+                    },
+                },
             ]
         };
         for (m, expected) in messages().into_iter().zip(messages()) {
@@ -760,6 +918,53 @@ mod tests {
             panic!()
         };
         assert!(reason.len() <= limits::MESSAGE);
+    }
+
+    #[test]
+    fn pubsub_frames_are_checked() {
+        let publish = |id: u64, topic: &str, event_id: &str| Message::Publish {
+            id,
+            event: Published {
+                topic: topic.into(),
+                content_type: String::new(),
+                body: Bytes::new(),
+                id: event_id.into(),
+                published_ms: 0,
+            },
+        };
+        for bad in [
+            publish(1, "a/../b", ""),
+            publish(1, &"t".repeat(limits::TOPIC + 1), ""),
+            publish(1, "t", "an id"),
+            publish(0, "t", ""),
+            publish(2, "t", "1-2-3"),
+        ] {
+            assert!(matches!(
+                round_trip(bad),
+                Err(DecodeError::Invalid {
+                    what: "publish",
+                    ..
+                })
+            ),);
+        }
+        let subscribe = |globs: Vec<String>| Message::Subscribe {
+            globs,
+            resume_after: String::new(),
+        };
+        for bad in [
+            vec!["a[".to_string()],
+            vec![String::new()],
+            vec!["x".to_string(); limits::SUBSCRIPTIONS + 1],
+            vec!["g".repeat(limits::GLOB + 1)],
+        ] {
+            assert!(matches!(
+                round_trip(subscribe(bad)),
+                Err(DecodeError::Invalid {
+                    what: "subscribe",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]

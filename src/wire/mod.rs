@@ -15,8 +15,9 @@ mod proto;
 
 pub use framing::{codec, frame_reader, Encoded, PREFIX, SPLIT_BODY};
 pub use message::{
-    check_request, decode, encode, DataEnd, DecodeError, ErrorKind, Hello, Message, RequestError,
-    Streamed,
+    check_event_id, check_published, check_request, check_subscription, check_topic,
+    check_topic_glob, decode, encode, DataEnd, DecodeError, ErrorKind, Hello, Message, Published,
+    RequestError, Streamed,
 };
 
 /// The highest version of the wire protocol this build speaks.
@@ -27,7 +28,12 @@ pub const PROTOCOL_VERSION: u32 = 2;
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// The optional features this build offers in its hello. Those the peer offers too are in use.
-pub const FEATURES: &[&str] = &[TRACE_CONTEXT];
+pub const FEATURES: &[&str] = &[TRACE_CONTEXT, PUBSUB];
+
+/// The feature by which a client subscribes to topics and either side sends published events
+/// ([`Message::Subscribe`], [`Message::Publish`]; docs/PUBSUB.md). Neither frame is sent to a
+/// peer that does not list it.
+pub const PUBSUB: &str = "pubsub";
 
 /// The feature by which events carry their trace context (`traceparent`, request id).
 pub const TRACE_CONTEXT: &str = "trace-context";
@@ -76,4 +82,12 @@ pub mod limits {
     pub const MESSAGE: usize = 1024;
     /// The delivery id of a queued event: 1 to this many visible ASCII characters.
     pub const DELIVERY_ID: usize = 128;
+    /// A published event's topic.
+    pub const TOPIC: usize = 256;
+    /// One topic glob of a subscription.
+    pub const GLOB: usize = 256;
+    /// Topic globs in one subscription (a node's `--subscribe`, a client's subscribe frame).
+    pub const SUBSCRIPTIONS: usize = 64;
+    /// A published event's id.
+    pub const EVENT_ID: usize = 64;
 }

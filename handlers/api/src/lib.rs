@@ -140,6 +140,10 @@ pub struct Context {
     /// least once: a handler with effects remembers the ids it has handled and skips one it
     /// sees again.
     pub delivery_id: Option<String>,
+    /// The id of the published event this call delivers to an `event_{topic}` handler
+    /// (docs/PUBSUB.md); `None` for any other call. Ids are unique: a handler that must not
+    /// act twice on one event remembers them.
+    pub event_id: Option<String>,
 }
 
 impl Context {
@@ -157,6 +161,7 @@ impl Context {
             request_id: 1,
             deadline: Instant::now() + Duration::from_secs(30),
             delivery_id: None,
+            event_id: None,
         }
     }
 }
