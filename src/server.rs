@@ -371,7 +371,11 @@ impl Inner {
 async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, slot: Slot) {
     let core = &inner.core;
     let acceptor = inner.acceptor.load_full();
-    let (stream, cert) = match tls::accept(&acceptor, tcp, core.pipe.handshake_timeout).await {
+    // The handshake and the hello are boxed: their state (a TLS session being set up, the
+    // hello frames) is freed once they end, instead of sizing this task's future for as long
+    // as the connection lives (measured: ~3.5 KiB of every idle connection's memory).
+    let accepting = Box::pin(tls::accept(&acceptor, tcp, core.pipe.handshake_timeout));
+    let (stream, cert) = match accepting.await {
         Ok(accepted) => accepted,
         Err(e) => return inner.refused(addr, tls::refusal_reason(&e), &e),
     };
@@ -384,7 +388,7 @@ async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, slot: Slot) 
             &"the server holds its maximum of connections",
         );
     };
-    let opened = connection::open(core.clone(), stream, cert, addr).await;
+    let opened = Box::pin(connection::open(core.clone(), stream, cert, addr)).await;
     drop(slot);
     let (conn, run) = match opened {
         Ok(opened) => opened,
@@ -407,18 +411,17 @@ async fn serve(inner: Arc<Inner>, tcp: TcpStream, addr: SocketAddr, slot: Slot) 
             "newer connection replaces the older"
         );
         core.metrics.tick("server.identity.replaced.tick");
-        old.drain(
+        Box::pin(old.drain(
             Duration::ZERO,
             "replaced by a newer connection with the same identity",
-        )
+        ))
         .await;
     }
     // A handshake that finished while the server began shutting down: the shutdown may have
     // listed the clients before this one was added, so let it go here. Added first, checked
     // second: either the shutdown saw it, or this sees the shutdown.
     if inner.stop_accepting.is_cancelled() {
-        conn.drain(Duration::ZERO, "the server is shutting down")
-            .await;
+        Box::pin(conn.drain(Duration::ZERO, "the server is shutting down")).await;
     }
     info!(%identity, peer = %addr, clients = count, "client connected");
     core.metrics.gauge("server.clients.connected", count as u64);
