@@ -46,6 +46,8 @@ use crate::{load, procs, scale};
 pub const TOPIC: &str = "bench/fanout";
 /// Bytes of each event's body.
 pub const BODY: usize = 256;
+/// The shortest phase whose CPU is reported.
+pub const CPU_WINDOW: Duration = Duration::from_secs(1);
 /// The longest wait for a phase's deliveries, and for the subscriptions.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
@@ -82,8 +84,9 @@ pub struct Phase {
     /// Clients whose handler had every event of the phase.
     pub complete: usize,
     /// CPU from the first publish to the last delivery, % of one core: the server process,
-    /// and this process (the publisher and every client node).
-    pub cpu_pct: (f64, f64),
+    /// and this process (the publisher and every client node); `None` for a phase shorter
+    /// than [`CPU_WINDOW`] (10 ms ticks say nothing of it).
+    pub cpu_pct: Option<(f64, f64)>,
 }
 
 impl Phase {
@@ -375,7 +378,7 @@ pub async fn run(work: &Certs, plan: &Plan, ticks: f64) -> anyhow::Result<Outcom
         let pct = |i: usize| {
             cpu_after[i].saturating_sub(cpu_before[i]).as_secs_f64() / delivered_secs * 100.0
         };
-        let cpu_pct = (pct(0), pct(1));
+        let cpu_pct = (delivered_secs >= CPU_WINDOW.as_secs_f64()).then(|| (pct(0), pct(1)));
         procs::check_alive(&mut server)?;
         let deliveries = tally.total.load(Ordering::Acquire) - total_before;
         let complete = seen
@@ -410,15 +413,16 @@ pub async fn run(work: &Certs, plan: &Plan, ticks: f64) -> anyhow::Result<Outcom
             cpu_pct,
         };
         println!(
-            "  fanout: {name:<5} {events} events to {n} clients: published {:.0} events/s, {:.0} deliveries/s ({:.1} events/s to all), latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {complete} of {n} clients got every event; CPU: server {:.0}%, bench process {:.0}%",
+            "  fanout: {name:<5} {events} events to {n} clients: published {:.0} events/s, {:.0} deliveries/s ({:.1} events/s to all), latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {complete} of {n} clients got every event; CPU: {}",
             phase.published_per_s(),
             phase.deliveries_per_s(),
             phase.events_per_s(),
             latency_us.0 / 1e3,
             latency_us.1 / 1e3,
             latency_us.2 / 1e3,
-            cpu_pct.0,
-            cpu_pct.1,
+            cpu_pct.map_or("phase too short to say".into(), |(server, bench)| format!(
+                "server {server:.0}%, bench process {bench:.0}%"
+            )),
         );
         phases.push(phase);
     }

@@ -1247,15 +1247,17 @@ fn queue_table(out: &mut String, q: &queue::Outcome) {
 fn fanout_table(out: &mut String, f: &fanout::Outcome) {
     let _ = writeln!(
         out,
-        "### Publish fan-out to {} subscribed clients\n\n`POST /publish/{}` ({}-byte bodies) on a `restpipe server` process's front door, on one keep-alive connection; {} client nodes in the bench process, each subscribed to the topic with an `event_*` handler, connected and subscribed (the server's `/status` counting them) in {:.1} s. *Paced*: at a fixed rate; *burst*: back to back, each event sent once the last was answered 202. Latency: from just before the `POST` is written to the client's handler call (one clock, the bench process), over every delivery of the phase. *Published*: events / the time to publish them; *deliveries/s* and *to all, events/s*: deliveries or events / the time from the first publish to the last delivery. A phase fails unless every client got every event, once and in order. CPU (`/proc`, 10 ms ticks) over the same time, % of one core: the server process, and the bench process (the publisher and every client node). One run.\n",
+        "### Publish fan-out to {} subscribed clients\n\n`POST /publish/{}` ({}-byte bodies) on a `restpipe server` process's front door, on one keep-alive connection; {} client nodes in the bench process, each subscribed to the topic with an `event_*` handler, connected and subscribed (the server's `/status` counting them) in {:.1} s. *Paced*: at a fixed rate; *burst*: back to back, each event sent once the last was answered 202. Latency: from just before the `POST` is written to the client's handler call (one clock, the bench process), over every delivery of the phase. *Published*: events / the time to publish them; *deliveries/s* and *to all, events/s*: deliveries or events / the time from the first publish to the last delivery. A phase fails unless every client got every event, once and in order. CPU (`/proc`, 10 ms ticks) over the same time, % of one core: the server process, and the bench process (the publisher and every client node); \"-\" for a phase shorter than {:.0} s. One run.\n",
         thousands(f.clients as f64),
         fanout::TOPIC,
         fanout::BODY,
         thousands(f.clients as f64),
         f.subscribed_secs,
+        fanout::CPU_WINDOW.as_secs_f64(),
     );
     out.push_str("| phase | events | published events/s | deliveries/s | to all, events/s | p50 ms | p99 ms | max ms | clients with every event | server CPU | bench CPU |\n");
     out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let cpu = |pct: Option<f64>| pct.map_or("-".into(), |pct| format!("{pct:.0}%"));
     for p in &f.phases {
         let name = match p.rate {
             Some(rate) => format!("{}, {rate:.0}/s asked", p.name),
@@ -1263,7 +1265,7 @@ fn fanout_table(out: &mut String, f: &fanout::Outcome) {
         };
         let _ = writeln!(
             out,
-            "| {name} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {} of {} | {:.0}% | {:.0}% |",
+            "| {name} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {} of {} | {} | {} |",
             thousands(p.events as f64),
             thousands(p.published_per_s()),
             thousands(p.deliveries_per_s()),
@@ -1273,8 +1275,8 @@ fn fanout_table(out: &mut String, f: &fanout::Outcome) {
             p.latency_us.2 / 1e3,
             thousands(p.complete as f64),
             thousands(f.clients as f64),
-            p.cpu_pct.0,
-            p.cpu_pct.1
+            cpu(p.cpu_pct.map(|c| c.0)),
+            cpu(p.cpu_pct.map(|c| c.1))
         );
     }
     out.push('\n');
