@@ -372,7 +372,17 @@ pub async fn run(work: &Certs, plan: &Plan, ticks: f64) -> anyhow::Result<Outcom
         let publish_secs = publish(&mut conn, &tally, events, rate, &mut seq)
             .await
             .with_context(|| format!("fanout {name}: publishing"))?;
-        let done = tally.wait_for(goal, DRAIN_LIMIT).await;
+        // In steps, so that a server that exits fails the phase at once.
+        let until = Instant::now() + DRAIN_LIMIT;
+        let done = loop {
+            if tally.wait_for(goal, Duration::from_millis(500)).await {
+                break true;
+            }
+            procs::check_alive(&mut server)?;
+            if Instant::now() >= until {
+                break false;
+            }
+        };
         let delivered_secs = started.elapsed().as_secs_f64();
         let cpu_after = cpu_times(&pids, ticks)?;
         let pct = |i: usize| {
