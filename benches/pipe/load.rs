@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::header::{CONNECTION, HOST};
@@ -112,14 +112,24 @@ impl Call {
     }
 }
 
-/// An HTTP/1.1 connection, and the `Host` its requests carry.
-pub struct Conn {
-    sender: SendRequest<Empty<Bytes>>,
+/// An HTTP/1.1 connection whose requests have bodies of type `B`, and the `Host` they carry.
+pub struct Conn<B = Empty<Bytes>> {
+    sender: SendRequest<B>,
     host: String,
 }
 
-/// An HTTP/1.1 connection to `addr`.
+/// An HTTP/1.1 connection to `addr` (requests without a body).
 pub async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
+    connect_with(addr).await
+}
+
+/// An HTTP/1.1 connection to `addr` whose requests carry bodies of type `B`.
+pub async fn connect_with<B>(addr: SocketAddr) -> anyhow::Result<Conn<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to {addr}"))?;
@@ -178,6 +188,24 @@ pub async fn send(
         }
     }
     Ok((status, read))
+}
+
+/// `POST path` with `body` on `conn`; returns the status and the whole answer.
+pub async fn post(
+    conn: &mut Conn<Full<Bytes>>,
+    path: &str,
+    body: Bytes,
+) -> anyhow::Result<(StatusCode, Bytes)> {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(HOST, &conn.host)
+        .body(Full::new(body))?;
+    conn.sender.ready().await?;
+    let response = conn.sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
 }
 
 /// `GET path` on a fresh connection, the whole body as bytes (for checks).

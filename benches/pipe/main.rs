@@ -26,12 +26,16 @@
 //!   there is no nats-server and `CI` is not `true`);
 //! - `queue`: queued delivery (`X-Event-Delivery: queued`, fsync'd before the 202) at 1 and 8
 //!   connections, accepted and delivered events/s, against a raw redb commit loop in this
-//!   process, in the same runs ([`queue`]).
+//!   process, in the same runs ([`queue`]);
+//! - `fanout`: `POST /publish/{topic}` on a `restpipe server` process fanned out to 1,000
+//!   subscribed client nodes in this process (200 in a quick run, 20 in a smoke run), paced
+//!   and in one burst: events/s published, deliveries/s, and the publication-to-handler
+//!   latency's p50, p99 and max ([`fanout`]).
 //!
 //! Flags (after `--`): `--smoke` (every scenario, tiny: for CI), `--quick`, nothing (full),
-//! `--only keepalive,close,bulk,scale,h2,yamux,cluster,queue`, `--out FILE` (markdown; a full
-//! run defaults to `docs/BENCHMARKS.md`, between its `bench:pipe` markers), `--compare-bin
-//! PATH`, `--policy-rules N`.
+//! `--only keepalive,close,bulk,scale,h2,yamux,cluster,queue,fanout`, `--out FILE`
+//! (markdown; a full run defaults to `docs/BENCHMARKS.md`, between its `bench:pipe` markers),
+//! `--compare-bin PATH`, `--policy-rules N`.
 //!
 //! `--compare-bin PATH` (with the `keepalive` scenario) also runs a pair of nodes of another
 //! `restpipe` binary, an older build, through the keepalive points in both directions,
@@ -62,10 +66,11 @@
 //!
 //! The modules: [`load`] (the load generator), [`procs`] (child processes, `/proc`),
 //! [`servers`] (the reference servers), [`http2`] and [`yamux_pair`] (the reference pairs on
-//! other multiplexers), [`bulk`], [`scale`], [`cluster`], [`queue`], [`report`].
+//! other multiplexers), [`bulk`], [`scale`], [`cluster`], [`queue`], [`fanout`], [`report`].
 
 mod bulk;
 mod cluster;
+mod fanout;
 mod http2;
 mod load;
 mod procs;
@@ -84,7 +89,7 @@ use http2::Proto;
 use load::ConnMode;
 use report::{Bulk, RefBulk, Report, Run, Series};
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "keepalive",
     "close",
     "bulk",
@@ -93,6 +98,7 @@ const SCENARIOS: [&str; 8] = [
     "yamux",
     "cluster",
     "queue",
+    "fanout",
 ];
 const MIB: usize = 1024 * 1024;
 
@@ -113,6 +119,7 @@ struct Plan {
     cluster: cluster::Plan,
     /// Keep-alive connections of the routed and local cluster points.
     cluster_conns: Vec<usize>,
+    fanout: fanout::Plan,
 }
 
 impl Plan {
@@ -130,6 +137,17 @@ impl Plan {
             "smoke" => cluster(30, 5, ms(500), s(1)),
             "quick" => cluster(1000, 200, s(3), s(5)),
             _ => cluster(10_000, 1000, s(6), s(15)),
+        };
+        let fanout = |clients, paced, rate, burst| fanout::Plan {
+            clients,
+            paced,
+            rate,
+            burst,
+        };
+        let fanout = match mode {
+            "smoke" => fanout(20, 10, 100.0, 10),
+            "quick" => fanout(200, 200, 50.0, 200),
+            _ => fanout(1000, 300, 20.0, 500),
         };
         let (runs, warmup, window, bulk_window, bulk_min_reps, scale, large) = match mode {
             "smoke" => (
@@ -186,12 +204,13 @@ impl Plan {
             queue_conns: vec![1, 8],
             cluster,
             cluster_conns: vec![1, 32],
+            fanout,
         }
     }
 
     fn method(&self) -> String {
         format!(
-            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). CPU µs/req: CPU time (user + system, from `/proc`, 10 ms ticks) of the processes serving the target (the baseline's one, a pair's two) over the window, per request answered (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window. Cluster: {} replicas; the routed and local points as the request points; {} idle clients, {:.1} s settle, {:.0} s CPU window; {} clients of the killed replica watched. Queue: {} run(s) of {:.1} s per point, no warm-up.",
+            "Each request point: {} run(s) of {:.1} s after {:.1} s of warm-up, closed loop (each connection sends its next request when the last answer is read), the targets interleaved run by run; the table gives the median run and the min–max over runs; latencies come from an HDR histogram per run (median over runs). CPU µs/req: CPU time (user + system, from `/proc`, 10 ms ticks) of the processes serving the target (the baseline's one, a pair's two) over the window, per request answered (median over runs). Ratios are per run against the baseline of the same run. Bulk: {} run(s) per size of at least {} transfer(s) and {:.1} s on one connection, after one unmeasured transfer (from {} up: no warm-up, at least one transfer). Scale: {:.1} s settle, {:.0} s CPU window. Cluster: {} replicas; the routed and local points as the request points; {} idle clients, {:.1} s settle, {:.0} s CPU window; {} clients of the killed replica watched. Queue: {} run(s) of {:.1} s per point, no warm-up. Fanout: {} subscribed clients, {} events of {} B at {:.0}/s, then a burst of {}, one run.",
             self.runs,
             self.window.as_secs_f64(),
             self.warmup.as_secs_f64(),
@@ -208,6 +227,11 @@ impl Plan {
             self.cluster.back,
             self.runs,
             self.window.as_secs_f64(),
+            self.fanout.clients,
+            self.fanout.paced,
+            fanout::BODY,
+            self.fanout.rate,
+            self.fanout.burst,
         )
     }
 }
@@ -224,7 +248,7 @@ struct Options {
     args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux,cluster,queue] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux,cluster,queue,fanout] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
@@ -566,6 +590,15 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
     if wants("queue") {
         println!("queue: queued delivery at {:?} conns", plan.queue_conns);
         report.queue = Some(queue::run(&work, plan.runs, plan.window, &plan.queue_conns).await?);
+    }
+    if wants("fanout") {
+        let f = &plan.fanout;
+        println!(
+            "fanout: publish to {} subscribed clients, {} events at {:.0}/s, then a burst of {}",
+            f.clients, f.paced, f.rate, f.burst
+        );
+        let ticks = restpipe_testkit::procs::clock_ticks();
+        report.fanout = Some(fanout::run(&work, f, ticks).await?);
     }
     Ok(report)
 }

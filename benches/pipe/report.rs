@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::bulk::size_label;
 use crate::http2::Proto;
 use crate::load::{ConnMode, Sample};
-use crate::{cluster, queue, scale};
+use crate::{cluster, fanout, queue, scale};
 
 /// The markers between which the results live in an existing markdown file.
 pub const BEGIN: &str = "<!-- bench:pipe:begin -->";
@@ -192,6 +192,8 @@ pub struct Report {
     pub scale: Option<scale::Outcome>,
     /// The queue scenario.
     pub queue: Option<queue::Outcome>,
+    /// The fanout scenario.
+    pub fanout: Option<fanout::Outcome>,
     /// The cluster scenario.
     pub cluster: Option<cluster::Outcome>,
     /// The cluster scenario was asked for but skipped (no nats-server).
@@ -775,6 +777,9 @@ impl Report {
         if let Some(q) = &self.queue {
             queue_table(&mut out, q);
         }
+        if let Some(f) = &self.fanout {
+            fanout_table(&mut out, f);
+        }
         self.targets(&mut out);
         out
     }
@@ -1236,6 +1241,45 @@ fn queue_table(out: &mut String, q: &queue::Outcome) {
         }
     }
     out.push_str("\n² On this VM a commit loop alone waits on each fsync with its vCPU halted and is woken late; the node commits among busy threads (its own, the load generator's). The second raw row keeps a core busy with a spinning thread in the bench process meanwhile: when it is well above the first, the raw rate alone is not a ceiling here, and the node's rates can exceed it.\n\n");
+}
+
+/// Publish fan-out to the subscribed clients, per phase.
+fn fanout_table(out: &mut String, f: &fanout::Outcome) {
+    let _ = writeln!(
+        out,
+        "### Publish fan-out to {} subscribed clients\n\n`POST /publish/{}` ({}-byte bodies) on a `restpipe server` process's front door, on one keep-alive connection; {} client nodes in the bench process, each subscribed to the topic with an `event_*` handler, connected and subscribed (the server's `/status` counting them) in {:.1} s. *Paced*: at a fixed rate; *burst*: back to back, each event sent once the last was answered 202. Latency: from just before the `POST` is written to the client's handler call (one clock, the bench process), over every delivery of the phase. *Published*: events / the time to publish them; *deliveries/s* and *to all, events/s*: deliveries or events / the time from the first publish to the last delivery. A phase fails unless every client got every event, once and in order. CPU (`/proc`, 10 ms ticks) over the same time, % of one core: the server process, and the bench process (the publisher and every client node); \"-\" for a phase shorter than {:.0} s. One run.\n",
+        thousands(f.clients as f64),
+        fanout::TOPIC,
+        fanout::BODY,
+        thousands(f.clients as f64),
+        f.subscribed_secs,
+        fanout::CPU_WINDOW.as_secs_f64(),
+    );
+    out.push_str("| phase | events | published events/s | deliveries/s | to all, events/s | p50 ms | p99 ms | max ms | clients with every event | server CPU | bench CPU |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let cpu = |pct: Option<f64>| pct.map_or("-".into(), |pct| format!("{pct:.0}%"));
+    for p in &f.phases {
+        let name = match p.rate {
+            Some(rate) => format!("{}, {rate:.0}/s asked", p.name),
+            None => p.name.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {} of {} | {} | {} |",
+            thousands(p.events as f64),
+            thousands(p.published_per_s()),
+            thousands(p.deliveries_per_s()),
+            p.events_per_s(),
+            p.latency_us.0 / 1e3,
+            p.latency_us.1 / 1e3,
+            p.latency_us.2 / 1e3,
+            thousands(p.complete as f64),
+            thousands(f.clients as f64),
+            cpu(p.cpu_pct.map(|c| c.0)),
+            cpu(p.cpu_pct.map(|c| c.1))
+        );
+    }
+    out.push('\n');
 }
 
 /// Write `text` to `path`: between the markers if the file has them, else appended with them

@@ -165,6 +165,21 @@ pub async fn start_clients(
     server: &str,
     clients: &mut Vec<ClientNode>,
 ) -> anyhow::Result<()> {
+    start_clients_with(materials, n, server, clients, |options| {
+        Ok(ClientNode::start(options)?)
+    })
+    .await
+}
+
+/// [`start_clients`], each node started by `start` from its options (which may add
+/// handlers, or start more on the node, before it connects).
+pub async fn start_clients_with(
+    materials: &mut impl Iterator<Item = TlsMaterial>,
+    n: usize,
+    server: &str,
+    clients: &mut Vec<ClientNode>,
+    mut start: impl FnMut(ClientOptions) -> anyhow::Result<ClientNode>,
+) -> anyhow::Result<()> {
     let mut left = n;
     while left > 0 {
         let batch = left.min(BATCH);
@@ -172,7 +187,7 @@ pub async fn start_clients(
         for tls in materials.by_ref().take(batch) {
             let mut options = ClientOptions::new(NodeOptions::new(tls), server.to_string());
             options.server_name = Some("localhost".into());
-            fresh.push(ClientNode::start(options)?);
+            fresh.push(start(options)?);
         }
         if fresh.len() < batch {
             bail!("{n} clients asked for, but too few certificates");
