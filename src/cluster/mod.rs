@@ -547,6 +547,26 @@ impl Inner {
 
 async fn presence_loop(inner: Arc<Inner>) {
     let subject = inner.subject("presence");
+    let handler = inner.clone();
+    each_message(&inner, subject, "presence", |message| {
+        match serde_json::from_slice::<Presence>(&message.payload) {
+            Ok(p) if matches!(p.kind.as_str(), "up" | "down" | "snapshot" | "hello") => {
+                handler.heard(p)
+            }
+            _ => debug!("cluster: a presence message that does not decode, ignored"),
+        }
+        std::future::ready(())
+    })
+    .await
+}
+
+/// Hand every message on `subject` to `handle`, one at a time, until the cluster stops;
+/// subscribe again (every second while NATS refuses) whenever the subscription ends.
+async fn each_message<F, Fut>(inner: &Inner, subject: String, what: &str, mut handle: F)
+where
+    F: FnMut(async_nats::Message) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     loop {
         let subscribed = tokio::select! {
             _ = inner.stop.cancelled() => return,
@@ -555,7 +575,7 @@ async fn presence_loop(inner: Arc<Inner>) {
         let mut subscriber = match subscribed {
             Ok(s) => s,
             Err(e) => {
-                warn!(cause = %e, "cluster: cannot subscribe to presence; retrying");
+                warn!(cause = %e, "cluster: cannot subscribe to {what}; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -566,12 +586,7 @@ async fn presence_loop(inner: Arc<Inner>) {
                 m = subscriber.next() => m,
             };
             let Some(message) = message else { break };
-            match serde_json::from_slice::<Presence>(&message.payload) {
-                Ok(p) if matches!(p.kind.as_str(), "up" | "down" | "snapshot" | "hello") => {
-                    inner.heard(p)
-                }
-                _ => debug!("cluster: a presence message that does not decode, ignored"),
-            }
+            handle(message).await;
         }
     }
 }
@@ -870,32 +885,21 @@ impl Cluster {
         let hub = hub.clone();
         tokio::spawn(async move {
             let subject = inner.subject("publish");
-            loop {
-                let subscribed = tokio::select! {
-                    _ = inner.stop.cancelled() => return,
-                    s = inner.client.subscribe(subject.clone()) => s,
-                };
-                let mut subscriber = match subscribed {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(cause = %e, "cluster: cannot subscribe to published events; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                };
-                loop {
-                    let message = tokio::select! {
-                        _ = inner.stop.cancelled() => return,
-                        m = subscriber.next() => m,
-                    };
-                    let Some(message) = message else { break };
+            let replica = inner.options.replica.clone();
+            each_message(&inner, subject, "published events", |message| {
+                let hub = hub.clone();
+                let replica = replica.clone();
+                async move {
                     match decode_published(&message.payload) {
-                        Some((from, _)) if from == inner.options.replica => {}
+                        Some((from, _)) if from == replica => {}
                         Some((_, event)) => hub.append_remote(event).await,
-                        None => debug!("cluster: a published event that does not decode, ignored"),
+                        None => {
+                            debug!("cluster: a published event that does not decode, ignored")
+                        }
                     }
                 }
-            }
+            })
+            .await
         });
     }
 }
