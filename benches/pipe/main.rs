@@ -50,6 +50,10 @@
 //! `--server-host`, `--server-port`, `--server-name`) and log its bound addresses as the test
 //! kit's [`restpipe_testkit::procs::Node`] expects.
 //!
+//! `--scale-clients N,N` (with the `scale` scenario) measures these idle client counts instead
+//! of the mode's, e.g. `--only scale --scale-clients 10000,25000` for the slope past 10,000
+//! (one source address: about 28,000 at most; raise the open-file limit as root first).
+//!
 //! `--policy-rules N` (with the `keepalive` scenario) writes a policy file of N `[[allow]]`
 //! rules (N - 1 for peers that never call, then, last, the one that allows the bench's client
 //! and server, so that every call walks every rule) and runs a pair of nodes whose server and
@@ -244,11 +248,13 @@ struct Options {
     compare: Option<PathBuf>,
     /// Rules of the policy to measure against none on the keepalive points.
     policy_rules: Option<usize>,
+    /// Idle client counts of the scale scenario instead of the mode's (`--scale-clients`).
+    scale_clients: Option<Vec<usize>>,
     /// The arguments given, for the report.
     args: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux,cluster,queue,fanout] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N]]";
+const USAGE: &str = "usage: cargo bench --bench pipe [-- [--smoke|--quick] [--only keepalive,close,bulk,scale,h2,yamux,cluster,queue,fanout] [--out FILE] [--compare-bin OLD_RESTPIPE] [--policy-rules N] [--scale-clients N,N]]";
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut options = Options {
@@ -257,6 +263,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
         out: None,
         compare: None,
         policy_rules: None,
+        scale_clients: None,
         args: args.to_vec(),
     };
     let mut it = args.iter();
@@ -297,6 +304,25 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
                     bail!("--policy-rules needs at least 1 rule (the one that allows the bench)");
                 }
                 options.policy_rules = Some(n);
+            }
+            "--scale-clients" => {
+                let list = it
+                    .next()
+                    .context("--scale-clients needs a list of client counts")?;
+                let counts = list
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|&n| n > 0)
+                            .with_context(|| format!("--scale-clients: {n:?} is not a count"))
+                    })
+                    .collect::<anyhow::Result<Vec<usize>>>()?;
+                let mut counts = counts;
+                counts.sort_unstable();
+                counts.dedup();
+                options.scale_clients = Some(counts);
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -439,7 +465,10 @@ fn bench(options: Options) -> anyhow::Result<()> {
     // Thousands of sockets: raise the soft limit on open files to the hard one (the server
     // processes started from here inherit it).
     let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    let plan = Plan::new(options.mode);
+    let mut plan = Plan::new(options.mode);
+    if let Some(counts) = &options.scale_clients {
+        plan.scale.counts = counts.clone();
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let started = std::time::Instant::now();
     let mut report = runtime.block_on(run(&plan, &options))?;
