@@ -190,15 +190,7 @@ impl Policy {
     /// `handler` run here. The open policy allows everything; a file allows what one of its
     /// rules allows, and nothing else.
     pub fn allows(&self, peer: &str, handler: &str) -> bool {
-        match &self.rules {
-            None => true,
-            Some(rules) => self
-                .peers
-                .matches(peer)
-                .into_iter()
-                .filter_map(|i| self.peer_rule.get(i).and_then(|&r| rules.get(r)))
-                .any(|rule| rule.handlers.is_match(handler)),
-        }
+        self.any_rule(peer, |rule| rule.handlers.is_match(handler))
     }
 
     /// Whether `peer` may publish to `topic` (docs/PUBSUB.md): the open policy allows it; a
@@ -220,6 +212,7 @@ impl Policy {
         self.may_subscribe(peer, glob)
     }
 
+    /// Whether a rule that names `peer` passes `test`; the open policy allows everything.
     fn any_rule(&self, peer: &str, test: impl Fn(&Rule) -> bool) -> bool {
         match &self.rules {
             None => true,
