@@ -334,14 +334,8 @@ async fn a_queued_event_reaches_a_client_on_another_replica() {
         .to_string();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let view: serde_json::Value = http
-            .get(format!("{base}/queued/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view: serde_json::Value =
+            restpipe_testkit::http::get_json(&http, &format!("{base}/queued/{id}")).await;
         if view["state"] == "delivered" {
             assert_eq!(view["reply"]["status"], 200, "{view}");
             assert_eq!(view["reply"]["body"], "queued across", "{view}");

@@ -124,14 +124,8 @@ async fn a_full_disk_is_507_and_the_store_stays_consistent() {
     assert_eq!(again.status(), 507);
     // Every accepted event is still there, pending.
     for id in &accepted {
-        let view: Value = http
-            .get(format!("{base}/queued/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view: Value =
+            restpipe_testkit::http::get_json(&http, &format!("{base}/queued/{id}")).await;
         assert_eq!(view["state"], "pending", "{id}: {view}");
     }
     // The operator frees room, and the client comes: every accepted event is delivered (a
@@ -141,14 +135,8 @@ async fn a_full_disk_is_507_and_the_store_stays_consistent() {
     for id in &accepted {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let view: Value = http
-                .get(format!("{base}/queued/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let view: Value =
+                restpipe_testkit::http::get_json(&http, &format!("{base}/queued/{id}")).await;
             if view["state"] == "delivered" {
                 assert_eq!(view["reply"]["status"], 200, "{view}");
                 break;
