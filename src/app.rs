@@ -461,6 +461,10 @@ pub async fn demo(
     )?;
 
     let plugin_values = crate::plugins::demo_values(&files).map_err(anyhow::Error::msg)?;
+    // The queue and the topic log live in a directory of the demo's own (not the one the files
+    // handlers serve), removed when it stops: a demo leaves no state in the user's home, and
+    // two demos never share a store.
+    let data = std::env::temp_dir().join(format!("restpipe-demo-{}-data", std::process::id()));
     let base = |side: Side, http: SocketAddr| -> anyhow::Result<Settings> {
         // Metrics and logs as the flags and environment say (RP_STATSD_*, DEBUG), like a node.
         let mut s = Settings::resolve(args.node_args(), side).map_err(anyhow::Error::msg)?;
@@ -469,6 +473,10 @@ pub async fn demo(
         s.handlers = args.handlers.clone();
         s.plugins = plugin_values.clone();
         s.grace = Duration::from_secs(2);
+        s.queue.data_dir = data.join(side.as_str());
+        if s.pubsub.data_dir.is_some() {
+            s.pubsub.data_dir = Some(s.queue.data_dir.clone());
+        }
         Ok(s)
     };
     let server_settings = base(Side::Server, args.server_http)?;
@@ -535,6 +543,7 @@ pub async fn demo(
     client.shutdown(Duration::from_secs(2)).await;
     server.shutdown(Duration::from_secs(2)).await;
     let _ = std::fs::remove_dir_all(&files);
+    let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }
 

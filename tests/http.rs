@@ -207,6 +207,7 @@ fn client_of(node: &RunningNode) -> &ClientNode {
 /// `127.0.0.1:0`, no metrics, the test pipe timings, the server verified as `localhost`.
 fn settings(side: Side) -> Settings {
     let mut s = Settings::resolve(NodeArgs::default(), side).unwrap();
+    restpipe_testkit::nodes::own_data_dir(&mut s);
     s.http = loopback0();
     s.bind = loopback0();
     s.statsd.host = None;

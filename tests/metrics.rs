@@ -44,6 +44,7 @@ fn fast_heartbeats() -> PipeConfig {
 /// Settings of a node of `side`, everything on 127.0.0.1 with ports chosen by the system.
 fn settings(side: Side, statsd: StatsdSettings) -> Settings {
     let mut s = Settings::resolve(NodeArgs::default(), side).expect("default settings");
+    restpipe_testkit::nodes::own_data_dir(&mut s);
     s.bind = "127.0.0.1:0".parse().unwrap();
     s.http = "127.0.0.1:0".parse().unwrap();
     s.pipe = fast_heartbeats();

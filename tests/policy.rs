@@ -115,6 +115,7 @@ fn raw_error(body: &str) -> String {
 
 fn settings(side: Side) -> Settings {
     let mut s = Settings::resolve(NodeArgs::default(), side).unwrap();
+    restpipe_testkit::nodes::own_data_dir(&mut s);
     s.http = "127.0.0.1:0".parse().unwrap();
     s.bind = "127.0.0.1:0".parse().unwrap();
     s.statsd.host = None;

@@ -280,3 +280,16 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
     }
     body
 }
+
+/// Point the stores of `settings` (queued events, the topic log) at a directory of their own
+/// that does not exist yet (made only if something is stored), never the user's default state
+/// directory: nodes of tests running at the same time would otherwise open the same store.
+pub fn own_data_dir(settings: &mut restpipe::config::Settings) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("restpipe-test-{}-{n}", std::process::id()));
+    settings.queue.data_dir = dir.clone();
+    if settings.pubsub.data_dir.is_some() {
+        settings.pubsub.data_dir = Some(dir);
+    }
+}
