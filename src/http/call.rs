@@ -145,11 +145,7 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         }
         Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let content_type = content_type(headers);
     let limit = state.options.max_body;
     let too_large = |size: &str| {
         error_response(
@@ -159,10 +155,7 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
             ),
         )
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if let Some(declared) = declared.filter(|&n| n > limit) {
         return too_large(&declared.to_string());
     }
@@ -228,6 +221,23 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
     let response = result_response(result);
     debug!(%method, status = response.status().as_u16(), "answered");
     response
+}
+
+/// The request's `Content-Type`, or empty when it has none (or one that is not text).
+pub(super) fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The body length the request declares in `Content-Length`, when it declares a valid one.
+pub(super) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Send an event to the peer this node's pipe reaches (`client` names it on the server).

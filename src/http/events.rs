@@ -72,18 +72,11 @@ pub(super) async fn publish(State(state): State<Shared>, request: Request) -> Re
         )
     };
     let headers = request.headers();
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = super::call::declared_length(headers);
     if let Some(declared) = declared.filter(|&n| n > limit as u64) {
         return too_large(&declared.to_string());
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let content_type = super::call::content_type(headers);
     let body = match read_whole(request.into_body(), limit, "published", &too_large).await {
         Ok(body) => body,
         Err(response) => return response,

@@ -73,11 +73,7 @@ pub(super) async fn enqueue(
         Ok(ttl) => ttl,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
     };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let content_type = super::call::content_type(headers);
     let request_headers = allowed_headers(headers);
     let limit = queue.settings().max_body.min(state.options.max_body);
     let too_large = |size: &str| {
@@ -86,10 +82,7 @@ pub(super) async fn enqueue(
             format!("a queued event's body is at most {limit} bytes (--queue-max-body), this one has {size}; nothing was queued"),
         )
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = super::call::declared_length(headers);
     if let Some(declared) = declared.filter(|&n| n > limit) {
         return too_large(&declared.to_string());
     }
