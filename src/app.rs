@@ -149,11 +149,11 @@ pub async fn start_http_on(
     let metrics = options.metrics.clone();
     let queue = options.queue.clone();
     let gauge = Arc::new(HttpGauge::default());
-    let router = http::router(pipe.clone(), options, serve, gauge.clone());
+    let door = http::front_door(pipe.clone(), options, serve, gauge.clone());
     let stop_http = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
         listener,
-        router,
+        door,
         serve.limits,
         gauge,
         stop_http.clone(),

@@ -17,7 +17,6 @@
 
 pub mod registry;
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::panic::RefUnwindSafe;
@@ -365,7 +364,7 @@ impl HandlerMetricNames {
 /// `GET jobs/...`) share its names (`get_jobs`) instead of each minting metrics of its own.
 #[derive(Clone, Debug)]
 pub struct HandlerMetrics {
-    exact: HashMap<String, HandlerMetricNames>,
+    exact: crate::util::FastMap<String, HandlerMetricNames>,
     /// Longest first.
     prefixes: Vec<(String, HandlerMetricNames)>,
     other: HandlerMetricNames,
@@ -384,7 +383,7 @@ impl HandlerMetrics {
         registered: impl IntoIterator<Item = S>,
         mut stats: impl FnMut(&str) -> Arc<HandlerStats>,
     ) -> Self {
-        let mut exact = HashMap::new();
+        let mut exact = crate::util::FastMap::default();
         let mut prefixes = Vec::new();
         for name in registered {
             let name = name.as_ref();

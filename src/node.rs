@@ -332,7 +332,7 @@ impl NodeCore {
         if !allowed(&name) && !as_get() {
             return self.forbidden(&ctx.peer_identity, &name);
         }
-        let Some(handler) = self.handlers.resolve(&request) else {
+        let Some(handler) = self.handlers.resolve_named(&name, &request) else {
             return no_handler_reply(&name, self.side);
         };
         let deadline = tokio::time::Instant::from_std(ctx.deadline);

@@ -7,7 +7,6 @@
 //! reason and refused. A peer of the previous release, which sends no range, speaks exactly
 //! its one version.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -19,7 +18,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, info_span, warn};
 
 use super::inbound::{read_loop, Progress};
 use super::writer::write_loop;
@@ -159,10 +158,10 @@ where
             cert: Arc::new(peer_cert),
         },
         core,
-        span: span.clone(),
+        span,
         started: Instant::now(),
         out,
-        pending: Mutex::new(Some(HashMap::new())),
+        pending: Mutex::new(Some(Default::default())),
         next_request: AtomicU64::new(1),
         closed: CancellationToken::new(),
         close_reason: OnceLock::new(),
@@ -185,10 +184,11 @@ where
     let conn = Connection {
         shared: shared.clone(),
     };
-    let writer_span = span.clone();
+    // The reader and the writer are not instrumented with the connection's span: entering it
+    // at every poll cost about 1% of a request (measured with callgrind). Their log lines name
+    // it as their parent instead, which gives them the same peer fields.
     let run = async move {
-        let writer =
-            tokio::spawn(write_loop(shared.clone(), rx, write_half).instrument(writer_span));
+        let writer = tokio::spawn(write_loop(shared.clone(), rx, write_half));
         // A connection does not outlive its peer's certificate.
         let until_expiry = expires
             .duration_since(SystemTime::now())
@@ -196,7 +196,7 @@ where
         let reason = tokio::select! {
             reason = read_loop(&shared, reader) => reason,
             _ = tokio::time::sleep(until_expiry) => {
-                warn!("the peer's certificate expired; closing");
+                warn!(parent: &shared.span, "the peer's certificate expired; closing");
                 Some("the peer's certificate expired".to_string())
             }
         };
@@ -205,9 +205,8 @@ where
         }
         let _ = writer.await;
         let reason = shared.close_reason.get().cloned().unwrap_or_default();
-        info!(%reason, "connection ended");
-    }
-    .instrument(span);
+        info!(parent: &shared.span, %reason, "connection ended");
+    };
     Ok((conn, Box::pin(run)))
 }
 

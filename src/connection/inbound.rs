@@ -81,12 +81,12 @@ pub(super) async fn read_loop<S: AsyncRead>(
             next = reader.next() => match next {
                 Some(Ok(payload)) => {
                     if let Some(reason) = shared.on_frame(payload.freeze()) {
-                        warn!(%reason, "protocol broken by the peer");
+                        warn!(parent: &shared.span, %reason, "protocol broken by the peer");
                         return Some(reason);
                     }
                 }
                 Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    warn!(cause = %e, "frame over the size limit");
+                    warn!(parent: &shared.span, cause = %e, "frame over the size limit");
                     return Some(format!(
                         "the peer sent a frame over the limit of {} bytes",
                         pipe.max_frame + wire::ENVELOPE_ALLOWANCE
@@ -103,7 +103,7 @@ pub(super) async fn read_loop<S: AsyncRead>(
                 let due = reader.get_ref().last + pipe.heartbeat_timeout;
                 if tokio::time::Instant::now() >= due {
                     shared.core.metrics.heartbeat_failed();
-                    warn!(timeout = ?pipe.heartbeat_timeout, "peer silent past the heartbeat timeout");
+                    warn!(parent: &shared.span, timeout = ?pipe.heartbeat_timeout, "peer silent past the heartbeat timeout");
                     return Some(format!(
                         "nothing heard from the peer for {:?} (heartbeat timeout)",
                         pipe.heartbeat_timeout
@@ -176,7 +176,7 @@ impl Shared {
                     _ => CallError::Refused(message),
                 };
                 if id == 0 {
-                    warn!(error = %result, "peer reported an error");
+                    warn!(parent: &self.span, error = %result, "peer reported an error");
                 } else {
                     self.complete(id, Err(result));
                 }
@@ -197,10 +197,12 @@ impl Shared {
                 }
             }
             Message::Close(reason) => {
-                info!(%reason, "peer closed the connection");
+                info!(parent: &self.span, %reason, "peer closed the connection");
                 self.close(format!("the peer closed the connection: {reason}"));
             }
-            Message::Hello(_) => warn!("unexpected hello after the handshake ignored"),
+            Message::Hello(_) => {
+                warn!(parent: &self.span, "unexpected hello after the handshake ignored")
+            }
             Message::Unknown { id } => self.send_error(
                 id,
                 ErrorKind::UnknownMessage,
@@ -268,7 +270,7 @@ impl Shared {
     fn on_reply(self: &Arc<Self>, id: u64, mut reply: Reply, streamed: Option<wire::Streamed>) {
         let tx = lock(&self.pending).as_mut().and_then(|m| m.remove(&id));
         let Some(tx) = tx else {
-            debug!(id, "reply for a request nobody waits for");
+            debug!(parent: &self.span, id, "reply for a request nobody waits for");
             if streamed.is_some() {
                 self.send_now(Message::Cancel {
                     id,
@@ -290,14 +292,14 @@ impl Shared {
     fn on_bad_frame(&self, error: DecodeError) {
         match error {
             DecodeError::Malformed(_) => {
-                warn!(cause = %error, "malformed frame ignored");
+                warn!(parent: &self.span, cause = %error, "malformed frame ignored");
                 self.send_error(0, ErrorKind::BadRequest, error.to_string());
             }
             DecodeError::Invalid {
                 id, what: "event", ..
             } => {
                 self.requests_received.fetch_add(1, Ordering::Relaxed);
-                warn!(cause = %error, "event refused");
+                warn!(parent: &self.span, cause = %error, "event refused");
                 self.send_error(id, ErrorKind::BadRequest, error.to_string());
             }
             DecodeError::Invalid {
@@ -305,7 +307,7 @@ impl Shared {
                 what: "reply" | "error",
                 ..
             } if id != 0 => {
-                warn!(cause = %error, "invalid answer from the peer");
+                warn!(parent: &self.span, cause = %error, "invalid answer from the peer");
                 self.complete(
                     id,
                     Err(CallError::Refused(format!("the peer's answer: {error}"))),
@@ -316,19 +318,21 @@ impl Shared {
                 what: "publish",
                 ..
             } if id != 0 => {
-                warn!(cause = %error, "publish request refused");
+                warn!(parent: &self.span, cause = %error, "publish request refused");
                 self.send_error(id, ErrorKind::BadRequest, error.to_string());
             }
             DecodeError::Invalid {
                 what: "subscribe", ..
             } => {
-                warn!(cause = %error, "subscription refused");
+                warn!(parent: &self.span, cause = %error, "subscription refused");
                 self.send_error(0, ErrorKind::BadRequest, error.to_string());
             }
             DecodeError::Invalid { what: "close", .. } => {
                 self.close(format!("the peer closed the connection ({error})"));
             }
-            DecodeError::Invalid { .. } => warn!(cause = %error, "invalid frame ignored"),
+            DecodeError::Invalid { .. } => {
+                warn!(parent: &self.span, cause = %error, "invalid frame ignored")
+            }
         }
     }
 
@@ -419,9 +423,9 @@ impl Shared {
             request_id = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
-        if let Some(trace) = &request.trace {
+        if let Some(trace) = request.trace.as_ref().filter(|_| !span.is_disabled()) {
             span.record("request_id", tracing::field::display(trace.request_id()));
-            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+            span.record("trace_id", tracing::field::display(trace.trace_id_str()));
         }
         let cancel = self.start_handling(id);
         let shared = Arc::clone(self);

@@ -26,7 +26,6 @@ mod inbound;
 mod stream;
 mod writer;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -49,7 +48,7 @@ pub use hello::HelloError;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
-type Pending = HashMap<u64, oneshot::Sender<Result<Reply, CallError>>>;
+type Pending = crate::util::FastMap<u64, oneshot::Sender<Result<Reply, CallError>>>;
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]

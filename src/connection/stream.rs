@@ -54,7 +54,7 @@ pub(super) struct Streams {
     /// Bodies leaving: their credit, and the token that stops their pump.
     pumps: Mutex<HashMap<Key, PumpControl>>,
     /// Requests from the peer being handled, by id: cancelled when the caller gives up.
-    handling: Mutex<HashMap<u64, CancellationToken>>,
+    handling: Mutex<crate::util::FastMap<u64, CancellationToken>>,
     /// Credit to send data on the connection, in bytes.
     send_credit: Arc<Semaphore>,
     /// Bytes received on the connection and not yet read.
@@ -492,7 +492,7 @@ pub(super) async fn pump(
     match end {
         Some(end) => {
             if let DataEnd::Aborted(why) = &end {
-                warn!(id, from_caller, %why, "body aborted at its source");
+                warn!(parent: &shared.span, id, from_caller, %why, "body aborted at its source");
             }
             let _ = shared
                 .send(wire::encode(Message::Data {
@@ -504,6 +504,7 @@ pub(super) async fn pump(
                 .await;
         }
         None => debug!(
+            parent: &shared.span,
             id,
             from_caller, sent, "body stopped by the peer or the connection"
         ),

@@ -128,7 +128,7 @@ pub(super) async fn write_loop<S: AsyncWrite>(
         match write_batch(&mut io, &mut batch, &mut buf, stall).await {
             Ok(()) => shared.wrote(bytes),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                warn!("peer is not reading; closing");
+                warn!(parent: &shared.span, "peer is not reading; closing");
                 shared.close(format!(
                     "the peer read nothing for {stall:?} (write stalled)"
                 ));
@@ -178,6 +178,16 @@ pub(super) async fn write_batch<W: AsyncWrite + Unpin>(
     buf: &mut Vec<u8>,
     stall: Duration,
 ) -> std::io::Result<()> {
+    // The usual batch, small frames only: one copied run, no list of segments to allocate.
+    if batch.iter().all(|frame| frame.len() <= COALESCE_LIMIT) {
+        for frame in batch.drain(..) {
+            buf.extend_from_slice(&frame);
+        }
+        let written = write_all(io, buf, &[Segment::Copied(0..buf.len())], stall).await;
+        buf.clear();
+        written?;
+        return flush(io, stall).await;
+    }
     let mut segments: Vec<Segment> = Vec::new();
     let mut run_start = 0;
     for frame in batch.drain(..) {
@@ -197,6 +207,11 @@ pub(super) async fn write_batch<W: AsyncWrite + Unpin>(
     let written = write_all(io, buf, &segments, stall).await;
     buf.clear();
     written?;
+    flush(io, stall).await
+}
+
+/// Flush `io`, failing with `TimedOut` when that takes longer than `stall`.
+async fn flush<W: AsyncWrite + Unpin>(io: &mut W, stall: Duration) -> std::io::Result<()> {
     tokio::time::timeout(stall, io.flush())
         .await
         .map_err(|_| std::io::ErrorKind::TimedOut)?

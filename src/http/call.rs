@@ -22,7 +22,7 @@ use restpipe_handler::grammar::{self, GrammarError};
 use restpipe_handler::{headers, BodyError, BodyStream, Headers, Reply, Side, TraceContext};
 use tracing::debug;
 
-use super::{error_response, BodyStalled, Pipe, Shared, RETURN_CODE_HEADER, TIMEOUT_HEADER};
+use super::{error_response, BodyStalled, Pipe, Shared, TIMEOUT_HEADER};
 use crate::error::CallError;
 
 /// Bodies up to this size, with a `Content-Length`, are read whole and cross in the event's
@@ -202,9 +202,13 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
         return response;
     }
     let inline_limit = usize::try_from(limit.min(INLINE_BODY)).unwrap_or(usize::MAX);
-    let body = match read_whole(request.into_body(), inline_limit, "sent", &too_large).await {
-        Ok(body) => body,
-        Err(response) => return response,
+    let body = if known == Some(0) {
+        Bytes::new()
+    } else {
+        match read_whole(request.into_body(), inline_limit, "sent", &too_large).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        }
     };
     let event = restpipe_handler::Request {
         trace,
@@ -394,7 +398,7 @@ pub(super) fn requested_timeout(
     headers: &HeaderMap,
     pipe: &crate::node::PipeConfig,
 ) -> Result<Duration, String> {
-    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+    let Some(value) = headers.get(&super::names::TIMEOUT) else {
         return Ok(pipe.request_timeout);
     };
     let max = pipe.max_request_timeout.as_millis();
@@ -438,14 +442,21 @@ pub fn reply_response(reply: Reply) -> Response {
             headers.insert(name, value);
         }
     }
+    // The usual types need no copy of their own.
     let content_type = if reply.content_type.is_empty() {
         HeaderValue::from_static("application/octet-stream")
+    } else if reply.content_type == "application/json" {
+        HeaderValue::from_static("application/json")
     } else {
         HeaderValue::from_str(&reply.content_type)
             .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
     };
     headers.insert(header::CONTENT_TYPE, content_type);
-    headers.insert(RETURN_CODE_HEADER, HeaderValue::from(reply.code));
+    let code = match reply.code {
+        restpipe_handler::codes::OK => HeaderValue::from_static("0"),
+        code => HeaderValue::from(code),
+    };
+    headers.insert(&super::names::RETURN_CODE, code);
     response
 }
 

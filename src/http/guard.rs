@@ -233,7 +233,7 @@ pub fn check(
         }
     }
     let cross_site = headers
-        .get_all("sec-fetch-site")
+        .get_all(&super::names::SEC_FETCH_SITE)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
     if cross_site {

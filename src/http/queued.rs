@@ -20,7 +20,7 @@ use crate::wire;
 /// Whether the request asks for queued delivery: `X-Event-Delivery: queued` (any case) yes,
 /// `direct` or no header no, anything else is refused.
 pub(super) fn wants_queue(headers: &HeaderMap) -> Result<bool, String> {
-    let mut values = headers.get_all(DELIVERY_HEADER).iter();
+    let mut values = headers.get_all(&super::names::DELIVERY).iter();
     let Some(value) = values.next() else {
         return Ok(false);
     };
@@ -36,7 +36,7 @@ pub(super) fn wants_queue(headers: &HeaderMap) -> Result<bool, String> {
 
 /// The TTL a request asks for with `X-Event-TTL-S`, if it does.
 fn requested_ttl(headers: &HeaderMap) -> Result<Option<Duration>, String> {
-    let Some(value) = headers.get(TTL_HEADER) else {
+    let Some(value) = headers.get(&super::names::TTL) else {
         return Ok(None);
     };
     let max = MAX_TTL.as_secs();

@@ -20,11 +20,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
-use axum::Router;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -32,6 +30,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+use super::FrontDoor;
 
 /// Timeouts and the connection cap of the front door.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,11 +163,11 @@ pub fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<Listener> {
     Ok(Listener::Unix(listener, SocketFile(path.to_path_buf())))
 }
 
-/// Serve `router` on `listener` until `stop` is cancelled, then let the requests in flight
+/// Serve `door` on `listener` until `stop` is cancelled, then let the requests in flight
 /// finish and return. Dropping the returned future closes every connection at once.
 pub async fn serve(
     listener: Listener,
-    router: Router,
+    door: FrontDoor,
     limits: HttpLimits,
     gauge: Arc<HttpGauge>,
     stop: CancellationToken,
@@ -207,12 +207,12 @@ pub async fn serve(
             }
             continue;
         };
-        let router = router.clone();
+        let door = door.clone();
         let gauge = gauge.clone();
         let stop = stop.clone();
         connections.spawn(async move {
             gauge.open.fetch_add(1, Ordering::Relaxed);
-            serve_connection(io, router, limits, stop).await;
+            serve_connection(io, door, limits, stop).await;
             gauge.open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
@@ -450,19 +450,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
 async fn serve_connection(
     stream: Stream,
-    router: Router,
+    door: FrontDoor,
     limits: HttpLimits,
     stop: CancellationToken,
 ) {
     match stream {
-        Stream::Tcp(s) => serve_stream(s, router, limits, stop).await,
-        Stream::Unix(s) => serve_stream(s, router, limits, stop).await,
+        Stream::Tcp(s) => serve_stream(s, door, limits, stop).await,
+        Stream::Unix(s) => serve_stream(s, door, limits, stop).await,
     }
 }
 
 /// Serve one connection until it closes, a timer runs out, or `stop` (then requests in
 /// flight finish first).
-async fn serve_stream<S>(stream: S, router: Router, limits: HttpLimits, stop: CancellationToken)
+async fn serve_stream<S>(stream: S, door: FrontDoor, limits: HttpLimits, stop: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -477,23 +477,21 @@ where
     });
     let service = {
         let clock = clock.clone();
-        let tower = TowerToHyperService::new(router);
         hyper::service::service_fn(move |request: Request<Incoming>| {
             clock.request_started();
             let in_request = InRequest(clock.clone());
             let request = request.map(|body| Body::new(StallTimed::new(body, limits.body_timeout)));
-            let answered = hyper::service::Service::call(&tower, request);
+            let answered = door.clone().handle(request);
             async move {
                 // The request is in progress until its response body is written whole (or
                 // dropped): a streamed response is not an idle connection.
-                answered.await.map(|response| {
-                    response.map(|body| {
-                        Body::new(Tracked {
-                            body,
-                            _in_request: in_request,
-                        })
+                let response = answered.await.map(|body| {
+                    Body::new(Tracked {
+                        body,
+                        _in_request: in_request,
                     })
-                })
+                });
+                Ok::<_, std::convert::Infallible>(response)
             }
         })
     };

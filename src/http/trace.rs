@@ -14,14 +14,24 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// The trace context of a request with these headers. A malformed `traceparent` or request id
 /// is not an error: the request starts a trace of its own, as W3C asks of a receiver.
 pub fn of_request(headers: &HeaderMap) -> TraceContext {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let trace = header(TRACEPARENT_HEADER)
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let trace = header(&super::names::TRACEPARENT)
         .and_then(|value| TraceContext::parse(value).ok())
-        .unwrap_or_else(|| TraceContext::new(rand::random(), rand::random()));
-    match header(REQUEST_ID_HEADER) {
+        .unwrap_or_else(new_trace);
+    match header(&super::names::REQUEST_ID) {
         Some(id) => trace.clone().with_request_id(id).unwrap_or(trace),
         None => trace,
     }
+}
+
+/// A trace of its own: both ids from one draw of the thread's random generator.
+fn new_trace() -> TraceContext {
+    let ids: [u8; 24] = rand::random();
+    let (trace_id, parent_id) = ids.split_at(16);
+    TraceContext::new(
+        trace_id.try_into().unwrap_or_default(),
+        parent_id.try_into().unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]

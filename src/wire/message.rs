@@ -628,7 +628,11 @@ fn hello_from_wire(h: proto::Hello) -> Result<Hello, String> {
 
 fn request_to_wire(request: Request, timeout_ms: u64, streamed: Option<Streamed>) -> proto::Event {
     let (traceparent, request_id) = match &request.trace {
-        Some(trace) => (trace.traceparent(), trace.request_id().to_string()),
+        // The request id is left out when it is the trace id: the far side derives it.
+        Some(trace) => (
+            trace.traceparent(),
+            trace.custom_request_id().unwrap_or_default().to_owned(),
+        ),
         None => (String::new(), String::new()),
     };
     proto::Event {

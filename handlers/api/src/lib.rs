@@ -115,9 +115,13 @@ impl fmt::Display for Side {
 /// The handler name for a verb and a noun: `("GET", "time/utc")` gives `get_time_utc`.
 pub fn handler_name(verb: &str, noun: &str) -> String {
     let mut name = String::with_capacity(verb.len() + 1 + noun.len());
-    name.extend(verb.chars().map(|c| c.to_ascii_lowercase()));
-    name.push('_');
-    name.extend(noun.chars().map(|c| if c == '/' { '_' } else { c }));
+    name.push_str(verb);
+    name.make_ascii_lowercase();
+    // `_` after the verb, and in place of every `/` of the noun.
+    for segment in noun.split('/') {
+        name.push('_');
+        name.push_str(segment);
+    }
     name
 }
 
@@ -575,7 +579,8 @@ fn body_error(err: BodyError) -> HandlerError {
 /// A registry of handlers by name.
 #[derive(Clone, Default)]
 pub struct Handlers {
-    map: HashMap<String, Arc<dyn Handler>>,
+    /// foldhash: a lookup per request, with a short key (SipHash cost more than the lookup).
+    map: HashMap<String, Arc<dyn Handler>, foldhash::fast::RandomState>,
     /// Prefix handlers by (upper-case verb, noun prefix), longest prefix first.
     prefixes: Vec<(PrefixKey, Arc<dyn Handler>)>,
 }
@@ -717,24 +722,33 @@ impl Handlers {
     /// that no handler takes is served by the `GET` handler, which sees the verb `HEAD` (and
     /// may skip the body: the node sends none for a `HEAD`).
     pub fn resolve(&self, request: &Request) -> Option<&Arc<dyn Handler>> {
-        self.resolve_verb(&request.verb, request).or_else(|| {
-            (request.verb == "HEAD")
-                .then(|| self.resolve_verb("GET", request))
-                .flatten()
+        self.resolve_named(&request.handler_name(), request)
+    }
+
+    /// [`Handlers::resolve`] for a caller that holds the request's handler name already.
+    pub fn resolve_named(&self, name: &str, request: &Request) -> Option<&Arc<dyn Handler>> {
+        self.map.get(name).or_else(|| {
+            self.resolve_prefix(&request.verb, request).or_else(|| {
+                (request.verb == "HEAD")
+                    .then(|| self.resolve_verb("GET", request))
+                    .flatten()
+            })
         })
+    }
+
+    fn resolve_prefix(&self, verb: &str, request: &Request) -> Option<&Arc<dyn Handler>> {
+        self.prefixes
+            .iter()
+            .find(|((v, prefix), _)| {
+                v.eq_ignore_ascii_case(verb) && request.noun_rest(prefix).is_some()
+            })
+            .map(|(_, h)| h)
     }
 
     fn resolve_verb(&self, verb: &str, request: &Request) -> Option<&Arc<dyn Handler>> {
         self.map
             .get(&handler_name(verb, &request.noun))
-            .or_else(|| {
-                self.prefixes
-                    .iter()
-                    .find(|((v, prefix), _)| {
-                        v.eq_ignore_ascii_case(verb) && request.noun_rest(prefix).is_some()
-                    })
-                    .map(|(_, h)| h)
-            })
+            .or_else(|| self.resolve_prefix(verb, request))
     }
 
     /// The registered names and prefixes (shown as `prefix*`), sorted.

@@ -12,12 +12,18 @@ use std::fmt;
 pub const MAX_REQUEST_ID: usize = 128;
 
 /// The trace context of one request.
+///
+/// It holds no allocation unless the caller gave a request id of its own: the trace id's hex,
+/// which is the request id by default, is kept inline (this runs for every request).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
     trace_id: [u8; 16],
     parent_id: [u8; 8],
     flags: u8,
-    request_id: String,
+    /// The trace id in lower-case hex.
+    trace_hex: [u8; 32],
+    /// The caller's own request id, when it gave a usable one.
+    custom_id: Option<Box<str>>,
 }
 
 /// Why a `traceparent` or a request id was refused.
@@ -36,20 +42,40 @@ impl TraceContext {
     /// A new trace from random bytes (the caller supplies them: this crate has no random source).
     /// All-zero ids are replaced by ones of value 1, which W3C allows.
     pub fn new(trace_id: [u8; 16], parent_id: [u8; 8]) -> Self {
-        let mut trace = TraceContext {
+        let mut trace = TraceContext::from_parts(trace_id, parent_id, 1);
+        trace.fix_zero_ids();
+        trace
+    }
+
+    fn from_parts(trace_id: [u8; 16], parent_id: [u8; 8], flags: u8) -> Self {
+        let mut trace_hex = [0u8; 32];
+        write_hex(&mut trace_hex, &trace_id);
+        TraceContext {
             trace_id,
             parent_id,
-            flags: 1,
-            request_id: String::new(),
-        };
-        trace.fix_zero_ids();
-        trace.request_id = trace.trace_id_hex();
-        trace
+            flags,
+            trace_hex,
+            custom_id: None,
+        }
     }
 
     /// Parse a `traceparent` header value.
     pub fn parse(traceparent: &str) -> Result<Self, TraceError> {
         let bad = |why: &str| TraceError(format!("traceparent {traceparent:?}: {why}"));
+        // The usual form, read by position: this runs for every request that crosses the pipe.
+        let b = traceparent.as_bytes();
+        if b.len() == 55 && b[..3] == *b"00-" && b[35] == b'-' && b[52] == b'-' {
+            if let (Some(trace_id), Some(parent_id), Some([flags])) = (
+                hex::<16>(&b[3..35]),
+                hex::<8>(&b[36..52]),
+                hex::<1>(&b[53..]),
+            ) {
+                if trace_id == [0; 16] || parent_id == [0; 8] {
+                    return Err(bad("an id is all zeros"));
+                }
+                return Ok(TraceContext::from_parts(trace_id, parent_id, flags));
+            }
+        }
         let mut parts = traceparent.trim().split('-');
         let (Some(version), Some(trace), Some(parent), Some(flags), None) = (
             parts.next(),
@@ -63,21 +89,16 @@ impl TraceContext {
         if version != "00" {
             return Err(bad("version is not 00"));
         }
-        let trace_id: [u8; 16] = hex(trace).ok_or_else(|| bad("trace id is not 32 hex digits"))?;
+        let trace_id: [u8; 16] =
+            hex(trace.as_bytes()).ok_or_else(|| bad("trace id is not 32 hex digits"))?;
         let parent_id: [u8; 8] =
-            hex(parent).ok_or_else(|| bad("parent id is not 16 hex digits"))?;
-        let [flags]: [u8; 1] = hex(flags).ok_or_else(|| bad("flags are not 2 hex digits"))?;
+            hex(parent.as_bytes()).ok_or_else(|| bad("parent id is not 16 hex digits"))?;
+        let [flags]: [u8; 1] =
+            hex(flags.as_bytes()).ok_or_else(|| bad("flags are not 2 hex digits"))?;
         if trace_id == [0; 16] || parent_id == [0; 8] {
             return Err(bad("an id is all zeros"));
         }
-        let mut context = TraceContext {
-            trace_id,
-            parent_id,
-            flags,
-            request_id: String::new(),
-        };
-        context.request_id = context.trace_id_hex();
-        Ok(context)
+        Ok(TraceContext::from_parts(trace_id, parent_id, flags))
     }
 
     /// The same trace with the caller's request id, when it is usable: 1 to
@@ -92,7 +113,7 @@ impl TraceContext {
                 request_id.chars().take(32).collect::<String>()
             )));
         }
-        self.request_id = request_id.to_string();
+        self.custom_id = (request_id.as_bytes() != self.trace_hex).then(|| request_id.into());
         Ok(self)
     }
 
@@ -106,29 +127,43 @@ impl TraceContext {
 
     /// The `traceparent` header value.
     pub fn traceparent(&self) -> String {
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        push_hex(&mut out, &self.trace_id);
-        out.push('-');
-        push_hex(&mut out, &self.parent_id);
-        out.push('-');
-        push_hex(&mut out, &[self.flags]);
-        out
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        out[3..35].copy_from_slice(&self.trace_hex);
+        out[35] = b'-';
+        write_hex(&mut out[36..52], &self.parent_id);
+        out[52] = b'-';
+        write_hex(&mut out[53..55], &[self.flags]);
+        ascii(&out).to_owned()
     }
 
     /// The trace id, 32 lower-case hex digits.
     pub fn trace_id_hex(&self) -> String {
-        to_hex(&self.trace_id)
+        self.trace_id_str().to_owned()
+    }
+
+    /// The trace id, 32 lower-case hex digits, borrowed.
+    pub fn trace_id_str(&self) -> &str {
+        ascii(&self.trace_hex)
     }
 
     /// The request id (`X-Request-Id`).
     pub fn request_id(&self) -> &str {
-        &self.request_id
+        self.custom_id
+            .as_deref()
+            .unwrap_or_else(|| self.trace_id_str())
+    }
+
+    /// The caller's own request id, or `None` when the request id is the trace id's hex (what
+    /// the wire leaves out: the far side derives it again).
+    pub fn custom_request_id(&self) -> Option<&str> {
+        self.custom_id.as_deref()
     }
 
     fn fix_zero_ids(&mut self) {
         if self.trace_id == [0; 16] {
             self.trace_id[15] = 1;
+            write_hex(&mut self.trace_hex, &self.trace_id);
         }
         if self.parent_id == [0; 8] {
             self.parent_id[7] = 1;
@@ -136,27 +171,22 @@ impl TraceContext {
     }
 }
 
-/// Lower-case hex of `bytes`, in one allocation (this runs for every request).
-fn to_hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(2 * bytes.len());
-    push_hex(&mut out, bytes);
-    out
+/// Write the lower-case hex of `bytes` into `out`, which holds exactly twice as many bytes.
+fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
 }
 
-/// Append the lower-case hex of `bytes` to `out`.
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.extend(bytes.iter().flat_map(|b| {
-        [
-            char::from(DIGITS[usize::from(b >> 4)]),
-            char::from(DIGITS[usize::from(b & 0x0f)]),
-        ]
-    }));
+/// Bytes known to be ASCII (hex digits and `-`) as a `str`.
+fn ascii(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
 }
 
 /// `N` bytes from exactly `2 * N` lowercase hex digits.
-fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let text = text.as_bytes();
+fn hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
     if text.len() != 2 * N {
         return None;
     }
