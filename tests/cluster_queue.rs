@@ -50,22 +50,27 @@ const TIMINGS: [&str; 8] = [
 /// What the upstream got: (delivery id, body), in arrival order.
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
-async fn record(State(seen): State<Seen>, headers: HeaderMap, body: String) -> &'static str {
+async fn record(
+    State((seen, delay)): State<(Seen, Duration)>,
+    headers: HeaderMap,
+    body: String,
+) -> &'static str {
     let id = headers
         .get("x-restpipe-delivery-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
     seen.lock().unwrap().push((id, body));
+    tokio::time::sleep(delay).await;
     "ok"
 }
 
-/// An HTTP server on loopback that records every `POST /hook`.
-async fn upstream() -> (std::net::SocketAddr, Seen) {
+/// An HTTP server on loopback that records every `POST /hook`, and answers `delay` later.
+async fn upstream(delay: Duration) -> (std::net::SocketAddr, Seen) {
     let seen: Seen = Arc::default();
     let app = Router::new()
         .route("/hook", post(record))
-        .with_state(seen.clone());
+        .with_state((seen.clone(), delay));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -118,14 +123,8 @@ async fn adopted(http: &reqwest::Client, replica: &Node) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_back() {
-    let certs = Certs::new();
-    let Some(nats) = NatsServer::start(certs.dir()).await else {
-        return;
-    };
-    let http = http_client();
-    let url = nats.url();
+/// Replicas `ra` and `rb` on the nats-server at `url`, sharing one queue directory.
+async fn two_replicas(certs: &Certs, url: &str) -> (Node, Node) {
     let shared = certs.dir().join("shared-queue");
     let shared = shared.to_str().unwrap().to_string();
     let mut replicas = Vec::new();
@@ -133,15 +132,49 @@ async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_ba
         let data = certs.dir().join(format!("{name}-data"));
         let data = data.to_str().unwrap().to_string();
         let mut extra: Vec<&str> = TIMINGS.to_vec();
-        extra.extend(["--cluster", &url, "--cluster-name", "handover"]);
+        extra.extend(["--cluster", url, "--cluster-name", "handover"]);
         extra.extend(["--replica-name", name, "--data-dir", &data]);
         extra.extend(["--queue-shared-dir", &shared]);
-        replicas.push(Node::start(certs.dir(), name, server_args(&certs, &extra)).await);
+        replicas.push(Node::start(certs.dir(), name, server_args(certs, &extra)).await);
     }
-    let (mut ra, mut rb) = {
-        let mut it = replicas.into_iter();
-        (it.next().unwrap(), it.next().unwrap())
+    let mut it = replicas.into_iter();
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+/// The client `identity` on `replica` only, its `forward` plug-in sending `hook` to `upstream`.
+async fn forwarding_client(
+    certs: &Certs,
+    identity: &str,
+    replica: &Node,
+    upstream: std::net::SocketAddr,
+) -> Node {
+    let route = format!("hook=http://{upstream}/hook");
+    let mut flags: Vec<&str> = TIMINGS.to_vec();
+    flags.extend(["--handlers", "forward", "--forward", &route]);
+    let cert = certs.client(identity);
+    let args = client_args(certs, &cert, replica.pipe_addr(), &flags);
+    Node::start(certs.dir(), identity, args).await
+}
+
+/// The first delivery of each id, in arrival order.
+fn once_each(seen: &Seen) -> Vec<(String, String)> {
+    let mut once = std::collections::HashSet::new();
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, _)| once.insert(id.clone()))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_back() {
+    let certs = Certs::new();
+    let Some(nats) = NatsServer::start(certs.dir()).await else {
+        return;
     };
+    let http = http_client();
+    let (mut ra, mut rb) = two_replicas(&certs, &nats.url()).await;
 
     // Events for a client that is away, and a few for one that never comes.
     let started = Instant::now();
@@ -168,13 +201,8 @@ async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_ba
     // ra dies; the client comes, on rb only.
     ra.kill();
     let killed = Instant::now();
-    let (addr, seen) = upstream().await;
-    let route = format!("hook=http://{addr}/hook");
-    let mut flags: Vec<&str> = TIMINGS.to_vec();
-    flags.extend(["--handlers", "forward", "--forward", &route]);
-    let cert = certs.client("qc-1");
-    let args = client_args(&certs, &cert, rb.pipe_addr(), &flags);
-    let _client = Node::start(certs.dir(), "qc-1", args).await;
+    let (addr, seen) = upstream(Duration::ZERO).await;
+    let _client = forwarding_client(&certs, "qc-1", &rb, addr).await;
 
     let line = rb
         .wait_line(
@@ -213,13 +241,7 @@ async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_ba
 
     // Deduplicated by id: each event once, in the order it was queued, with its own body.
     let got = seen.lock().unwrap().clone();
-    let mut handled = Vec::new();
-    let mut once = std::collections::HashSet::new();
-    for (id, body) in &got {
-        if once.insert(id.clone()) {
-            handled.push((id.clone(), body.clone()));
-        }
-    }
+    let handled = once_each(&seen);
     assert_eq!(handled.len(), EVENTS, "{handled:?}");
     for (i, (id, body)) in handled.iter().enumerate() {
         assert_eq!((id, body), (&ids[i], &i.to_string()), "event {i}");
@@ -302,4 +324,70 @@ async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_ba
     );
     // ra takes events again.
     queue_one(&http, &ra, "qc-2", "after".into()).await;
+}
+
+/// Events queued on `ra` for a client on `rb`, delivered slowly by `rb` after `ra` dies; `ra`
+/// returns mid-way. `rb` hands the store back only once the delivery it has in flight is
+/// recorded, so `ra` goes on from the next event: every event once, in order, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_handed_back_mid_delivery_sends_no_event_twice() {
+    const SLOW: usize = 30;
+    let certs = Certs::new();
+    let Some(nats) = NatsServer::start(certs.dir()).await else {
+        return;
+    };
+    let http = http_client();
+    let (mut ra, mut rb) = two_replicas(&certs, &nats.url()).await;
+    let mut ids = Vec::with_capacity(SLOW);
+    for i in 0..SLOW {
+        ids.push(queue_one(&http, &ra, "qc-slow", i.to_string()).await);
+    }
+    ra.kill();
+    let (addr, seen) = upstream(Duration::from_millis(300)).await;
+    let _client = forwarding_client(&certs, "qc-slow", &rb, addr).await;
+    rb.wait_line(
+        &["adopted the queue", "replica=ra"],
+        Duration::from_secs(60),
+    )
+    .await;
+    // A few delivered by rb, then ra comes back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < 5 {
+        assert!(Instant::now() < deadline, "rb delivered nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ra.restart().await;
+    let line = rb
+        .wait_line(
+            &["handed an adopted queue back", "replica=ra"],
+            Duration::from_secs(30),
+        )
+        .await;
+    let by_rb = seen.lock().unwrap().len();
+    println!("rb delivered {by_rb} of {SLOW} before handing back: {line}");
+    assert!(line.contains("its replica is back"), "{line}");
+    assert!(by_rb < SLOW, "rb delivered everything before ra was back");
+
+    // ra delivers the rest, through rb (which holds the client), from where rb stopped.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while once_each(&seen).len() < SLOW {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {SLOW} delivered; ra's log:\n{}",
+            once_each(&seen).len(),
+            ra.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = seen.lock().unwrap().clone();
+    for (i, (id, body)) in got.iter().enumerate() {
+        assert_eq!(
+            (id, body),
+            (&ids[i], &i.to_string()),
+            "delivery {i}: {got:?}"
+        );
+    }
+    assert_eq!(got.len(), SLOW, "an event went twice: {got:?}");
+    let (status, view) = queued(&http, &ra, &ids[SLOW - 1]).await;
+    assert_eq!(status, 200, "{view}");
 }
