@@ -272,6 +272,30 @@ async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_ba
     // ra comes back: it starts while rb holds its store, which rb then hands back.
     let back = Instant::now();
     ra.restart().await;
+    // A call queued on ra now: 503 with the reason while rb holds the store (202 if rb was
+    // already done), never a hang nor a 500.
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        http.post(ra.url("/client/qc-3/hook"))
+            .header("X-Event-Delivery", "queued")
+            .body("early")
+            .send(),
+    )
+    .await
+    .expect("a queued call on ra hung while its store was held")
+    .unwrap();
+    let early = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let reason = response.text().await.unwrap();
+    println!("a queued call on ra right after its restart: {early} {reason}");
+    match early {
+        503 => {
+            assert!(reason.contains("held by another process"), "{reason}");
+            assert!(retry_after.is_some());
+        }
+        202 => {}
+        other => panic!("a queued call on ra while its store was held: {other} {reason}"),
+    }
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
