@@ -273,9 +273,21 @@ pub async fn start_with_tls(
             Pipe::Client(ClientNode::start(options)?)
         }
     };
-    let queue = Queue::start(pipe.clone(), settings.queue.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("the queue: {e}"))?;
+    // The cluster is joined first: a replica whose store another replica adopted while it
+    // was away is then heard on NATS, and that replica hands the store back.
+    let shared = match (&pipe, &settings.cluster) {
+        (Pipe::Server(server), Some(c)) => {
+            c.queue_shared_dir.as_ref().zip(server.cluster().cloned())
+        }
+        _ => None,
+    };
+    let queue = match shared {
+        Some((dir, cluster)) => {
+            Queue::start_shared(pipe.clone(), settings.queue.clone(), dir, cluster).await
+        }
+        None => Queue::start(pipe.clone(), settings.queue.clone()).await,
+    }
+    .map_err(|e| anyhow::anyhow!("the queue: {e}"))?;
     let pubsub = crate::pubsub::Pubsub::start(&pipe, settings.pubsub.clone())
         .map_err(|e| anyhow::anyhow!("publish/subscribe: {e}"))?;
     if let Pipe::Server(server) = &pipe {

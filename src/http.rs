@@ -436,6 +436,15 @@ async fn status(State(state): State<Shared>) -> Response {
             body["pending_handshakes"] = json!(server.pending_handshakes());
             if let Some(cluster) = server.cluster() {
                 body["cluster"] = cluster.status();
+                // The stores of dead replicas this one delivers (docs/CLUSTER.md).
+                if let Some(handover) = state
+                    .options
+                    .queue
+                    .as_ref()
+                    .and_then(|q| q.handover_status())
+                {
+                    body["cluster"]["queue_handover"] = handover;
+                }
             }
         }
         Pipe::Client(client) => {

@@ -50,6 +50,8 @@ const MAX_ENTRIES: usize = 2000;
 /// Clients of other replicas held in the table, at most: a publisher on the cluster's
 /// subjects cannot make it grow without bound.
 const MAX_REMOTE: usize = 1_000_000;
+/// Other replicas remembered as heard from, at most.
+const MAX_REPLICAS: usize = 4096;
 
 /// Settings of the cluster connection.
 #[derive(Clone, Debug, Default)]
@@ -157,6 +159,11 @@ struct Inner {
     max_chunk: usize,
     /// Another replica (re)joined and asked for everyone's snapshot.
     snapshot_asked: tokio::sync::Notify,
+    /// When each other replica was last heard from (any presence message: every replica sends
+    /// a snapshot every [`REFRESH`], empty or not).
+    replicas: Mutex<HashMap<String, Instant>>,
+    /// Since when the NATS connection is up; `None` while it is down.
+    connected_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Cluster {
@@ -178,6 +185,8 @@ impl Cluster {
             ));
         }
         let (connected_tx, connected_rx) = watch::channel(0u64);
+        let connected_since: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let since = connected_since.clone();
         let mut connect = async_nats::ConnectOptions::new()
             .name(format!("restpipe {}", options.replica))
             .retry_on_initial_connect()
@@ -189,13 +198,16 @@ impl Cluster {
             })
             .event_callback(move |event| {
                 let tx = connected_tx.clone();
+                let since = since.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             info!("cluster: connected to NATS");
+                            *crate::util::lock(&since) = Some(Instant::now());
                             tx.send_modify(|n| *n += 1);
                         }
                         async_nats::Event::Disconnected => {
+                            *crate::util::lock(&since) = None;
                             warn!(
                                 "cluster: NATS is unreachable; serving this replica's clients only"
                             )
@@ -228,6 +240,8 @@ impl Cluster {
             stop: CancellationToken::new(),
             max_chunk: carry::MAX_CHUNK,
             snapshot_asked: tokio::sync::Notify::new(),
+            replicas: Mutex::new(HashMap::new()),
+            connected_since,
         });
         tokio::spawn(presence_loop(inner.clone()));
         tokio::spawn(reconcile_loop(inner.clone(), server.registry().changes()));
@@ -249,6 +263,22 @@ impl Cluster {
     /// Whether the NATS connection is up.
     pub fn is_connected(&self) -> bool {
         self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Whether the replica `name` was heard from on NATS within [`EXPIRE`] (this replica
+    /// counts as present).
+    pub fn replica_present(&self, name: &str) -> bool {
+        name == self.replica()
+            || crate::util::lock(&self.inner.replicas)
+                .get(name)
+                .is_some_and(|at| at.elapsed() < EXPIRE)
+    }
+
+    /// Whether this replica has been on NATS long enough ([`EXPIRE`]) to have heard every
+    /// live replica: before that, a replica not heard from may just not have spoken yet.
+    pub fn presence_settled(&self) -> bool {
+        self.is_connected()
+            && crate::util::lock(&self.inner.connected_since).is_some_and(|t| t.elapsed() >= EXPIRE)
     }
 
     /// The clients other replicas hold, by identity.
@@ -418,8 +448,13 @@ impl Inner {
     }
 
     /// Publish presence entries, in messages of at most [`MAX_ENTRIES`].
+    /// An empty snapshot still goes out: it says this replica is alive.
     async fn announce(&self, kind: &str, entries: Vec<Seen>) {
-        for batch in entries.chunks(MAX_ENTRIES / 2) {
+        let mut batches: Vec<&[Seen]> = entries.chunks(MAX_ENTRIES / 2).collect();
+        if batches.is_empty() && kind == "snapshot" {
+            batches.push(&[]);
+        }
+        for batch in batches {
             let message = Presence {
                 replica: self.options.replica.clone(),
                 kind: kind.to_string(),
@@ -442,6 +477,15 @@ impl Inner {
         let replica = presence.replica;
         if replica == self.options.replica || replica.is_empty() || replica.len() > 128 {
             return;
+        }
+        {
+            let mut replicas = crate::util::lock(&self.replicas);
+            if replicas.len() >= MAX_REPLICAS && !replicas.contains_key(&replica) {
+                replicas.retain(|_, at| at.elapsed() < EXPIRE);
+            }
+            if replicas.len() < MAX_REPLICAS || replicas.contains_key(&replica) {
+                replicas.insert(replica.clone(), Instant::now());
+            }
         }
         if presence.kind == "hello" {
             self.snapshot_asked.notify_one();

@@ -207,6 +207,11 @@ pub struct ServerOnlyArgs {
     /// A CA certificate (PEM) to verify the NATS server with; TLS is then required.
     #[arg(long, env = "RP_CLUSTER_TLS_CA", value_name = "FILE")]
     pub cluster_tls_ca: Option<PathBuf>,
+    /// With --cluster: a directory every replica can reach, with real exclusive file locks,
+    /// where each keeps its queue's store (DIR/<replica name>/) and adopts the stores of dead
+    /// replicas (docs/CLUSTER.md) [default: none, each store under its --data-dir].
+    #[arg(long, env = "RP_QUEUE_SHARED_DIR", value_name = "DIR")]
+    pub queue_shared_dir: Option<PathBuf>,
 }
 
 /// The flags only a client takes.
@@ -448,6 +453,7 @@ impl From<ServerArgs> for NodeArgs {
             replica_name,
             cluster_creds,
             cluster_tls_ca,
+            queue_shared_dir,
         } = args.server;
         NodeArgs {
             client_ca,
@@ -461,6 +467,7 @@ impl From<ServerArgs> for NodeArgs {
             replica_name,
             cluster_creds,
             cluster_tls_ca,
+            queue_shared_dir,
             ..args.common.into_node_args()
         }
     }

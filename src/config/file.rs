@@ -55,6 +55,8 @@ pub struct NodeArgs {
     pub cluster_creds: Option<PathBuf>,
     /// `--cluster-tls-ca` (server).
     pub cluster_tls_ca: Option<PathBuf>,
+    /// `--queue-shared-dir` (server, with `--cluster`).
+    pub queue_shared_dir: Option<PathBuf>,
     /// `--server-host` (client).
     pub server_host: Option<String>,
     /// `--server-port` (client).
@@ -206,6 +208,7 @@ impl NodeArgs {
                 ("replica_name", self.replica_name.is_some()),
                 ("cluster_creds", self.cluster_creds.is_some()),
                 ("cluster_tls_ca", self.cluster_tls_ca.is_some()),
+                ("queue_shared_dir", self.queue_shared_dir.is_some()),
             ]
             .to_vec(),
             restpipe_handler::Side::Server => [

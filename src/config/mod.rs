@@ -61,6 +61,9 @@ pub struct ClusterSettings {
     pub creds: Option<PathBuf>,
     /// A CA for the NATS server's certificate.
     pub tls_ca: Option<PathBuf>,
+    /// `--queue-shared-dir`: where every replica keeps its queue's store, and adopts those of
+    /// dead replicas (docs/CLUSTER.md); `None`: each store in its own `--data-dir`.
+    pub queue_shared_dir: Option<PathBuf>,
 }
 
 /// Everything a node needs, merged and checked.
@@ -404,6 +407,18 @@ impl Settings {
             .map(|u| u.trim().to_string())
             .filter(|u| !u.is_empty())
             .collect();
+        let queue_shared_dir = pick!(queue_shared_dir);
+        if let Some(dir) = &queue_shared_dir {
+            if cluster_urls.is_empty() {
+                return Err(
+                    "--queue-shared-dir is only for the replicas of a cluster: give --cluster too (a single server keeps its queue in --data-dir)"
+                        .into(),
+                );
+            }
+            if dir.as_os_str().is_empty() {
+                return Err("--queue-shared-dir must name a directory".into());
+            }
+        }
         let cluster = if cluster_urls.is_empty() {
             None
         } else {
@@ -426,6 +441,7 @@ impl Settings {
                 replica,
                 creds: pick!(cluster_creds),
                 tls_ca: pick!(cluster_tls_ca),
+                queue_shared_dir,
             })
         };
         Ok(Settings {
@@ -692,6 +708,17 @@ mod tests {
             Side::Server
         )
         .is_err());
+        let s = Settings::resolve(
+            parse(&["--cluster", "nats://a", "--queue-shared-dir", "/srv/q"]),
+            Side::Server,
+        )
+        .unwrap();
+        assert_eq!(
+            s.cluster.unwrap().queue_shared_dir.as_deref(),
+            Some(Path::new("/srv/q"))
+        );
+        let alone = Settings::resolve(parse(&["--queue-shared-dir", "/srv/q"]), Side::Server);
+        assert!(alone.unwrap_err().contains("--cluster"));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! (`--queue-max-attempts`), the stored reply body, and how long finished events are kept
 //! ([`QueueSettings::retention`], [`MAX_FINISHED`]). docs/QUEUE.md is the contract.
 
+pub mod handover;
 pub mod store;
 
 use std::collections::HashMap;
@@ -166,6 +167,8 @@ pub enum QueueError {
 #[derive(Clone)]
 pub struct Queue {
     inner: Arc<Inner>,
+    /// In a cluster with `--queue-shared-dir`: the stores of dead replicas this one adopts.
+    handover: Option<Arc<handover::Handover>>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -184,7 +187,14 @@ struct Inner {
     /// the event is written.
     usage: Mutex<HashMap<String, Usage>>,
     workers: Mutex<HashMap<String, Arc<Worker>>>,
+    /// Stops everything at once, a send in flight included (the node shuts down).
     stop: CancellationToken,
+    /// A child of `stop`: the delivery tasks end, each after recording the send it has in
+    /// flight (an adopted store handed back).
+    drain: CancellationToken,
+    /// The replica whose store this is, when this replica adopted it (`--queue-shared-dir`):
+    /// it takes no new event, and keeps no pruning of its own.
+    owner: Option<String>,
 }
 
 /// A peer's delivery task, as the queue sees it.
@@ -238,22 +248,31 @@ impl Queue {
     /// store, it is opened now and the delivery of what it holds starts; otherwise the store
     /// is made when the first event is queued (a node that never queues writes nothing).
     pub async fn start(pipe: Pipe, settings: QueueSettings) -> Result<Queue, String> {
+        let queue = Queue::start_unopened(pipe, settings)?;
+        let file = queue.inner.settings.data_dir.join(store::FILE_NAME);
+        if file.exists() {
+            queue.inner.store().await.map_err(|e| e.to_string())?;
+        }
+        Ok(queue)
+    }
+
+    /// The queue of the node whose pipe is `pipe`, its store not opened yet.
+    fn start_unopened(pipe: Pipe, settings: QueueSettings) -> Result<Queue, String> {
         settings.validate()?;
-        let queue = Queue {
+        let stop = CancellationToken::new();
+        Ok(Queue {
             inner: Arc::new(Inner {
                 pipe,
                 settings,
                 store: OnceCell::new(),
                 usage: Mutex::new(HashMap::new()),
                 workers: Mutex::new(HashMap::new()),
-                stop: CancellationToken::new(),
+                drain: stop.child_token(),
+                stop,
+                owner: None,
             }),
-        };
-        let file = queue.inner.settings.data_dir.join(store::FILE_NAME);
-        if file.exists() {
-            queue.inner.store().await.map_err(|e| e.to_string())?;
-        }
-        Ok(queue)
+            handover: None,
+        })
     }
 
     /// The queue's settings.
@@ -269,12 +288,7 @@ impl Queue {
 
     /// Events and bytes pending, over every peer.
     pub fn pending(&self) -> Usage {
-        lock(&self.inner.usage)
-            .values()
-            .fold(Usage::default(), |a, u| Usage {
-                count: a.count + u.count,
-                bytes: a.bytes + u.bytes,
-            })
+        self.inner.pending_usage()
     }
 
     /// Queue `event`: checked against the caps, committed to the store (fsync'd), and handed
@@ -402,8 +416,28 @@ impl Queue {
 
     /// What `GET /queued/{id}` answers for `id` (already parsed): `None` when there is no
     /// such event.
+    /// In a cluster with `--queue-shared-dir`, an id of a store this replica has adopted is
+    /// answered too.
     pub async fn get(&self, seq: u64, token: u64) -> Result<Option<Value>, QueueError> {
-        let inner = &self.inner;
+        let own = self.inner.get(seq, token).await;
+        if matches!(own, Ok(Some(_))) {
+            return own;
+        }
+        if let Some(handover) = &self.handover {
+            for adopted in handover.holding() {
+                if let Ok(Some(view)) = adopted.get(seq, token).await {
+                    return Ok(Some(view));
+                }
+            }
+        }
+        own
+    }
+}
+
+impl Inner {
+    /// What `GET /queued/{id}` answers for `id` from this store.
+    async fn get(self: &Arc<Self>, seq: u64, token: u64) -> Result<Option<Value>, QueueError> {
+        let inner = self;
         let file = inner.settings.data_dir.join(store::FILE_NAME);
         if inner.store.get().is_none() && !file.exists() {
             return Ok(None);
@@ -470,6 +504,16 @@ fn view(seq: u64, record: &Record, reply_body: Option<&[u8]>) -> Value {
 }
 
 impl Inner {
+    /// Events and bytes pending in this store, over every peer.
+    fn pending_usage(&self) -> Usage {
+        lock(&self.usage)
+            .values()
+            .fold(Usage::default(), |a, u| Usage {
+                count: a.count + u.count,
+                bytes: a.bytes + u.bytes,
+            })
+    }
+
     /// The store, opened (and its directory made) on first use; the delivery of what it
     /// holds starts when it is opened.
     async fn store(self: &Arc<Self>) -> Result<Arc<Store>, StoreError> {
@@ -482,24 +526,56 @@ impl Inner {
                     Store::open(&dir)
                 })
                 .await?;
-                let store = Arc::new(store);
-                let usage = blocking({
-                    let store = store.clone();
-                    move || store.usage()
-                })
-                .await?;
-                let pending: u64 = usage.values().map(|u| u.count).sum();
-                info!(dir = %self.settings.data_dir.display(), pending, peers = usage.len(), "queue store open");
-                let peers: Vec<String> = usage.keys().cloned().collect();
-                *lock(&self.usage) = usage;
-                for peer in peers {
-                    self.wake(&peer);
-                }
-                tokio::spawn(prune_loop(self.clone(), store.clone()));
-                Ok::<_, StoreError>(store)
+                self.opened(store).await
             })
             .await?;
         Ok(store.clone())
+    }
+
+    /// Use `store`, opened elsewhere, unless a store is in use already (then `store` is
+    /// closed).
+    async fn install(self: &Arc<Self>, store: Store) -> Result<Arc<Store>, StoreError> {
+        let mut spare = Some(store);
+        let installed = self
+            .store
+            .get_or_try_init(|| {
+                let store = spare.take();
+                async move {
+                    match store {
+                        Some(store) => self.opened(store).await,
+                        None => Err(StoreError("no store to install".into())),
+                    }
+                }
+            })
+            .await?
+            .clone();
+        if let Some(spare) = spare {
+            spare.close();
+        }
+        Ok(installed)
+    }
+
+    /// A store just opened: what it holds pending is counted and its delivery starts.
+    async fn opened(self: &Arc<Self>, store: Store) -> Result<Arc<Store>, StoreError> {
+        let store = Arc::new(store);
+        let usage = blocking({
+            let store = store.clone();
+            move || store.usage()
+        })
+        .await?;
+        let pending: u64 = usage.values().map(|u| u.count).sum();
+        if self.owner.is_none() {
+            info!(dir = %self.settings.data_dir.display(), pending, peers = usage.len(), "queue store open");
+        }
+        let peers: Vec<String> = usage.keys().cloned().collect();
+        *lock(&self.usage) = usage;
+        for peer in peers {
+            self.wake(&peer);
+        }
+        if self.owner.is_none() {
+            tokio::spawn(prune_loop(self.clone(), store.clone()));
+        }
+        Ok(store)
     }
 
     /// Give back the room of events that left `peer`'s queue.
@@ -516,6 +592,9 @@ impl Inner {
 
     /// Tell `peer`'s delivery task that there is work, starting it if it is not running.
     fn wake(self: &Arc<Self>, peer: &str) {
+        if self.drain.is_cancelled() {
+            return;
+        }
         let mut workers = lock(&self.workers);
         if let Some(worker) = workers.get(peer) {
             worker.generation.fetch_add(1, Ordering::AcqRel);
@@ -645,10 +724,15 @@ fn status_of(reply: &Reply) -> u16 {
 /// The delivery task of `peer`: its pending events, one at a time, in order, for as long as
 /// it has any; it ends when the queue is empty (a new event starts another).
 async fn deliver(inner: Arc<Inner>, peer: String, worker: Arc<Worker>) {
+    let _exit = WorkerExit {
+        inner: inner.clone(),
+        peer: peer.clone(),
+        worker: worker.clone(),
+    };
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     let mut swept = Instant::now();
     loop {
-        if inner.stop.is_cancelled() {
+        if inner.drain.is_cancelled() {
             return;
         }
         let Ok(store) = inner.store().await else {
@@ -729,7 +813,7 @@ async fn deliver(inner: Arc<Inner>, peer: String, worker: Arc<Worker>) {
             let left = Duration::from_millis(record.expires_ms.saturating_sub(now));
             let asked = Instant::now();
             let conn = tokio::select! {
-                _ = inner.stop.cancelled() => return,
+                _ = inner.drain.cancelled() => return,
                 conn = connection(&inner.pipe, &peer, left.min(CHECK_EVERY)) => conn,
             };
             match conn {
@@ -843,11 +927,32 @@ async fn deliver(inner: Arc<Inner>, peer: String, worker: Arc<Worker>) {
     }
 }
 
-/// Sleep `delay` unless the queue stops first; returns whether it stopped.
+/// Sleep `delay` unless the queue stops (or drains) first; returns whether it stopped.
 async fn pause(inner: &Inner, delay: Duration) -> bool {
     tokio::select! {
-        _ = inner.stop.cancelled() => true,
+        _ = inner.drain.cancelled() => true,
         _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// A delivery task's entry leaves the queue's table when the task ends, however it ends
+/// (unless a newer task took its place): so that a store being handed back knows when no
+/// task is left.
+struct WorkerExit {
+    inner: Arc<Inner>,
+    peer: String,
+    worker: Arc<Worker>,
+}
+
+impl Drop for WorkerExit {
+    fn drop(&mut self) {
+        let mut workers = lock(&self.inner.workers);
+        if workers
+            .get(&self.peer)
+            .is_some_and(|w| Arc::ptr_eq(w, &self.worker))
+        {
+            workers.remove(&self.peer);
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 use redb::{
@@ -148,6 +149,25 @@ pub struct Store {
     path: PathBuf,
     /// `None` after a failure, until the next operation opens it again.
     db: RwLock<Option<Database>>,
+    /// Closed for good ([`Store::close`]): never opened again by this handle.
+    closed: AtomicBool,
+}
+
+/// Why a store cannot be opened while another process holds it.
+fn held_message(path: &Path) -> String {
+    format!(
+        "the queue's store {} is held by another process: in a cluster with --queue-shared-dir, a replica that adopted it while this one was away, which hands it back once its delivery in flight ends (docs/CLUSTER.md); else another node on the same directory",
+        path.display()
+    )
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
 }
 
 fn encode(record: &Record) -> Result<Vec<u8>, StoreError> {
@@ -162,12 +182,29 @@ fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
 impl Store {
     /// Open (or create) the store in `dir`, which must exist.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, true)?.ok_or_else(|| StoreError(held_message(&dir.join(FILE_NAME))))
+    }
+
+    /// Open the store in `dir` (creating it when `create`), or `None` when another process
+    /// (or another handle in this one) holds it: redb takes an exclusive lock on the file
+    /// (`flock`) for as long as it is open, and that lock is what fences the hand-over of a
+    /// replica's store (docs/CLUSTER.md). Without `create`, a missing file is an error.
+    pub fn open_with(dir: &Path, create: bool) -> Result<Option<Store>, StoreError> {
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path)
-            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        let opened = if create {
+            Database::create(&path)
+        } else {
+            Database::open(&path)
+        };
+        let db = match opened {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Ok(None),
+            Err(e) => return Err(StoreError(format!("cannot open {}: {e}", path.display()))),
+        };
         let store = Store {
             path,
             db: RwLock::new(Some(db)),
+            closed: AtomicBool::new(false),
         };
         // Every table exists from the start, so that readers never meet a missing one.
         store.write(|tx| {
@@ -179,7 +216,14 @@ impl Store {
             tx.open_table(META)?;
             Ok(())
         })?;
-        Ok(store)
+        Ok(Some(store))
+    }
+
+    /// Close the database for good, now, whoever still holds this handle: its file lock is
+    /// released (another process may open it), and every later operation here fails.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Run `f` with the database, opened again first if a failure closed it.
@@ -194,9 +238,16 @@ impl Store {
             }
         }
         let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError(format!(
+                "the queue's store {} is closed (handed back)",
+                self.path.display()
+            )));
+        }
         if db.is_none() {
-            let opened = Database::create(&self.path).map_err(|e| {
-                StoreError(format!("cannot open {} again: {e}", self.path.display()))
+            let opened = Database::create(&self.path).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError(held_message(&self.path)),
+                e => StoreError(format!("cannot open {} again: {e}", self.path.display())),
             })?;
             tracing::info!(path = %self.path.display(), "the queue's store is open again");
             *db = Some(opened);
