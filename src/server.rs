@@ -350,7 +350,7 @@ impl Inner {
     fn refused(&self, addr: SocketAddr, reason: &str, cause: &dyn std::fmt::Display) {
         self.core
             .metrics
-            .tick(&format!("tls.handshake.rejected.{reason}.tick"));
+            .tick(format!("tls.handshake.rejected.{reason}.tick"));
         let allowed = self.refusal_log.allow();
         if allowed.is_some() {
             // Within the log's rate, so that a flood of refusals costs the page nothing.

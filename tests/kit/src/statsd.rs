@@ -193,6 +193,15 @@ impl Statsd {
         self.expect(line, |l| l == line).await;
     }
 
+    /// Wait for a count `name:<n>|c` (a node sends the ticks of a name that it drains at once
+    /// as one line); return `n`.
+    pub async fn expect_count(&self, name: &str) -> u64 {
+        let line = self
+            .expect(&format!("{name}:<n>|c"), |l| count_of(l, name).is_some())
+            .await;
+        count_of(&line, name).expect("a count")
+    }
+
     /// Wait for a timing `name:<ms>|ms`; return the milliseconds.
     pub async fn expect_timing(&self, name: &str) -> u64 {
         let line = self
@@ -229,6 +238,16 @@ impl Drop for Statsd {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The count of `line` if it is the count `name`, one or more.
+pub fn count_of(line: &str, name: &str) -> Option<u64> {
+    line.strip_prefix(name)?
+        .strip_prefix(':')?
+        .strip_suffix("|c")?
+        .parse()
+        .ok()
+        .filter(|&n| n >= 1)
 }
 
 /// The milliseconds of `line` if it is the timing `name`.
