@@ -17,17 +17,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::routing::post;
-use axum::Router;
 use restpipe_testkit::certs::*;
+use restpipe_testkit::hook::Hook;
 use restpipe_testkit::http::*;
 use restpipe_testkit::nats::NatsServer;
 use restpipe_testkit::procs::*;
+use restpipe_testkit::wait::wait_until;
 use serde_json::Value;
 
 /// Events queued for the client that comes back on the other replica.
@@ -46,36 +43,6 @@ const TIMINGS: [&str; 8] = [
     "--connect-wait",
     "1",
 ];
-
-/// What the upstream got: (delivery id, body), in arrival order.
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
-
-async fn record(
-    State((seen, delay)): State<(Seen, Duration)>,
-    headers: HeaderMap,
-    body: String,
-) -> &'static str {
-    let id = headers
-        .get("x-restpipe-delivery-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    seen.lock().unwrap().push((id, body));
-    tokio::time::sleep(delay).await;
-    "ok"
-}
-
-/// An HTTP server on loopback that records every `POST /hook`, and answers `delay` later.
-async fn upstream(delay: Duration) -> (std::net::SocketAddr, Seen) {
-    let seen: Seen = Arc::default();
-    let app = Router::new()
-        .route("/hook", post(record))
-        .with_state((seen.clone(), delay));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, seen)
-}
 
 /// Queue one event with body `body` for `client` on `replica`: its id.
 async fn queue_one(http: &reqwest::Client, replica: &Node, client: &str, body: String) -> String {
@@ -156,17 +123,6 @@ async fn forwarding_client(
     Node::start(certs.dir(), identity, args).await
 }
 
-/// The first delivery of each id, in arrival order.
-fn once_each(seen: &Seen) -> Vec<(String, String)> {
-    let mut once = std::collections::HashSet::new();
-    seen.lock()
-        .unwrap()
-        .iter()
-        .filter(|(id, _)| once.insert(id.clone()))
-        .cloned()
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_back() {
     let certs = Certs::new();
@@ -201,8 +157,8 @@ async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_ba
     // ra dies; the client comes, on rb only.
     ra.kill();
     let killed = Instant::now();
-    let (addr, seen) = upstream(Duration::ZERO).await;
-    let _client = forwarding_client(&certs, "qc-1", &rb, addr).await;
+    let hook = Hook::start(Duration::ZERO).await;
+    let _client = forwarding_client(&certs, "qc-1", &rb, hook.addr()).await;
 
     let line = rb
         .wait_line(
@@ -215,33 +171,20 @@ async fn a_dead_replicas_queued_events_are_delivered_by_a_survivor_and_handed_ba
         killed.elapsed()
     );
 
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let unique: std::collections::HashSet<String> = seen
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
-        if unique.len() >= EVENTS {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {EVENTS} delivered; rb's log:\n{}",
-            unique.len(),
-            rb.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        hook.wait_once_each(EVENTS, Duration::from_secs(90)).await,
+        "{} of {EVENTS} delivered; rb's log:\n{}",
+        hook.once_each().len(),
+        rb.log_tail(30)
+    );
     println!(
         "all {EVENTS} delivered {:?} after the kill",
         killed.elapsed()
     );
 
     // Deduplicated by id: each event once, in the order it was queued, with its own body.
-    let got = seen.lock().unwrap().clone();
-    let handled = once_each(&seen);
+    let got = hook.seen();
+    let handled = hook.once_each();
     assert_eq!(handled.len(), EVENTS, "{handled:?}");
     for (i, (id, body)) in handled.iter().enumerate() {
         assert_eq!((id, body), (&ids[i], &i.to_string()), "event {i}");
@@ -372,19 +315,18 @@ async fn a_store_handed_back_mid_delivery_sends_no_event_twice() {
         ids.push(queue_one(&http, &ra, "qc-slow", i.to_string()).await);
     }
     ra.kill();
-    let (addr, seen) = upstream(Duration::from_millis(300)).await;
-    let _client = forwarding_client(&certs, "qc-slow", &rb, addr).await;
+    let hook = Hook::start(Duration::from_millis(300)).await;
+    let _client = forwarding_client(&certs, "qc-slow", &rb, hook.addr()).await;
     rb.wait_line(
         &["adopted the queue", "replica=ra"],
         Duration::from_secs(60),
     )
     .await;
     // A few delivered by rb, then ra comes back.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.lock().unwrap().len() < 5 {
-        assert!(Instant::now() < deadline, "rb delivered nothing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(30), || hook.count() >= 5).await,
+        "rb delivered nothing"
+    );
     ra.restart().await;
     let line = rb
         .wait_line(
@@ -392,23 +334,19 @@ async fn a_store_handed_back_mid_delivery_sends_no_event_twice() {
             Duration::from_secs(30),
         )
         .await;
-    let by_rb = seen.lock().unwrap().len();
+    let by_rb = hook.count();
     println!("rb delivered {by_rb} of {SLOW} before handing back: {line}");
     assert!(line.contains("its replica is back"), "{line}");
     assert!(by_rb < SLOW, "rb delivered everything before ra was back");
 
     // ra delivers the rest, through rb (which holds the client), from where rb stopped.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while once_each(&seen).len() < SLOW {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {SLOW} delivered; ra's log:\n{}",
-            once_each(&seen).len(),
-            ra.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let got = seen.lock().unwrap().clone();
+    assert!(
+        hook.wait_once_each(SLOW, Duration::from_secs(60)).await,
+        "{} of {SLOW} delivered; ra's log:\n{}",
+        hook.once_each().len(),
+        ra.log_tail(20)
+    );
+    let got = hook.seen();
     for (i, (id, body)) in got.iter().enumerate() {
         assert_eq!(
             (id, body),

@@ -7,43 +7,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::routing::post;
-use axum::Router;
 use restpipe_testkit::certs::*;
+use restpipe_testkit::hook::Hook;
 use restpipe_testkit::http::*;
 use restpipe_testkit::procs::*;
 
 const EVENTS: usize = 1000;
-
-/// What the upstream got: (delivery id, body), in arrival order.
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
-
-async fn record(State(seen): State<Seen>, headers: HeaderMap, body: String) -> &'static str {
-    let id = headers
-        .get("x-restpipe-delivery-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    seen.lock().unwrap().push((id, body));
-    "ok"
-}
-
-/// An HTTP server on loopback that records every `POST /hook`.
-async fn upstream() -> (std::net::SocketAddr, Seen) {
-    let seen: Seen = Arc::default();
-    let app = Router::new()
-        .route("/hook", post(record))
-        .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, seen)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_queued_events_survive_sigkill_in_order_and_exactly_once_by_id() {
@@ -93,45 +64,26 @@ async fn a_thousand_queued_events_survive_sigkill_in_order_and_exactly_once_by_i
     assert_eq!(status["queue"]["pending"], EVENTS as u64, "{status}");
 
     // The client comes, with `forward` to the recording upstream.
-    let (addr, seen) = upstream().await;
-    let route = format!("hook=http://{addr}/hook");
+    let hook = Hook::start(Duration::ZERO).await;
+    let route = format!("hook=http://{}/hook", hook.addr());
     let mut flags: Vec<&str> = timings.to_vec();
     flags.extend(["--handlers", "forward", "--forward", &route]);
     let cert = certs.client("rq-1");
     let args = client_args(&certs, &cert, server.pipe_addr(), &flags);
     let _client = Node::start(certs.dir(), "rq-1", args).await;
 
-    let deadline = Instant::now() + Duration::from_secs(120);
     let started = Instant::now();
-    loop {
-        let unique: std::collections::HashSet<String> = seen
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
-        if unique.len() >= EVENTS {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {EVENTS} delivered; the server's log:\n{}",
-            unique.len(),
-            server.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        hook.wait_once_each(EVENTS, Duration::from_secs(120)).await,
+        "{} of {EVENTS} delivered; the server's log:\n{}",
+        hook.once_each().len(),
+        server.log_tail(30)
+    );
     println!("delivered {EVENTS} events in {:?}", started.elapsed());
 
     // Deduplicated by id: each event once, in the order it was queued, with its own body.
-    let seen = seen.lock().unwrap().clone();
-    let mut handled = Vec::new();
-    let mut ids_seen = std::collections::HashSet::new();
-    for (id, body) in &seen {
-        if ids_seen.insert(id.clone()) {
-            handled.push((id.clone(), body.clone()));
-        }
-    }
+    let seen = hook.seen();
+    let handled = hook.once_each();
     assert_eq!(handled.len(), EVENTS);
     for (i, (id, body)) in handled.iter().enumerate() {
         assert_eq!((id, body), (&ids[i], &i.to_string()), "event {i}");

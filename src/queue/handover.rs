@@ -505,29 +505,8 @@ async fn release(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::store::{Record, State};
-
-    fn record(peer: &str) -> Record {
-        Record {
-            token: 1,
-            peer: peer.into(),
-            created_ms: 1,
-            expires_ms: u64::MAX,
-            timeout_ms: 1000,
-            verb: "POST".into(),
-            noun: "jobs".into(),
-            parameters: Vec::new(),
-            query: String::new(),
-            content_type: "text/plain".into(),
-            headers: Vec::new(),
-            size: 3,
-            state: State::Pending,
-            attempts: 0,
-            last_error: None,
-            finished_ms: None,
-            reply: None,
-        }
-    }
+    use crate::queue::store::tests::record;
+    use crate::queue::store::State;
 
     #[test]
     fn store_dir_names_round_trip_and_stay_one_component() {
@@ -545,7 +524,7 @@ mod tests {
     fn a_store_held_open_is_never_adopted_and_a_free_one_is() {
         let dir = tempfile::tempdir().unwrap();
         let owner = Store::open(dir.path()).unwrap();
-        owner.insert(&record("c1"), b"one").unwrap();
+        owner.insert(&record("c1", u64::MAX), b"one").unwrap();
         // The owner holds it: the fence.
         assert!(matches!(try_adopt(dir.path()).unwrap(), Adoption::Held));
         assert!(matches!(try_adopt(dir.path()).unwrap(), Adoption::Held));

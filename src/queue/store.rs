@@ -466,10 +466,11 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record(peer: &str, expires_ms: u64) -> Record {
+    /// A pending event for `peer`, with a small body, for the queue's unit tests.
+    pub(crate) fn record(peer: &str, expires_ms: u64) -> Record {
         Record {
             token: 7,
             peer: peer.into(),

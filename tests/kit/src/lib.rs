@@ -11,6 +11,7 @@
 //! - [`procs`]: the process harness: real `restpipe` processes started on port 0, their
 //!   bound addresses read from what they print, SIGKILL, SIGTERM, restart, `/proc` figures;
 //! - [`http`]: an HTTP client and a load generator that tallies every answer;
+//! - [`hook`]: an upstream that records what the `forward` plug-in delivers to it;
 //! - [`statsd`]: a UDP listener standing in for statsd;
 //! - [`nats`]: a real nats-server for the cluster tests, found and started on a port it picks;
 //! - [`logs`]: captures the log lines of the test binary;
@@ -23,6 +24,7 @@
 
 pub mod bulk;
 pub mod certs;
+pub mod hook;
 pub mod http;
 pub mod logs;
 pub mod nats;
