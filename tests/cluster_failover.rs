@@ -18,18 +18,6 @@ use restpipe_testkit::http::*;
 use restpipe_testkit::nats::NatsServer;
 use restpipe_testkit::procs::*;
 
-/// Heartbeats, waits and reconnects short enough for a test.
-const TIMINGS: [&str; 8] = [
-    "--heartbeat-interval",
-    "0.5",
-    "--heartbeat-timeout",
-    "3",
-    "--handshake-timeout",
-    "2",
-    "--connect-wait",
-    "2",
-];
-
 /// Every client identity `replica` lists at `/clients`, with the replica it names.
 async fn listing(http: &reqwest::Client, replica: &Node) -> Vec<(String, String)> {
     let list = get_json(http, &replica.url("/clients")).await;
@@ -61,7 +49,7 @@ async fn a_replica_killed_loses_no_request_and_its_clients_come_back_on_the_othe
     let mut replicas = Vec::new();
     for i in 1..=3 {
         let name = format!("r{i}");
-        let mut extra: Vec<&str> = TIMINGS.to_vec();
+        let mut extra: Vec<&str> = quick_timings("2");
         extra.extend(["--cluster", &url, "--cluster-name", "failover"]);
         extra.extend(["--replica-name", &name]);
         let args = server_args(&certs, &extra);
@@ -76,7 +64,7 @@ async fn a_replica_killed_loses_no_request_and_its_clients_come_back_on_the_othe
     for i in 1..=6 {
         let identity = format!("edge-{i}");
         let cert = certs.client(&identity);
-        let mut extra: Vec<&str> = TIMINGS.to_vec();
+        let mut extra: Vec<&str> = quick_timings("2");
         extra.extend(["--reconnect-max", "1"]);
         let mut args = client_args(&certs, &cert, replicas[0].pipe_addr(), &extra);
         let at = args.iter().position(|a| a == "--server-host").unwrap();
@@ -168,7 +156,7 @@ async fn one_client_each(certs: &Certs, nats_urls: [&str; 3]) -> (Vec<Node>, Vec
     let mut replicas = Vec::new();
     for (i, url) in nats_urls.iter().enumerate() {
         let name = format!("r{}", i + 1);
-        let mut extra: Vec<&str> = TIMINGS.to_vec();
+        let mut extra: Vec<&str> = quick_timings("2");
         extra.extend(["--cluster", url, "--replica-name", &name]);
         replicas.push(Node::start(certs.dir(), &name, server_args(certs, &extra)).await);
     }
@@ -176,7 +164,7 @@ async fn one_client_each(certs: &Certs, nats_urls: [&str; 3]) -> (Vec<Node>, Vec
     for (i, r) in replicas.iter().enumerate() {
         let identity = format!("c{}", i + 1);
         let cert = certs.client(&identity);
-        let args = client_args(certs, &cert, r.pipe_addr(), &TIMINGS);
+        let args = client_args(certs, &cert, r.pipe_addr(), &quick_timings("2"));
         clients.push(Node::start(certs.dir(), &identity, args).await);
     }
     let want: Vec<(String, String)> = (1..=3)

@@ -32,18 +32,6 @@ const EVENTS: usize = 200;
 /// Events queued for a client that never comes.
 const STRANDED: usize = 3;
 
-/// Heartbeats and waits short enough for a test.
-const TIMINGS: [&str; 8] = [
-    "--heartbeat-interval",
-    "0.5",
-    "--heartbeat-timeout",
-    "3",
-    "--handshake-timeout",
-    "2",
-    "--connect-wait",
-    "1",
-];
-
 /// Queue one event with body `body` for `client` on `replica`: its id.
 async fn queue_one(http: &reqwest::Client, replica: &Node, client: &str, body: String) -> String {
     let response = http
@@ -98,7 +86,7 @@ async fn two_replicas(certs: &Certs, url: &str) -> (Node, Node) {
     for name in ["ra", "rb"] {
         let data = certs.dir().join(format!("{name}-data"));
         let data = data.to_str().unwrap().to_string();
-        let mut extra: Vec<&str> = TIMINGS.to_vec();
+        let mut extra: Vec<&str> = quick_timings("1");
         extra.extend(["--cluster", url, "--cluster-name", "handover"]);
         extra.extend(["--replica-name", name, "--data-dir", &data]);
         extra.extend(["--queue-shared-dir", &shared]);
@@ -116,7 +104,7 @@ async fn forwarding_client(
     upstream: std::net::SocketAddr,
 ) -> Node {
     let route = format!("hook=http://{upstream}/hook");
-    let mut flags: Vec<&str> = TIMINGS.to_vec();
+    let mut flags: Vec<&str> = quick_timings("1");
     flags.extend(["--handlers", "forward", "--forward", &route]);
     let cert = certs.client(identity);
     let args = client_args(certs, &cert, replica.pipe_addr(), &flags);

@@ -24,19 +24,6 @@ use restpipe_testkit::relay::Relay;
 use restpipe_testkit::statsd::Statsd;
 use restpipe_testkit::wait::{wait_until, wait_until_async};
 
-/// Heartbeats and waits for the process tests: a heartbeat every 0.5 s, dead after 3 s of
-/// silence, handshakes within 2 s, requests wait 1 s for the pipe.
-const TIMINGS: [&str; 8] = [
-    "--heartbeat-interval",
-    "0.5",
-    "--heartbeat-timeout",
-    "3",
-    "--handshake-timeout",
-    "2",
-    "--connect-wait",
-    "1",
-];
-
 fn with(base: &[&str], more: &[&str]) -> Vec<String> {
     base.iter().chain(more).map(|s| s.to_string()).collect()
 }
@@ -113,8 +100,8 @@ async fn timed_get(http: &reqwest::Client, url: &str, timeout_ms: u64) -> (u16, 
 async fn the_server_killed_under_load_loses_no_request_and_every_client_returns() {
     let certs = Certs::new();
     let http = http_client();
-    let (mut server, pipe_port) = start_server(&certs, &TIMINGS).await;
-    let client_flags = with(&TIMINGS, &["--reconnect-max", "1"]);
+    let (mut server, pipe_port) = start_server(&certs, &quick_timings("1")).await;
+    let client_flags = with(&quick_timings("1"), &["--reconnect-max", "1"]);
     let mut clients = Vec::new();
     for i in 1..=3 {
         let name = format!("worker-{i}");
@@ -372,13 +359,13 @@ async fn a_flapping_client_leaks_no_descriptor_and_no_memory() {
     const FLAP: Duration = Duration::from_secs(10);
     let certs = Certs::new();
     let http = http_client();
-    let (server, pipe_port) = start_server(&certs, &TIMINGS).await;
+    let (server, pipe_port) = start_server(&certs, &quick_timings("1")).await;
     let pipe = loopback(pipe_port);
-    let steady = client(&certs, "steady", pipe, &TIMINGS).await;
+    let steady = client(&certs, "steady", pipe, &quick_timings("1")).await;
     let connector = certs.connector("flapper");
     let answered = certs.connector("flapper-answered");
     let proc_cert = certs.client("flapper-proc");
-    let proc_args = client_args(&certs, &proc_cert, pipe, &TIMINGS);
+    let proc_args = client_args(&certs, &proc_cert, pipe, &quick_timings("1"));
 
     let load = Load::start(LoadSpec::both_ways(
         &steady,

@@ -41,15 +41,7 @@ impl Scene {
     async fn start(extra: &[&str]) -> Scene {
         let certs = Certs::new();
         let statsd = Statsd::start().await;
-        let timings = [
-            "--heartbeat-interval",
-            "0.5",
-            "--heartbeat-timeout",
-            "3",
-            "--handshake-timeout",
-            "2",
-        ];
-        let mut flags: Vec<String> = timings.iter().map(|s| s.to_string()).collect();
+        let mut flags: Vec<String> = QUICK_TIMINGS.iter().map(|s| s.to_string()).collect();
         flags.extend(statsd.flags());
         flags.extend(extra.iter().map(|s| s.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -58,7 +50,7 @@ impl Scene {
         let good = Node::start(
             certs.dir(),
             "good",
-            client_args(&certs, &cert, loopback(pipe), &timings),
+            client_args(&certs, &cert, loopback(pipe), &QUICK_TIMINGS),
         )
         .await;
         let http = http_client();

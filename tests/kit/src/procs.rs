@@ -32,6 +32,25 @@ pub const PIPE_LINE: &str = "pipe listening";
 /// How long a node may take to print [`READY_LINE`].
 pub const READY_WITHIN: Duration = Duration::from_secs(30);
 
+/// Heartbeats and handshakes short enough for the process tests: a heartbeat every 0.5 s, a
+/// peer dead after 3 s of silence, a handshake within 2 s.
+pub const QUICK_TIMINGS: [&str; 6] = [
+    "--heartbeat-interval",
+    "0.5",
+    "--heartbeat-timeout",
+    "3",
+    "--handshake-timeout",
+    "2",
+];
+
+/// [`QUICK_TIMINGS`], and requests that wait `connect_wait` seconds for the pipe
+/// (`--connect-wait`).
+pub fn quick_timings(connect_wait: &'static str) -> Vec<&'static str> {
+    let mut flags = QUICK_TIMINGS.to_vec();
+    flags.extend(["--connect-wait", connect_wait]);
+    flags
+}
+
 /// The `restpipe` binary cargo built for the running test or bench: `restpipe` in the
 /// directory above the executable's `deps/`.
 pub fn restpipe_bin() -> PathBuf {
