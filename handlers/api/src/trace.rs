@@ -244,6 +244,20 @@ mod tests {
             t.clone().with_request_id("abc-1").unwrap().request_id(),
             "abc-1"
         );
+        // What an older peer sends, the trace id as the request id, is the default one: the
+        // wire leaves it out, and the trace compares equal to one that never had it.
+        let hex = t.trace_id_hex();
+        let same = t.clone().with_request_id(&hex).unwrap();
+        assert_eq!(same.custom_request_id(), None);
+        assert_eq!(same, t);
+        assert_eq!(same.request_id(), hex);
+        assert_eq!(
+            t.clone()
+                .with_request_id("abc-1")
+                .unwrap()
+                .custom_request_id(),
+            Some("abc-1")
+        );
         assert!(t.clone().with_request_id("").is_err());
         assert!(t.clone().with_request_id("a b").is_err());
         assert!(t.clone().with_request_id(&"x".repeat(129)).is_err());
