@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use restpipe_handler::{BodyError, BodyStream, Headers, Reply, Request};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -120,7 +120,7 @@ struct Shared {
     /// The connection's span: every task of the connection runs inside it.
     span: tracing::Span,
     started: Instant,
-    out: mpsc::Sender<wire::Encoded>,
+    out: writer::WriteQueue,
     /// `None` once the connection is closed: nothing new can wait on it.
     pending: Mutex<Option<Pending>>,
     next_request: AtomicU64,
