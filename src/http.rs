@@ -249,7 +249,7 @@ async fn guard(state: Shared, mut request: Request, router: Router) -> Response 
 }
 
 /// The guard, the token check and the status-class metrics around the routes.
-async fn checked(state: &AppState, request: Request, router: Router) -> Response {
+async fn checked(state: &AppState, request: Request, mut router: Router) -> Response {
     if let Err(refusal) = guard::check(
         &state.allowed_hosts,
         request.version(),
@@ -267,7 +267,7 @@ async fn checked(state: &AppState, request: Request, router: Router) -> Response
     // Clones that share the request's buffers: nothing is allocated per request.
     let (method, uri) = (request.method().clone(), request.uri().clone());
     // A router is always ready: it needs no `poll_ready` first.
-    let response = match router.clone().call(request).await {
+    let response = match router.call(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
