@@ -219,14 +219,7 @@ fn parse(body: &[u8]) -> Option<(u64, u64)> {
 
 /// Subscribed connections the server's `/status` counts.
 async fn subscribed(http: SocketAddr) -> anyhow::Result<u64> {
-    let (status, body) = load::fetch(http, "/status").await?;
-    if status != StatusCode::OK {
-        bail!(
-            "/status answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
-    }
-    let value: serde_json::Value = serde_json::from_slice(&body).context("/status JSON")?;
+    let value = load::status_json(http).await?;
     Ok(value["pubsub"]["subscribed_connections"]
         .as_u64()
         .unwrap_or(0))

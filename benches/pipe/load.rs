@@ -213,6 +213,18 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, 
     fetch_call(addr, path, &Call::get()).await
 }
 
+/// A node's `/status`, as JSON; an answer other than 200 is an error that quotes it.
+pub async fn status_json(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = fetch(addr, "/status").await?;
+    if status != StatusCode::OK {
+        bail!(
+            "/status answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    serde_json::from_slice(&body).context("/status JSON")
+}
+
 /// `call` on `path` on a fresh connection, the whole body as bytes (for checks).
 pub async fn fetch_call(
     addr: SocketAddr,

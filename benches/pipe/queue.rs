@@ -138,14 +138,7 @@ pub fn raw_rate(dir: &Path, window: Duration) -> anyhow::Result<(f64, f64)> {
 
 /// Events the server's `/status` says are pending.
 async fn pending(http: std::net::SocketAddr) -> anyhow::Result<u64> {
-    let (status, body) = load::fetch(http, "/status").await?;
-    if status != StatusCode::OK {
-        bail!(
-            "/status answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
-    }
-    let value: serde_json::Value = serde_json::from_slice(&body).context("/status JSON")?;
+    let value = load::status_json(http).await?;
     // No queue yet (nothing queued since the start) is none pending.
     Ok(value["queue"]["pending"].as_u64().unwrap_or(0))
 }

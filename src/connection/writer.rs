@@ -298,16 +298,8 @@ pub(super) async fn write_batch<W: AsyncWrite + Unpin>(
     buf: &mut Vec<u8>,
     stall: Duration,
 ) -> std::io::Result<()> {
-    // The usual batch, small frames only: one copied run, no list of segments to allocate.
-    if batch.iter().all(|frame| frame.len() <= COALESCE_LIMIT) {
-        for frame in batch.drain(..) {
-            buf.extend_from_slice(&frame);
-        }
-        let written = write_all(io, buf, &[Segment::Copied(0..buf.len())], stall).await;
-        buf.clear();
-        written?;
-        return flush(io, stall).await;
-    }
+    // Segments are listed only once a large frame splits the copied runs: the usual batch,
+    // small frames only, is one run and allocates no list.
     let mut segments: Vec<Segment> = Vec::new();
     let mut run_start = 0;
     for frame in batch.drain(..) {
@@ -321,17 +313,15 @@ pub(super) async fn write_batch<W: AsyncWrite + Unpin>(
             buf.extend_from_slice(&frame);
         }
     }
-    if buf.len() > run_start {
-        segments.push(Segment::Copied(run_start..buf.len()));
-    }
-    let written = write_all(io, buf, &segments, stall).await;
+    let last = (buf.len() > run_start).then(|| Segment::Copied(run_start..buf.len()));
+    let written = if segments.is_empty() {
+        write_all(io, buf, last.as_slice(), stall).await
+    } else {
+        segments.extend(last);
+        write_all(io, buf, &segments, stall).await
+    };
     buf.clear();
     written?;
-    flush(io, stall).await
-}
-
-/// Flush `io`, failing with `TimedOut` when that takes longer than `stall`.
-async fn flush<W: AsyncWrite + Unpin>(io: &mut W, stall: Duration) -> std::io::Result<()> {
     tokio::time::timeout(stall, io.flush())
         .await
         .map_err(|_| std::io::ErrorKind::TimedOut)?

@@ -46,6 +46,40 @@ const OWN_STORE_RETRY_LATE: Duration = Duration::from_secs(10);
 pub const RELEASE_WAIT: Duration = Duration::from_secs(600);
 /// The longest directory name a store may have.
 const MAX_DIR_NAME: usize = 255;
+/// Entries of the shared directory looked at in one scan, at most.
+const MAX_SCAN: usize = 4096;
+
+/// The user this process runs as (the owner of `/proc/self`), when the system says.
+fn process_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Why the store directory `dir` is not trusted, if it is not: a store is trusted like this
+/// replica's own only when `dir` is a real directory (no symlink) of the user this process
+/// runs as, writable by no one else, and holds a regular file of that user as its store. An
+/// adopted store's events go out through this replica's pipe: a store that another local user
+/// could have written is never adopted, nor used as this replica's own.
+pub fn untrusted(dir: &Path, uid: Option<u32>) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = |m: &std::fs::Metadata| uid.is_none_or(|uid| m.uid() == uid);
+    let why = match std::fs::symlink_metadata(dir) {
+        Err(e) => format!("cannot be read: {e}"),
+        Ok(m) if !m.is_dir() => "is not a directory (a symlink, say)".to_string(),
+        Ok(m) if !ours(&m) => format!("belongs to user {}, not to this replica's", m.uid()),
+        Ok(m) if m.mode() & 0o022 != 0 => {
+            format!("is writable by other users (mode {:o})", m.mode() & 0o777)
+        }
+        Ok(_) => match std::fs::symlink_metadata(dir.join(store::FILE_NAME)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => format!("has a store that cannot be read: {e}"),
+            Ok(f) if !f.file_type().is_file() => "has a store that is not a regular file".into(),
+            Ok(f) if !ours(&f) => format!("has a store of user {}", f.uid()),
+            Ok(_) => return None,
+        },
+    };
+    Some(format!("the store directory {} {why}", dir.display()))
+}
 
 /// The directory name of a replica's store under the shared directory: the replica name with
 /// every byte outside `A-Z a-z 0-9 _ -` as `~xx` (hex), as the cluster makes identities into
@@ -105,6 +139,16 @@ pub fn try_adopt(dir: &Path) -> Result<Adoption, StoreError> {
         return Ok(Adoption::Held);
     };
     let pending = match store.usage() {
+        // As many peers as a queue admits, at most: a store made to hold more would start a
+        // delivery task for each.
+        Ok(usage) if usage.len() > super::MAX_PEERS => {
+            store.close();
+            return Err(StoreError(format!(
+                "it holds events for {} peers, more than a queue admits ({})",
+                usage.len(),
+                super::MAX_PEERS
+            )));
+        }
         Ok(usage) => usage.values().map(|u| u.count).sum::<u64>(),
         Err(e) => {
             store.close();
@@ -203,6 +247,9 @@ impl Queue {
             move || {
                 make_dir(&shared)?;
                 make_dir(&own_dir)?;
+                if let Some(why) = untrusted(&own_dir, process_uid()) {
+                    return Err(StoreError(format!("{why}: this replica does not use it")));
+                }
                 Store::open_with(&own_dir, true)
             }
         })
@@ -369,6 +416,7 @@ impl Handover {
                 ))
             })?;
             Ok(entries
+                .take(MAX_SCAN)
                 .filter_map(|e| e.ok())
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                 .map(|e| e.path())
@@ -410,7 +458,10 @@ impl Handover {
             }
             let tried = blocking({
                 let path = path.clone();
-                move || try_adopt(&path)
+                move || match untrusted(&path, process_uid()) {
+                    Some(why) => Err(StoreError(why)),
+                    None => try_adopt(&path),
+                }
             })
             .await;
             match tried {
@@ -507,6 +558,47 @@ mod tests {
     use super::*;
     use crate::queue::store::tests::record;
     use crate::queue::store::State;
+
+    /// What another local user could have placed in the shared directory is not trusted: a
+    /// symlink for a directory or for the store, a directory others may write, one of
+    /// another user.
+    #[test]
+    fn only_a_private_directory_of_this_user_is_trusted() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let shared = tempfile::tempdir().unwrap();
+        let uid = process_uid();
+        let good = shared.path().join("r1");
+        make_dir(&good).unwrap();
+        assert_eq!(untrusted(&good, uid), None, "empty, not yet a store");
+        drop(Store::open(&good).unwrap());
+        assert_eq!(untrusted(&good, uid), None);
+        let someone_else = uid.map(|u| u.wrapping_add(1)).or(Some(1));
+        assert!(untrusted(&good, someone_else)
+            .unwrap()
+            .contains("belongs to user"));
+
+        let link = shared.path().join("r2");
+        symlink(&good, &link).unwrap();
+        assert!(untrusted(&link, uid).unwrap().contains("not a directory"));
+
+        let open = shared.path().join("r3");
+        make_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(untrusted(&open, uid)
+            .unwrap()
+            .contains("writable by other users"));
+
+        let linked_store = shared.path().join("r4");
+        make_dir(&linked_store).unwrap();
+        symlink(
+            good.join(store::FILE_NAME),
+            linked_store.join(store::FILE_NAME),
+        )
+        .unwrap();
+        assert!(untrusted(&linked_store, uid)
+            .unwrap()
+            .contains("not a regular file"));
+    }
 
     #[test]
     fn store_dir_names_round_trip_and_stay_one_component() {

@@ -442,10 +442,16 @@ impl Inner {
         if inner.store.get().is_none() && !file.exists() {
             return Ok(None);
         }
-        let store = inner
-            .store()
-            .await
-            .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+        // An adopted store is read only while it is held: a lookup never opens one (that is
+        // the scan's job, behind its checks).
+        let store = match (&inner.owner, inner.store.get()) {
+            (Some(_), None) => return Ok(None),
+            (Some(_), Some(store)) => store.clone(),
+            (None, _) => inner
+                .store()
+                .await
+                .map_err(|e| QueueError::Unavailable(e.to_string()))?,
+        };
         let found = blocking(move || store.get(seq))
             .await
             .map_err(|e| QueueError::Unavailable(format!("the queue's store: {e}")))?;
