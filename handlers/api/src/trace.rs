@@ -231,6 +231,9 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            // The right length and dashes, but a two-byte character among the digits.
+            "00-4bf92f3577b34da6a3ce929d0e0e4\u{e9}-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902\u{e9}-01",
         ] {
             assert!(TraceContext::parse(bad).is_err(), "{bad}");
         }
