@@ -229,8 +229,7 @@ pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> 
 
 /// The request's `Content-Type`, or empty when it has none (or one that is not text).
 pub(super) fn content_type(headers: &HeaderMap) -> String {
-    headers
-        .get(header::CONTENT_TYPE)
+    super::names::get(headers, &header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string()
@@ -238,8 +237,7 @@ pub(super) fn content_type(headers: &HeaderMap) -> String {
 
 /// The body length the request declares in `Content-Length`, when it declares a valid one.
 pub(super) fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
+    super::names::get(headers, &header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
 }
@@ -398,7 +396,7 @@ pub(super) fn requested_timeout(
     headers: &HeaderMap,
     pipe: &crate::node::PipeConfig,
 ) -> Result<Duration, String> {
-    let Some(value) = headers.get(&super::names::TIMEOUT) else {
+    let Some(value) = super::names::get(headers, &super::names::TIMEOUT) else {
         return Ok(pipe.request_timeout);
     };
     let max = pipe.max_request_timeout.as_millis();

@@ -176,6 +176,9 @@ fn forbidden(message: String) -> Refusal {
 }
 
 /// Check the request's `Host`, request-target authority, `Origin` and `Sec-Fetch-Site`.
+///
+/// The headers are read in one pass (this runs for every request), and the refusals are given
+/// in that order: Host, target, Origin, Sec-Fetch-Site.
 pub fn check(
     allowed: &AllowedHosts,
     version: Version,
@@ -187,18 +190,29 @@ pub fn check(
             "{header} {value:?} is not allowed: the front door answers loopback names (localhost, 127.0.0.1, [::1]) and the hosts given to {SETTING}; nothing was sent"
         ))
     };
-    let mut hosts = headers.get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => {
+    let (mut host, mut hosts) = (None, 0usize);
+    let (mut bad_origin, mut cross_site) = (None, false);
+    for (name, value) in headers {
+        if name == header::HOST {
+            host = Some(value);
+            hosts += 1;
+        } else if name == header::ORIGIN {
+            if bad_origin.is_none() && !origin_allowed(allowed, value.as_bytes()) {
+                bad_origin = Some(value);
+            }
+        } else if name == super::names::SEC_FETCH_SITE {
+            cross_site |= value.as_bytes().eq_ignore_ascii_case(b"cross-site");
+        }
+    }
+    match (host, hosts) {
+        (Some(_), 2..) => {
             return Err(Refusal {
                 status: StatusCode::BAD_REQUEST,
                 message: "more than one Host header; nothing was sent".into(),
             })
         }
-        (Some(value), None) => {
-            let text = value.to_str().unwrap_or("");
-            let ok = authority_host(text).is_some_and(|h| allowed.allows(&h));
-            if !ok {
+        (Some(value), _) => {
+            if !authority_allowed(allowed, value.to_str().unwrap_or("")) {
                 return Err(refuse_host("Host", &String::from_utf8_lossy(value.as_bytes())));
             }
         }
@@ -215,33 +229,46 @@ pub fn check(
     }
     // An absolute request target (`GET http://host/path`) names the host that counts.
     if let Some(authority) = uri.authority() {
-        if !authority_host(authority.as_str()).is_some_and(|h| allowed.allows(&h)) {
+        if !authority_allowed(allowed, authority.as_str()) {
             return Err(refuse_host("the request target's host", authority.as_str()));
         }
     }
-    for origin in headers.get_all(header::ORIGIN) {
-        let text = String::from_utf8_lossy(origin.as_bytes());
-        let host = text
-            .strip_prefix("http://")
-            .or_else(|| text.strip_prefix("https://"))
-            .filter(|rest| !rest.contains('/'))
-            .and_then(authority_host);
-        if !host.is_some_and(|h| allowed.allows(&h)) {
-            return Err(forbidden(format!(
-                "Origin {text:?} is not allowed: a page may call the front door only from a loopback origin or one of the hosts given to {SETTING}; nothing was sent"
-            )));
-        }
+    if let Some(origin) = bad_origin {
+        return Err(forbidden(format!(
+            "Origin {:?} is not allowed: a page may call the front door only from a loopback origin or one of the hosts given to {SETTING}; nothing was sent",
+            String::from_utf8_lossy(origin.as_bytes())
+        )));
     }
-    let cross_site = headers
-        .get_all(&super::names::SEC_FETCH_SITE)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
     if cross_site {
         return Err(forbidden(format!(
             "Sec-Fetch-Site: cross-site: a page of another site may not call the front door (the hosts given to {SETTING} do not change that); nothing was sent"
         )));
     }
     Ok(())
+}
+
+/// Whether an authority (`host[:port]`) names an allowed host. The loopback names that nearly
+/// every request carries are recognised before any parsing.
+fn authority_allowed(allowed: &AllowedHosts, authority: &str) -> bool {
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(host, _)| host);
+    if host == "127.0.0.1" || host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    authority_host(authority).is_some_and(|h| allowed.allows(&h))
+}
+
+/// Whether an `Origin` is `http` or `https` on an allowed host, with no path.
+fn origin_allowed(allowed: &AllowedHosts, origin: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(origin) else {
+        return false;
+    };
+    text.strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+        .filter(|rest| !rest.contains('/'))
+        .is_some_and(|authority| authority_allowed(allowed, authority))
 }
 
 #[cfg(test)]
@@ -298,6 +325,9 @@ mod tests {
             "::1",
             "localhost:80:80",
             "localhost:port",
+            "127.0.0.1:123456",
+            "127.0.0.1:80:80",
+            "127.0.0.1 ",
             "",
             "local host",
             "[::1",

@@ -20,11 +20,11 @@ use crate::wire;
 /// Whether the request asks for queued delivery: `X-Event-Delivery: queued` (any case) yes,
 /// `direct` or no header no, anything else is refused.
 pub(super) fn wants_queue(headers: &HeaderMap) -> Result<bool, String> {
-    let mut values = headers.get_all(&super::names::DELIVERY).iter();
-    let Some(value) = values.next() else {
+    let (count, value) = super::names::find(headers, &super::names::DELIVERY);
+    let Some(value) = value else {
         return Ok(false);
     };
-    if values.next().is_some() {
+    if count > 1 {
         return Err(format!("{DELIVERY_HEADER} is given more than once"));
     }
     match value.to_str().map(str::trim) {

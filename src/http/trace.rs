@@ -14,7 +14,7 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// The trace context of a request with these headers. A malformed `traceparent` or request id
 /// is not an error: the request starts a trace of its own, as W3C asks of a receiver.
 pub fn of_request(headers: &HeaderMap) -> TraceContext {
-    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let header = |name| super::names::get(headers, name).and_then(|v| v.to_str().ok());
     let trace = header(&super::names::TRACEPARENT)
         .and_then(|value| TraceContext::parse(value).ok())
         .unwrap_or_else(new_trace);
@@ -24,14 +24,26 @@ pub fn of_request(headers: &HeaderMap) -> TraceContext {
     }
 }
 
-/// A trace of its own: both ids from one draw of the thread's random generator.
+/// A trace of its own: both ids from one draw of the thread's generator.
+///
+/// Trace ids name requests in logs; they are not secrets and grant nothing (queued events
+/// carry ids of their own, from the operating system's generator). So they come from a small
+/// fast generator per thread, seeded from the operating system's, not from the cryptographic
+/// one, which cost a few hundred instructions per request.
 fn new_trace() -> TraceContext {
-    let ids: [u8; 24] = rand::random();
-    let (trace_id, parent_id) = ids.split_at(16);
-    TraceContext::new(
-        trace_id.try_into().unwrap_or_default(),
-        parent_id.try_into().unwrap_or_default(),
-    )
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
+    use std::cell::RefCell;
+    thread_local! {
+        static IDS: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
+    }
+    let (trace_id, parent_id) = IDS.with(|rng| {
+        let mut rng = rng.borrow_mut();
+        (
+            rng.random::<u128>().to_le_bytes(),
+            rng.random::<u64>().to_le_bytes(),
+        )
+    });
+    TraceContext::new(trace_id, parent_id)
 }
 
 #[cfg(test)]

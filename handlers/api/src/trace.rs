@@ -191,20 +191,31 @@ fn hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
         return None;
     }
     let mut out = [0u8; N];
+    // Any digit that is not one sets the high bit of `bad`: one test at the end.
+    let mut bad = 0u8;
     for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        let (high, low) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+        bad |= high | low;
+        *byte = (high << 4) | (low & 0x0f);
     }
-    Some(out)
+    (bad & 0x80 == 0).then_some(out)
 }
 
-/// The value of one lowercase hex digit.
-fn nibble(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        _ => None,
+/// The value of each byte as a lowercase hex digit, or `0x80` when it is not one.
+const NIBBLE: [u8; 256] = {
+    let mut table = [0x80u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
