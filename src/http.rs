@@ -247,7 +247,7 @@ pub fn front_door(
             .route("/server/", any(missing_noun)),
         Side::Server => app.route("/clients", get(clients)),
     };
-    let router = app.fallback(elsewhere).with_state(state.clone());
+    let router = app.fallback(not_found).with_state(state.clone());
     FrontDoor { state, router }
 }
 
@@ -257,7 +257,7 @@ pub fn error_response(status: StatusCode, message: impl Into<String>) -> Respons
 }
 
 /// The Host and Origin guard, authentication and status-class metrics around every request.
-async fn guard(state: Shared, mut request: Request, router: Router) -> Response {
+async fn guard(state: Shared, request: Request, router: Router) -> Response {
     // Every request gets a trace context first: its id names it in the logs of both nodes
     // and comes back in `X-Request-Id`, refusals included.
     let trace = trace::of_request(request.headers());
@@ -265,16 +265,23 @@ async fn guard(state: Shared, mut request: Request, router: Router) -> Response 
     // Debug level: a span per request is not free (the benchmark showed it), so request ids
     // name log lines when the node runs with --debug, where the per-request lines are.
     let span = tracing::debug_span!("http", request_id = %trace.request_id());
-    request.extensions_mut().insert(trace);
-    let mut response = checked(&state, request, router).instrument(span).await;
+    let mut response = checked(&state, request, router, trace)
+        .instrument(span)
+        .await;
     if let Some(id) = request_id {
         response.headers_mut().insert(&names::REQUEST_ID, id);
     }
     response
 }
 
-/// The guard, the token check and the status-class metrics around the routes.
-async fn checked(state: &AppState, request: Request, mut router: Router) -> Response {
+/// The guard, the token check and the status-class metrics around the routes. A call through
+/// the pipe goes straight to [`call_peer`]; the router serves the node's own endpoints.
+async fn checked(
+    state: &Shared,
+    request: Request,
+    mut router: Router,
+    trace: restpipe_handler::TraceContext,
+) -> Response {
     if let Err(refusal) = guard::check(
         &state.allowed_hosts,
         request.version(),
@@ -291,10 +298,19 @@ async fn checked(state: &AppState, request: Request, mut router: Router) -> Resp
     }
     // Clones that share the request's buffers: nothing is allocated per request.
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    // A router is always ready: it needs no `poll_ready` first.
-    let response = match router.call(request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
+    let response = if is_call(state.pipe.side(), uri.path()) {
+        // Not through the router: its fallback would box a copy of the call's future, clone a
+        // boxed handler and carry the trace in the request's extensions, for every call
+        // (measured with callgrind: docs/PERFORMANCE.md).
+        let mut response = call_peer(state.clone(), request, trace).await;
+        as_routed(&mut response, &method);
+        response
+    } else {
+        // A router is always ready: it needs no `poll_ready` first.
+        match router.call(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
     };
     count_status(&state.options.metrics, response.status());
     if response.status().is_server_error() {
@@ -304,6 +320,32 @@ async fn checked(state: &AppState, request: Request, mut router: Router) -> Resp
         );
     }
     response
+}
+
+/// Whether `path` is a call through the pipe: under the side's prefix (`/server/` on a client
+/// node, `/client/` on a server node), with something after it.
+fn is_call(side: Side, path: &str) -> bool {
+    let prefix = match side {
+        Side::Client => "/server/",
+        Side::Server => "/client/",
+    };
+    path.len() > prefix.len() && path.starts_with(prefix)
+}
+
+/// What the router does to every response it gives: a `Content-Length` when the body's size
+/// is known and none is set, and no body at all for a `HEAD`.
+fn as_routed(response: &mut Response, method: &axum::http::Method) {
+    use axum::body::HttpBody as _;
+    if !response.headers().contains_key(header::CONTENT_LENGTH) {
+        if let Some(size) = response.body().size_hint().exact() {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+    }
+    if method == axum::http::Method::HEAD {
+        *response.body_mut() = axum::body::Body::empty();
+    }
 }
 
 /// The token check, on every route; the answer that refuses the request, if any: with no `--http-token` and no token in the policy, every
@@ -367,22 +409,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, token)| token.trim_start_matches(' '))
 }
 
-/// Every path no route names: a call through the pipe under the side's prefix (`/server/` on
-/// a client node, `/client/` on a server node), else 404. Calls come here rather than to a
-/// `/server/{*rest}` route, which would copy the rest of the path into the request for every
-/// call (measured with callgrind) when the call reads the path itself.
-async fn elsewhere(state: State<Shared>, request: Request) -> Response {
-    let prefix = match state.pipe.side() {
-        Side::Client => "/server/",
-        Side::Server => "/client/",
-    };
-    if request.uri().path().starts_with(prefix) {
-        call_peer(state, request).await
-    } else {
-        not_found(state).await
-    }
-}
-
+/// Every path no route names; calls through the pipe never reach the router (see
+/// [`checked`]).
 async fn not_found(State(state): State<Shared>) -> Response {
     let hint = match state.pipe.side() {
         Side::Client => "this is a client node: call the server with /server/<noun>[//<parameters>], or see /health and /status",

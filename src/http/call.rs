@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
@@ -114,9 +114,11 @@ fn decode_parameter(raw: &str) -> Result<String, String> {
         .map_err(|_| format!("{raw:?} is not valid UTF-8 once decoded"))
 }
 
-pub(super) async fn call_peer(State(state): State<Shared>, request: Request) -> Response {
+/// A call through the pipe: the request as an event to the peer, and its reply (or why there
+/// is none) as the response. `trace` is the request's trace context, from the front door.
+pub(super) async fn call_peer(state: Shared, request: Request, trace: TraceContext) -> Response {
     let method = request.method().clone();
-    let trace = request.extensions().get::<TraceContext>().cloned();
+    let trace = Some(trace);
     if !grammar::is_verb(method.as_str()) {
         let mut response = error_response(
             StatusCode::METHOD_NOT_ALLOWED,
