@@ -233,7 +233,17 @@ impl ClientNode {
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let pipe = &self.inner.core.pipe;
-        let conn = self.wait_connected(pipe.connect_wait).await?;
+        // The pipe is nearly always up: no waiting future then. Waiting is boxed, so that its
+        // state stays out of every call's future (moved whole as it starts).
+        let conn = match self.connection() {
+            Some(conn) => conn,
+            None => {
+                // Boxed in a statement of its own: a temporary lives (and takes room in this
+                // future) until the end of its statement, which would include the await.
+                let wait = Box::pin(self.wait_connected(pipe.connect_wait));
+                wait.await?
+            }
+        };
         conn.call_with_body(request, body, timeout.unwrap_or(pipe.request_timeout))
             .await
     }

@@ -263,16 +263,24 @@ impl ServerNode {
     ) -> Result<Reply, CallError> {
         let pipe = &self.inner.core.pipe;
         let timeout = timeout.unwrap_or(pipe.request_timeout);
-        if let Some(cluster) = self.inner.cluster.get() {
-            if !matches!(self.inner.registry.find(target), Ok(c) if !c.is_closed()) {
-                return cluster.call(self, target, request, body, timeout).await;
-            }
-        }
-        let conn = self
-            .inner
-            .registry
-            .wait_for(target, pipe.connect_wait)
-            .await?;
+        // A client connected here needs no waiting future; the other paths (through another
+        // replica, or waiting for the client) are boxed, so that their state stays out of
+        // every call's future (moved whole as it starts).
+        let conn = match self.inner.registry.find(target) {
+            Ok(conn) if !conn.is_closed() => conn,
+            // Each boxed in a statement of its own: a temporary lives (and takes room in this
+            // future) until the end of its statement, which would include the await.
+            _ => match self.inner.cluster.get() {
+                Some(cluster) => {
+                    let routed = Box::pin(cluster.call(self, target, request, body, timeout));
+                    return routed.await;
+                }
+                None => {
+                    let wait = Box::pin(self.inner.registry.wait_for(target, pipe.connect_wait));
+                    wait.await?
+                }
+            },
+        };
         conn.call_with_body(request, body, timeout).await
     }
 

@@ -143,7 +143,12 @@ pub(super) async fn call_peer(state: Shared, request: Request, trace: TraceConte
     match super::queued::wants_queue(headers) {
         Ok(false) => {}
         Ok(true) => {
-            return super::queued::enqueue(&state, method, target, query, timeout, request).await
+            // Boxed, in a statement of its own (a temporary would take room in this future
+            // until the end of its statement): its state stays out of every call's future.
+            let queued = Box::pin(super::queued::enqueue(
+                &state, method, target, query, timeout, request,
+            ));
+            return queued.await;
         }
         Err(message) => return error_response(StatusCode::BAD_REQUEST, message),
     }
@@ -163,52 +168,19 @@ pub(super) async fn call_peer(state: Shared, request: Request, trace: TraceConte
     }
     let request_headers = allowed_headers(headers);
     // A body of known size (`Content-Length`, or none at all) up to the inline limit
-    // crosses whole; any other is streamed.
+    // crosses whole; any other is streamed. One `send` for both: each await of it would
+    // hold a future of its own in this one, which is moved whole as it starts.
     let known = axum::body::HttpBody::size_hint(request.body()).exact();
-    if known.is_none_or(|n| n > INLINE_BODY) {
+    let (body, stream, failure) = if known.is_none_or(|n| n > INLINE_BODY) {
         let failure = Arc::new(AtomicU8::new(BODY_OK));
         let stream = request_body_stream(request.into_body(), limit, declared, failure.clone());
-        let event = restpipe_handler::Request {
-            trace,
-            verb: method.as_str().to_string(),
-            noun: target.noun,
-            parameters: target.parameters,
-            query,
-            content_type,
-            headers: request_headers,
-            body: Bytes::new(),
-            delivery_id: None,
-        };
-        let result = send(&state, target.client, event, Some(stream), timeout).await;
-        // The body's failure, found while it was being sent, says more than the reply to an
-        // incomplete body.
-        let response = match failure.load(Ordering::Acquire) {
-            BODY_TOO_LARGE => too_large(&format!("more than {limit}")),
-            BODY_STALLED => {
-                let mut response = error_response(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "the request body stalled (--http-body-timeout); the far side saw it incomplete",
-                );
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                response
-            }
-            BODY_MALFORMED => error_response(
-                StatusCode::BAD_REQUEST,
-                "the request body could not be read; the far side saw it incomplete",
-            ),
-            _ => result_response(result),
-        };
-        debug!(%method, status = response.status().as_u16(), "answered");
-        return response;
-    }
-    let inline_limit = usize::try_from(limit.min(INLINE_BODY)).unwrap_or(usize::MAX);
-    let body = if known == Some(0) {
-        Bytes::new()
+        (Bytes::new(), Some(stream), Some(failure))
+    } else if known == Some(0) {
+        (Bytes::new(), None, None)
     } else {
+        let inline_limit = usize::try_from(limit.min(INLINE_BODY)).unwrap_or(usize::MAX);
         match read_whole(request.into_body(), inline_limit, "sent", &too_large).await {
-            Ok(body) => body,
+            Ok(body) => (body, None, None),
             Err(response) => return response,
         }
     };
@@ -223,8 +195,27 @@ pub(super) async fn call_peer(state: Shared, request: Request, trace: TraceConte
         headers: request_headers,
         delivery_id: None,
     };
-    let result = send(&state, target.client, event, None, timeout).await;
-    let response = result_response(result);
+    let result = send(&state, target.client, event, stream, timeout).await;
+    // A streamed body's failure, found while it was being sent, says more than the reply to
+    // an incomplete body.
+    let response = match failure.map_or(BODY_OK, |f| f.load(Ordering::Acquire)) {
+        BODY_TOO_LARGE => too_large(&format!("more than {limit}")),
+        BODY_STALLED => {
+            let mut response = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stalled (--http-body-timeout); the far side saw it incomplete",
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+        BODY_MALFORMED => error_response(
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read; the far side saw it incomplete",
+        ),
+        _ => result_response(result),
+    };
     debug!(%method, status = response.status().as_u16(), "answered");
     response
 }
