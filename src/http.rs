@@ -323,13 +323,13 @@ async fn checked(
 }
 
 /// Whether `path` is a call through the pipe: under the side's prefix (`/server/` on a client
-/// node, `/client/` on a server node), with something after it.
+/// node, `/client/` on a server node). `/server/` alone is the router's (it names no noun); the
+/// call refuses a `/client/` that names no client itself.
 fn is_call(side: Side, path: &str) -> bool {
-    let prefix = match side {
-        Side::Client => "/server/",
-        Side::Server => "/client/",
-    };
-    path.len() > prefix.len() && path.starts_with(prefix)
+    match side {
+        Side::Client => path.len() > "/server/".len() && path.starts_with("/server/"),
+        Side::Server => path.starts_with("/client/"),
+    }
 }
 
 /// What the router does to every response it gives: a `Content-Length` when the body's size

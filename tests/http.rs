@@ -518,6 +518,8 @@ async fn bad_nouns_parameters_and_timeouts_are_400_before_the_pipe() {
         "/client/worker-1/cat//%zz",
         "/client/worker-1/cat//%ff",
         "/client/a%20b/time",
+        "/client/",
+        "/client//time",
     ];
     for path in server_paths {
         raw_get(server_addr, path)
