@@ -301,7 +301,7 @@ async fn wait_for_own(inner: Arc<Inner>) {
         } else {
             OWN_STORE_RETRY
         };
-        if super::pause(&inner, every).await {
+        if super::deliver::pause(&inner, every).await {
             return;
         }
         if inner.store.initialized() {
