@@ -107,10 +107,7 @@ pub(crate) mod names {
 
     /// The first value of `name` in `headers` (see [`find`]).
     pub fn get<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
-        if headers.keys_len() > WALK {
-            return headers.get(name);
-        }
-        headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+        find(headers, name).1
     }
 }
 
@@ -326,10 +323,8 @@ async fn checked(
 /// node, `/client/` on a server node). `/server/` alone is the router's (it names no noun); the
 /// call refuses a `/client/` that names no client itself.
 fn is_call(side: Side, path: &str) -> bool {
-    match side {
-        Side::Client => path.len() > "/server/".len() && path.starts_with("/server/"),
-        Side::Server => path.starts_with("/client/"),
-    }
+    let prefix = call::call_prefix(side);
+    path.starts_with(prefix) && (side == Side::Server || path.len() > prefix.len())
 }
 
 /// What the router does to every response it gives: a `Content-Length` when the body's size

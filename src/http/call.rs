@@ -40,6 +40,15 @@ pub struct Target {
     pub parameters: Vec<String>,
 }
 
+/// The path prefix of a call through the pipe on a node of `side`: `/server/` on a client node,
+/// `/client/` on a server node.
+pub(super) fn call_prefix(side: Side) -> &'static str {
+    match side {
+        Side::Client => "/server/",
+        Side::Server => "/client/",
+    }
+}
+
 /// Map a raw request path to the client it names (server side), the noun and the parameters.
 ///
 /// `side` is the side of the node that received the request. Errors are messages for a 400.
@@ -47,13 +56,13 @@ pub fn parse_path(side: Side, path: &str) -> Result<Target, String> {
     let (client, rest) = match side {
         Side::Client => {
             let rest = path
-                .strip_prefix("/server/")
+                .strip_prefix(call_prefix(side))
                 .ok_or("client nodes take /server/<noun>")?;
             (None, rest)
         }
         Side::Server => {
             let rest = path
-                .strip_prefix("/client/")
+                .strip_prefix(call_prefix(side))
                 .ok_or("server nodes take /client/<identity>/<noun>")?;
             let (identity, rest) = rest.split_once('/').unwrap_or((rest, ""));
             // A client may be named by its IP address, and an IPv6 address holds `:`.
