@@ -99,7 +99,7 @@ pub fn pipe_path(size: usize) -> String {
     format!("/client/dev-client/file//{}", file_name(size))
 }
 
-/// What [`fetch`] measured.
+/// What [`fetch`] and [`rustls`] measured.
 #[derive(Clone, Copy, Debug)]
 pub struct Fetched {
     /// MB/s (10^6 bytes per second) of the measured transfers.
@@ -107,13 +107,55 @@ pub struct Fetched {
     /// CPU seconds per GB (10^9 bytes) of the serving processes, over every transfer
     /// (the warm-up one too).
     pub cpu_s_per_gb: f64,
+    /// CPU seconds per GB of this process, the receiving end (the load generator's HTTP
+    /// client, or the plain copy's TLS client), over the same transfers.
+    pub receiver_cpu_s_per_gb: f64,
+}
+
+/// CPU seconds of the processes `pids` together, and of this process.
+struct CpuClock {
+    pids: Vec<u32>,
+    ticks: f64,
+    start: (f64, f64),
+}
+
+impl CpuClock {
+    fn start(pids: &[u32]) -> anyhow::Result<CpuClock> {
+        let mut clock = CpuClock {
+            pids: pids.to_vec(),
+            ticks: restpipe_testkit::procs::clock_ticks(),
+            start: (0.0, 0.0),
+        };
+        clock.start = clock.now()?;
+        Ok(clock)
+    }
+
+    fn now(&self) -> anyhow::Result<(f64, f64)> {
+        let mut serving = 0.0;
+        for &pid in &self.pids {
+            serving += crate::procs::cpu_time(pid, self.ticks)?.as_secs_f64();
+        }
+        let me = crate::procs::cpu_time(std::process::id(), self.ticks)?.as_secs_f64();
+        Ok((serving, me))
+    }
+
+    /// What was measured, `moved` bytes in all, `measured` of them in `took`.
+    fn finish(&self, moved: usize, measured: usize, took: Duration) -> anyhow::Result<Fetched> {
+        let (serving, me) = self.now()?;
+        let gb = moved as f64 / 1e9;
+        Ok(Fetched {
+            mb_per_s: mb_per_s(measured, took),
+            cpu_s_per_gb: (serving - self.start.0) / gb,
+            receiver_cpu_s_per_gb: (me - self.start.1) / gb,
+        })
+    }
 }
 
 /// Fetch `path` (`size` bytes) from `http` repeatedly for about `window` (at least
 /// `min_reps` times; once for a large size), on one keep-alive HTTP/1.1 connection of the
 /// load generator, and say how fast and at what CPU cost to the processes `pids` (the two
-/// serving processes). `None` if the first answer is 413 (the file is over what the server
-/// serves: 15/16 of the pipe's frame limit, before streamed bodies).
+/// serving processes) and to this one. `None` if the first answer is 413 (the file is over
+/// what the server serves: 15/16 of the pipe's frame limit, before streamed bodies).
 pub async fn fetch(
     http: SocketAddr,
     path: &str,
@@ -121,15 +163,7 @@ pub async fn fetch(
     (window, min_reps): (Duration, usize),
     pids: &[u32],
 ) -> anyhow::Result<Option<Fetched>> {
-    let ticks = restpipe_testkit::procs::clock_ticks();
-    let cpu = || -> anyhow::Result<f64> {
-        let mut total = 0.0;
-        for &pid in pids {
-            total += crate::procs::cpu_time(pid, ticks)?.as_secs_f64();
-        }
-        Ok(total)
-    };
-    let cpu_before = cpu()?;
+    let clock = CpuClock::start(pids)?;
     let mut moved = 0usize;
     let (warm, min_reps) = reps(size, min_reps);
     let mut sender = load::connect(http).await?;
@@ -154,38 +188,38 @@ pub async fn fetch(
             reps += 1;
         }
     }
-    Ok(Some(Fetched {
-        mb_per_s: mb_per_s(size * reps, total),
-        cpu_s_per_gb: (cpu()? - cpu_before) / (moved as f64 / 1e9),
-    }))
+    clock.finish(moved, size * reps, total).map(Some)
 }
 
-/// MB/s of asking the copy server for `size` bytes repeatedly, on one TLS connection (as
-/// often as [`fetch`]).
+/// Ask the copy server (process `pid`) for `size` bytes repeatedly, on one TLS connection
+/// (as often as [`fetch`]): how fast, and at what CPU cost to each end.
 pub async fn rustls(
     work: &Workdir,
-    addr: SocketAddr,
+    (addr, pid): (SocketAddr, u32),
     size: usize,
     window: Duration,
     min_reps: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Fetched> {
     let mut stream = connect(work, addr).await?;
+    let clock = CpuClock::start(&[pid])?;
     let (warm, min_reps) = reps(size, min_reps);
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = Duration::ZERO;
     let mut reps = 0usize;
+    let mut moved = 0usize;
     for measured in std::iter::once(!warm).chain(std::iter::repeat(true)) {
         if measured && reps >= min_reps && total >= window {
             break;
         }
         let started = Instant::now();
         copy_once(&mut stream, size, &mut buf).await?;
+        moved += size;
         if measured {
             total += started.elapsed();
             reps += 1;
         }
     }
-    Ok(mb_per_s(size * reps, total))
+    clock.finish(moved, size * reps, total)
 }
 
 /// A TLS connection to the copy server, with the client certificate of the pipe's nodes.

@@ -976,7 +976,7 @@ async fn bulk_points(
         },
     )
     .await?;
-    let (_copy, copy) = procs::rustls_copy(work).await?;
+    let (copy_server, copy) = procs::rustls_copy(work).await?;
     let mut pairs = Vec::new();
     for &proto in refs {
         let name = format!("{}-bulk", proto.key());
@@ -1000,7 +1000,7 @@ async fn bulk_points(
             let p = bulk::fetch(pair.server_http, &bulk::pipe_path(size), size, reps, &pids)
                 .await
                 .with_context(|| format!("bulk {label} through the pipe"))?;
-            let r = bulk::rustls(work, copy, size, reps.0, reps.1)
+            let r = bulk::rustls(work, (copy, copy_server.pid()), size, reps.0, reps.1)
                 .await
                 .with_context(|| format!("bulk {label} over rustls"))?;
             let mut others = String::new();
@@ -1024,15 +1024,25 @@ async fn bulk_points(
                 })
             };
             println!(
-                "  run {run}/{}: bulk {label:>7}: pipe {}, plain rustls {r:>6.0} MB/s{others}",
+                "  run {run}/{}: bulk {label:>7}: pipe {} (load generator {}), plain rustls {:>6.0} MB/s ({:.2} + {:.2} CPU s/GB){others}",
                 plan.runs,
                 shown(p),
+                p.map_or("-".into(), |p| format!("{:.2}", p.receiver_cpu_s_per_gb)),
+                r.mb_per_s,
+                r.cpu_s_per_gb,
+                r.receiver_cpu_s_per_gb,
             );
             // A refusal is a run without a figure (NaN), so that the runs stay aligned.
             point.pipe.push(p.map_or(f64::NAN, |p| p.mb_per_s));
             point.pipe_cpu.push(p.map_or(f64::NAN, |p| p.cpu_s_per_gb));
+            point
+                .pipe_load_cpu
+                .push(p.map_or(f64::NAN, |p| p.receiver_cpu_s_per_gb));
             point.pipe_refused |= p.is_none();
-            point.rustls.push(r);
+            point.rustls.push(r.mb_per_s);
+            point
+                .rustls_cpu
+                .push(r.cpu_s_per_gb + r.receiver_cpu_s_per_gb);
         }
         pair.check_alive()?;
         for (_, pair) in pairs.iter_mut() {

@@ -96,6 +96,11 @@ pub struct Bulk {
     pub rustls: Vec<f64>,
     /// CPU seconds per GB of the pipe's two nodes, per run (NaN when refused).
     pub pipe_cpu: Vec<f64>,
+    /// CPU seconds per GB of the load generator receiving the pipe's HTTP answer, per run
+    /// (NaN when refused).
+    pub pipe_load_cpu: Vec<f64>,
+    /// CPU seconds per GB of the plain rustls copy, both ends together, per run.
+    pub rustls_cpu: Vec<f64>,
     /// The reference pairs measured (HTTP/2, yamux), in the order asked for.
     pub refs: Vec<RefBulk>,
 }
@@ -582,6 +587,59 @@ impl Report {
                 );
             }
             out.push('\n');
+        }
+        out.push('\n');
+        self.bulk_bound_table(out);
+    }
+
+    /// What the machine's cores allow the pipe, from the CPU each transfer cost: the pipe's
+    /// two nodes and the load generator that reads its HTTP answer run on the same cores, so
+    /// the pipe can move at most `cores / (their CPU s per GB)` GB/s, whatever its protocol.
+    /// Put beside the plain copy (two ends, no HTTP leg), that is the highest share of plain
+    /// rustls the pipe can reach on this machine without spending less CPU per byte.
+    fn bulk_bound_table(&self, out: &mut String) {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let measured: Vec<&Bulk> = self
+            .bulk
+            .iter()
+            .filter(|b| !b.pipe_load_cpu.is_empty() && !b.rustls_cpu.is_empty())
+            .collect();
+        if measured.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "What {cores:.0} cores allow: every process of a transfer shares them (the pipe's two nodes and the load generator reading its HTTP answer; the copy server and its TLS client). A transfer cannot go faster than cores / (its CPU s/GB) GB/s, so the pipe's share of plain rustls is bounded by its CPU per byte before any protocol question. Per run, then median (min–max).\n"
+        );
+        out.push_str("| size | pipe nodes CPU s/GB | load generator CPU s/GB | pipe total CPU s/GB | plain rustls CPU s/GB (both ends) | cores the plain copy kept busy | pipe's bound at this CPU, MB/s | bound / plain rustls (min–max) |\n|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        for b in measured {
+            let total: Vec<f64> = b
+                .pipe_cpu
+                .iter()
+                .zip(&b.pipe_load_cpu)
+                .map(|(n, l)| n + l)
+                .collect();
+            let bound: Vec<f64> = total.iter().map(|t| cores / t * 1000.0).collect();
+            let busy: Vec<f64> = b
+                .rustls
+                .iter()
+                .zip(&b.rustls_cpu)
+                .map(|(mbps, cpu)| mbps * cpu / 1000.0)
+                .collect();
+            let share = per_run(&bound, &b.rustls);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.2} | {:.0} | {} ({}) |",
+                size_label(b.size),
+                cpu_cell(&b.pipe_cpu),
+                cpu_cell(&b.pipe_load_cpu),
+                cpu_cell(&total),
+                cpu_cell(&b.rustls_cpu),
+                median(&busy),
+                median(&bound),
+                pct(median(&share)),
+                pct_range(&share)
+            );
         }
         out.push('\n');
     }
