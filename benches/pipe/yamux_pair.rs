@@ -1,7 +1,7 @@
-//! The same shape as the pipe on yamux (the `yamux` crate, its default configuration:
-//! 256 KiB stream windows auto-tuned up to 1 GiB for the connection, 16 KiB frames, 512
-//! streams): one TLS connection multiplexed into a yamux stream per request, with HTTP/1.1
-//! on each stream (one request and its answer, then the stream is closed). Two processes, as
+//! The same shape as the pipe on yamux (the `yamux` crate, its default configuration but for
+//! the number of streams, [`MAX_STREAMS`]: 256 KiB stream windows auto-tuned up to 1 GiB for
+//! the connection, 16 KiB frames): one TLS connection multiplexed into a yamux stream per
+//! request, with HTTP/1.1 on each stream (one request and its answer, then the stream is closed). Two processes, as
 //! for HTTP/2 ([`crate::http2`]), both this bench binary re-executed:
 //!
 //! - `--serve-yamux PORT CERT_DIR FILES_DIR`, the **yamux server**: accepts TLS with the
@@ -39,6 +39,20 @@ use crate::procs::LISTENING;
 /// The ALPN protocol name the yamux pair offers.
 const ALPN: &[u8] = b"yamux";
 
+/// The streams a connection may hold at once: 4,096 rather than yamux's default 512. A stream
+/// is held until both ends have closed it, a little after its answer was read, so at 256
+/// connections in a closed loop more than 512 can be open for a moment; yamux answers a stream
+/// over its limit by closing the whole connection (seen: the front door exited at 256
+/// connections with the default). 4,096 streams of 256 KiB are the 1 GiB connection window.
+const MAX_STREAMS: usize = 4096;
+
+/// yamux's default configuration with [`MAX_STREAMS`].
+fn config() -> yamux::Config {
+    let mut config = yamux::Config::default();
+    config.set_max_num_streams(MAX_STREAMS);
+    config
+}
+
 /// An open request for a new outbound stream, answered by the connection's driver.
 type Open = oneshot::Sender<yamux::Result<yamux::Stream>>;
 
@@ -62,11 +76,8 @@ pub fn serve_server(port: u16, certs: &Path, files: &Path) -> anyhow::Result<()>
                         return;
                     }
                 };
-                let mut connection = yamux::Connection::new(
-                    tls.compat(),
-                    yamux::Config::default(),
-                    yamux::Mode::Server,
-                );
+                let mut connection =
+                    yamux::Connection::new(tls.compat(), config(), yamux::Mode::Server);
                 // Polling for the next inbound stream is what drives the connection's I/O.
                 while let Some(stream) =
                     std::future::poll_fn(|cx| connection.poll_next_inbound(cx)).await
@@ -174,8 +185,7 @@ pub fn serve_front(port: u16, certs: &Path, upstream: SocketAddr) -> anyhow::Res
             .connect(name, tcp)
             .await
             .context("TLS handshake")?;
-        let connection =
-            yamux::Connection::new(tls.compat(), yamux::Config::default(), yamux::Mode::Client);
+        let connection = yamux::Connection::new(tls.compat(), config(), yamux::Mode::Client);
         let (opens, asked) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             match drive(connection, asked).await {
