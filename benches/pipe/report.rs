@@ -665,7 +665,7 @@ impl Report {
         }
         let shape = match proto {
             Proto::H2 => format!("an axum HTTP/1 front door on loopback (as the baseline) forwarding every request over one shared HTTP/2 connection (hyper's HTTP/2 client, tokio-rustls, TLS 1.3, the dev client certificate) to an HTTP/2 server (hyper over tokio-rustls, client certificates required); hyper's default HTTP/2 settings except {} concurrent streams", crate::http2::MAX_STREAMS),
-            Proto::Yamux => "an axum HTTP/1 front door on loopback (as the baseline) that opens a yamux stream per request on one TLS connection (tokio-rustls, TLS 1.3, the dev client certificate) and sends the request over it with hyper's HTTP/1.1 client, to a yamux server (client certificates required) serving hyper's HTTP/1.1 on each stream; yamux's default configuration except 4,096 streams per connection instead of 512 (yamux closes the whole connection when one stream too many is opened, which 256 connections reached)".to_string(),
+            Proto::Yamux => format!("an axum HTTP/1 front door on loopback (as the baseline) that opens a yamux stream per request on one TLS connection (tokio-rustls, TLS 1.3, the dev client certificate) and sends the request over it with hyper's HTTP/1.1 client, to a yamux server (client certificates required) serving hyper's HTTP/1.1 on each stream; yamux's default configuration except {} streams per connection instead of 512 (yamux closes the whole connection when one stream too many is opened, which 256 connections reached)", crate::yamux_pair::MAX_STREAMS),
         };
         let _ = writeln!(
             out,

@@ -1,8 +1,9 @@
 //! The same shape as the pipe on yamux (the `yamux` crate, its default configuration but for
 //! the number of streams, [`MAX_STREAMS`]: 256 KiB stream windows auto-tuned up to 1 GiB for
 //! the connection, 16 KiB frames): one TLS connection multiplexed into a yamux stream per
-//! request, with HTTP/1.1 on each stream (one request and its answer, then the stream is closed). Two processes, as
-//! for HTTP/2 ([`crate::http2`]), both this bench binary re-executed:
+//! request, with HTTP/1.1 on each stream (one request and its answer, then the stream is
+//! closed). Two processes, as for HTTP/2 ([`crate::http2`]), both this bench binary
+//! re-executed:
 //!
 //! - `--serve-yamux PORT CERT_DIR FILES_DIR`, the **yamux server**: accepts TLS with the
 //!   nodes' settings (ALPN `yamux`), accepts the streams the front door opens and serves
@@ -44,7 +45,7 @@ const ALPN: &[u8] = b"yamux";
 /// connections in a closed loop more than 512 can be open for a moment; yamux answers a stream
 /// over its limit by closing the whole connection (seen: the front door exited at 256
 /// connections with the default). 4,096 streams of 256 KiB are the 1 GiB connection window.
-const MAX_STREAMS: usize = 4096;
+pub const MAX_STREAMS: usize = 4096;
 
 /// yamux's default configuration with [`MAX_STREAMS`].
 fn config() -> yamux::Config {
