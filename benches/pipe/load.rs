@@ -50,6 +50,8 @@ pub struct Sample {
     pub hist: Histogram<u64>,
     /// CPU time (user + system) of the serving processes over the window, if asked for.
     pub cpu: Option<Duration>,
+    /// CPU time of the load generator (this process) over the same window, if asked for.
+    pub load_cpu: Option<Duration>,
 }
 
 impl Sample {
@@ -66,6 +68,14 @@ impl Sample {
     /// CPU microseconds of the serving processes per request; NaN if not measured.
     pub fn cpu_micros_per_request(&self) -> f64 {
         match self.cpu {
+            Some(cpu) if self.requests > 0 => cpu.as_secs_f64() * 1e6 / self.requests as f64,
+            _ => f64::NAN,
+        }
+    }
+
+    /// CPU microseconds of the load generator per request; NaN if not measured.
+    pub fn load_cpu_micros_per_request(&self) -> f64 {
+        match self.load_cpu {
             Some(cpu) if self.requests > 0 => cpu.as_secs_f64() * 1e6 / self.requests as f64,
             _ => f64::NAN,
         }
@@ -280,6 +290,9 @@ pub async fn run_call(
     let ticks = restpipe_testkit::procs::clock_ticks();
     tokio::time::sleep(warmup).await;
     let cpu_from = cpu_of(pids, ticks);
+    // The load generator is this process: only its workers run during a window.
+    let load = [std::process::id()];
+    let load_from = cpu_of(if pids.is_empty() { &[] } else { &load }, ticks);
     let mut sample = Sample {
         requests: 0,
         errors: 0,
@@ -287,6 +300,7 @@ pub async fn run_call(
         window,
         hist: histogram(),
         cpu: None,
+        load_cpu: None,
     };
     for worker in workers {
         let (requests, errors, refused, hist) = worker.await??;
@@ -298,6 +312,9 @@ pub async fn run_call(
     }
     sample.cpu = cpu_from
         .zip(cpu_of(pids, ticks))
+        .map(|(from, to)| to.saturating_sub(from));
+    sample.load_cpu = load_from
+        .zip(cpu_of(&load, ticks))
         .map(|(from, to)| to.saturating_sub(from));
     if sample.requests == 0 {
         bail!(

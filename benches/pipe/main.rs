@@ -922,7 +922,7 @@ async fn requests(
             }
             let r = Run::from(&sample);
             println!(
-                "  run {run}/{}: {:<32} {:>3} conns {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  CPU {:>5.1} µs/req  errors {}",
+                "  run {run}/{}: {:<32} {:>3} conns {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  CPU {:>5.1} µs/req (load generator {:.1})  errors {}",
                 plan.runs,
                 t.label,
                 series.conns,
@@ -931,6 +931,7 @@ async fn requests(
                 r.p50,
                 r.p99,
                 r.cpu_us,
+                r.load_cpu_us,
                 r.errors
             );
             series.runs.push(r);
