@@ -65,6 +65,10 @@
 //! policy / no policy with its min–max over runs. Such a run writes no file unless given
 //! `--out`.
 //!
+//! A reference pair (HTTP/2, yamux) that exits or fails a point does not end the run: the
+//! report says when and why it stopped (its log's last lines), keeps its earlier runs, and
+//! leaves it out of the runs that follow. A restpipe node that exits still ends the run.
+//!
 //! Every load point fails if any request is answered with a status other than 200 (the nodes'
 //! front door refuses a foreign `Host` with 403): figures of refusals would be meaningless.
 //!
@@ -595,7 +599,7 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         .await?;
     }
     if wants("bulk") || !refs.is_empty() {
-        report.bulk = bulk_points(plan, &work, &refs).await?;
+        report.bulk = bulk_points(plan, &work, &refs, &mut report.refs_stopped).await?;
     }
     if wants("scale") {
         println!("scale: {:?} idle clients", plan.scale.counts);
@@ -861,6 +865,8 @@ async fn requests(
     } else {
         None
     };
+    // The reference pairs that stopped (died or failed a point): left out of later runs.
+    let mut stopped: Vec<Proto> = Vec::new();
     for run in 1..=plan.runs {
         if let Some((_, addr)) = &floor_server {
             let p50 = bulk::round_trip_p50(work, *addr, (plan.warmup, plan.window)).await?;
@@ -890,6 +896,10 @@ async fn requests(
                 .iter()
                 .find(|t| t.key == series.key)
                 .context("target")?;
+            let reference = refs.iter_mut().find(|(p, _)| p.key() == t.key);
+            if reference.as_ref().is_some_and(|(p, _)| stopped.contains(p)) {
+                continue;
+            }
             let sample = load::run(
                 t.addr,
                 t.path,
@@ -899,16 +909,25 @@ async fn requests(
                 &t.pids,
             )
             .await;
-            let sample = match sample {
-                Ok(sample) => sample,
-                Err(e) => {
+            let sample = match (sample, reference) {
+                (Ok(sample), _) => sample,
+                (Err(e), Some((proto, pair))) => {
+                    // A reference pair that fails is reported, not the end of the run.
+                    let why = pair.check_alive().err().unwrap_or(e);
+                    let why = format!("run {run}, {} conns: {why:#}", series.conns);
+                    println!(
+                        "  {} stopped ({why}); left out of the runs that follow",
+                        proto.name()
+                    );
+                    report.refs_stopped.push((*proto, why));
+                    stopped.push(*proto);
+                    continue;
+                }
+                (Err(e), None) => {
                     // A node that exited says why in its log.
                     plain.check_alive()?;
                     if let Some(p) = policed.as_mut() {
                         p.check_alive()?;
-                    }
-                    for (_, pair) in refs.iter_mut() {
-                        pair.check_alive()?;
                     }
                     return Err(e.context(format!("{} at {} conns", t.label, series.conns)));
                 }
@@ -946,9 +965,7 @@ async fn requests(
         if let Some(p) = policed.as_mut() {
             p.check_alive()?;
         }
-        for (_, pair) in refs.iter_mut() {
-            pair.check_alive()?;
-        }
+        stop_dead_refs(&mut refs, &mut stopped, &mut report.refs_stopped, run);
     }
     report.statsd_datagrams = sink.datagrams();
     Ok(())
@@ -960,6 +977,7 @@ async fn bulk_points(
     plan: &Plan,
     work: &restpipe_testkit::certs::Certs,
     refs: &[Proto],
+    refs_stopped: &mut Vec<(Proto, String)>,
 ) -> anyhow::Result<Vec<Bulk>> {
     let files = bulk::write_files(work, &plan.bulk_sizes)?;
     // The nodes' defaults: `get_file` streams a file of any size in Data frames.
@@ -992,6 +1010,7 @@ async fn bulk_points(
             ..Bulk::default()
         })
         .collect();
+    let mut stopped: Vec<Proto> = Vec::new();
     for run in 1..=plan.runs {
         for point in points.iter_mut() {
             let size = point.size;
@@ -1005,13 +1024,33 @@ async fn bulk_points(
                 .await
                 .with_context(|| format!("bulk {label} over rustls"))?;
             let mut others = String::new();
-            for ((proto, pair), figures) in pairs.iter().zip(point.refs.iter_mut()) {
+            for ((proto, pair), figures) in pairs.iter_mut().zip(point.refs.iter_mut()) {
                 let path = http2::RefPair::file_path(&bulk::file_name(size));
                 let name = proto.name();
-                let got = bulk::fetch(pair.http, &path, size, reps, &pair.pids())
-                    .await
-                    .with_context(|| format!("bulk {label} over {name}"))?
-                    .with_context(|| format!("bulk {label} over {name}: 413"))?;
+                if stopped.contains(proto) {
+                    // A run without a figure, so that the runs stay aligned.
+                    figures.mbps.push(f64::NAN);
+                    figures.cpu.push(f64::NAN);
+                    continue;
+                }
+                let got = match bulk::fetch(pair.http, &path, size, reps, &pair.pids()).await {
+                    Ok(Some(got)) => got,
+                    failed => {
+                        // A reference pair that fails is reported, not the end of the run.
+                        let why = match (pair.check_alive(), failed) {
+                            (Err(dead), _) => dead,
+                            (Ok(()), Err(e)) => e,
+                            (Ok(()), Ok(_)) => anyhow::anyhow!("413"),
+                        };
+                        let why = format!("run {run}, bulk {label}: {why:#}");
+                        println!("  {name} stopped ({why}); left out of the runs that follow");
+                        refs_stopped.push((*proto, why));
+                        stopped.push(*proto);
+                        figures.mbps.push(f64::NAN);
+                        figures.cpu.push(f64::NAN);
+                        continue;
+                    }
+                };
                 others.push_str(&format!(
                     ", {name} {:>6.0} MB/s ({:.2} CPU s/GB)",
                     got.mb_per_s, got.cpu_s_per_gb
@@ -1046,10 +1085,32 @@ async fn bulk_points(
                 .push(r.cpu_s_per_gb + r.receiver_cpu_s_per_gb);
         }
         pair.check_alive()?;
-        for (_, pair) in pairs.iter_mut() {
-            pair.check_alive()?;
-        }
+        stop_dead_refs(&mut pairs, &mut stopped, refs_stopped, run);
     }
     drop(files);
     Ok(points)
+}
+
+/// Mark the reference pairs of `refs` that have exited since as stopped, with their logs'
+/// last lines in `report`; the pipe's own figures go on without them.
+fn stop_dead_refs(
+    refs: &mut [(Proto, http2::RefPair)],
+    stopped: &mut Vec<Proto>,
+    report: &mut Vec<(Proto, String)>,
+    run: usize,
+) {
+    for (proto, pair) in refs.iter_mut() {
+        if stopped.contains(proto) {
+            continue;
+        }
+        if let Err(dead) = pair.check_alive() {
+            let why = format!("after run {run}: {dead:#}");
+            println!(
+                "  {} stopped ({why}); left out of the runs that follow",
+                proto.name()
+            );
+            report.push((*proto, why));
+            stopped.push(*proto);
+        }
+    }
 }

@@ -219,6 +219,9 @@ pub struct Report {
     /// The floor of one request's added latency: the p50 round trip (µs) of one small TLS
     /// record each way between this process and the plain rustls server, one per run.
     pub floor: Vec<f64>,
+    /// The reference pairs that stopped mid-run (a process exited, or a point failed), and
+    /// why: their figures are those of the runs before.
+    pub refs_stopped: Vec<(Proto, String)>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -739,6 +742,13 @@ impl Report {
             out,
             "### restpipe against {name}, side by side\n\nThe same shape on {name}: {shape}. The server answers `get_time`'s JSON, or streams the file in 256 KiB chunks. Two processes, as the pair of nodes: the front door with its client, and the server. The same load generator, interleaved run by run with the pipe; restpipe / {name} is per run, then median (min–max). Requests: the pipe client→server; bulk: the pipe server→client (the server node fetches a file from the client node's `files` handlers).\n"
         );
+        for (_, why) in self.refs_stopped.iter().filter(|(p, _)| *p == proto) {
+            let _ = writeln!(
+                out,
+                "**The {name} pair stopped** ({}); its figures below are those of the runs before, and a point with fewer than 3 runs is not judged.\n",
+                why.replace('\n', " ")
+            );
+        }
         if !conns.is_empty() {
             let _ = writeln!(out, "| conns | pipe req/s | {name} req/s | pipe p50 µs | {name} p50 µs | pipe CPU µs/req | {name} CPU µs/req | pipe / baseline | {name} / baseline | pipe / {name} | verdict (req/s) |");
             out.push_str("|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
