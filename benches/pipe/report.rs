@@ -377,14 +377,14 @@ impl Report {
             }
             let _ = writeln!(
                 rows,
-                "| {} | {} | {} | {} | {} | {} | {:.0} | {} ({}) | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} |",
                 s.label,
                 s.conns,
                 cpu_cell(&base.col(|r| r.cpu_us)),
                 cpu_cell(&base.col(|r| r.load_cpu_us)),
                 cpu_cell(&s.col(|r| r.cpu_us)),
                 cpu_cell(&s.col(|r| r.load_cpu_us)),
-                median(&bound),
+                thousands(median(&bound)),
                 pct(median(&share)),
                 pct_range(&share),
                 cpu_cell(&allowed)
