@@ -915,12 +915,7 @@ async fn requests(
                     // A reference pair that fails is reported, not the end of the run.
                     let why = pair.check_alive().err().unwrap_or(e);
                     let why = format!("run {run}, {} conns: {why:#}", series.conns);
-                    println!(
-                        "  {} stopped ({why}); left out of the runs that follow",
-                        proto.name()
-                    );
-                    report.refs_stopped.push((*proto, why));
-                    stopped.push(*proto);
+                    stop_ref(*proto, why, &mut stopped, &mut report.refs_stopped);
                     continue;
                 }
                 (Err(e), None) => {
@@ -1043,9 +1038,7 @@ async fn bulk_points(
                             (Ok(()), Ok(_)) => anyhow::anyhow!("413"),
                         };
                         let why = format!("run {run}, bulk {label}: {why:#}");
-                        println!("  {name} stopped ({why}); left out of the runs that follow");
-                        refs_stopped.push((*proto, why));
-                        stopped.push(*proto);
+                        stop_ref(*proto, why, &mut stopped, refs_stopped);
                         figures.mbps.push(f64::NAN);
                         figures.cpu.push(f64::NAN);
                         continue;
@@ -1104,13 +1097,28 @@ fn stop_dead_refs(
             continue;
         }
         if let Err(dead) = pair.check_alive() {
-            let why = format!("after run {run}: {dead:#}");
-            println!(
-                "  {} stopped ({why}); left out of the runs that follow",
-                proto.name()
+            stop_ref(
+                *proto,
+                format!("after run {run}: {dead:#}"),
+                stopped,
+                report,
             );
-            report.push((*proto, why));
-            stopped.push(*proto);
         }
     }
+}
+
+/// Stop measuring the reference pair `proto` for the rest of the run, saying `why` now and
+/// in `report`.
+fn stop_ref(
+    proto: Proto,
+    why: String,
+    stopped: &mut Vec<Proto>,
+    report: &mut Vec<(Proto, String)>,
+) {
+    println!(
+        "  {} stopped ({why}); left out of the runs that follow",
+        proto.name()
+    );
+    report.push((proto, why));
+    stopped.push(proto);
 }
