@@ -67,15 +67,17 @@ impl Sample {
 
     /// CPU microseconds of the serving processes per request; NaN if not measured.
     pub fn cpu_micros_per_request(&self) -> f64 {
-        match self.cpu {
-            Some(cpu) if self.requests > 0 => cpu.as_secs_f64() * 1e6 / self.requests as f64,
-            _ => f64::NAN,
-        }
+        self.per_request(self.cpu)
     }
 
     /// CPU microseconds of the load generator per request; NaN if not measured.
     pub fn load_cpu_micros_per_request(&self) -> f64 {
-        match self.load_cpu {
+        self.per_request(self.load_cpu)
+    }
+
+    /// `cpu` in microseconds per request answered; NaN if not measured.
+    fn per_request(&self, cpu: Option<Duration>) -> f64 {
+        match cpu {
             Some(cpu) if self.requests > 0 => cpu.as_secs_f64() * 1e6 / self.requests as f64,
             _ => f64::NAN,
         }
@@ -337,11 +339,15 @@ async fn worker(
     let mut hist = histogram();
     let (mut requests, mut errors) = (0u64, 0u64);
     let mut refused: (u64, Option<StatusCode>) = (0, None);
-    let mut sender = match mode {
-        ConnMode::KeepAlive => Some(connect(addr).await?),
+    let connected = match mode {
+        ConnMode::KeepAlive => Some(connect(addr).await),
         ConnMode::Close => None,
     };
+    // Every worker reaches the barrier, connected or not: one that returned before it would
+    // leave the others and the run waiting there for ever (a target that died between two
+    // points refuses the connections). The failure is returned after it.
     barrier.wait().await;
+    let mut sender = connected.transpose()?;
     let from = Instant::now() + warmup;
     let until = from + window;
     loop {
