@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use restpipe::handler::{BodyError, BodyStream, Request};
-use restpipe::PipeConfig;
+use restpipe::{PipeConfig, ServerNode};
 use restpipe_testkit::certs::*;
 use restpipe_testkit::nodes::*;
 use restpipe_testkit::wait::*;
@@ -403,4 +403,138 @@ async fn a_peer_that_breaks_flow_control_is_cut_off_and_harms_nothing_else() {
         node_of(&client.call(whoami(), None).await.unwrap()),
         "server"
     );
+}
+
+/// Reads the frames of `peer` until `bytes` more of reply body `id` have come, and returns
+/// the largest chunk seen. Fails on anything else but a reply to a `whoami` on the way.
+async fn read_body_bytes(peer: &mut restpipe_testkit::raw::TlsPeer, id: u64, bytes: u64) -> usize {
+    use restpipe_testkit::raw::proto::{frame::Kind, Frame};
+    let (mut got, mut largest) = (0u64, 0usize);
+    while got < bytes {
+        match peer.recv().await.unwrap() {
+            Some(Frame {
+                id: i,
+                kind: Some(Kind::Data(data)),
+            }) if i == id && !data.end => {
+                got += data.chunk.len() as u64;
+                largest = largest.max(data.chunk.len());
+            }
+            other => panic!("expected data of body {id}, got {other:?}"),
+        }
+    }
+    assert_eq!(got, bytes, "more than the room given was sent");
+    largest
+}
+
+/// Sends a `whoami` as request `id` and reads up to its reply: the body data that comes
+/// first (none, when the sender keeps to its window).
+async fn whoami_between(peer: &mut restpipe_testkit::raw::TlsPeer, id: u64) -> u64 {
+    use restpipe_testkit::raw::event_frame;
+    use restpipe_testkit::raw::proto::{frame::Kind, Frame};
+    peer.send(&event_frame(id, whoami())).await.unwrap();
+    let mut data = 0u64;
+    loop {
+        match peer.recv().await.unwrap() {
+            Some(Frame {
+                id: i,
+                kind: Some(Kind::Reply(_)),
+            }) if i == id => return data,
+            Some(Frame {
+                kind: Some(Kind::Data(d)),
+                ..
+            }) => data += d.chunk.len() as u64,
+            other => panic!("expected the reply to {id}, got {other:?}"),
+        }
+    }
+}
+
+/// A peer of version 2 that offers `features` asks the server for a streamed 16 MiB body
+/// (request 1), reads the whole window of it without crediting any, and then calls
+/// `whoami` (request 2) on the same connection.
+async fn window_read_then_a_call(
+    pki: &Pki,
+    server: &ServerNode,
+    features: &[&str],
+) -> restpipe_testkit::raw::TlsPeer {
+    use restpipe_testkit::raw::proto::{frame::Kind, Frame};
+    use restpipe_testkit::raw::{event_frame, TlsPeer};
+    let window = restpipe::wire::STREAM_WINDOW;
+    let mut peer = TlsPeer::connect_tls(server.local_addr(), &pki.connector("edge"))
+        .await
+        .unwrap();
+    peer.hello_offering("edge", 2, features).await;
+    wait_for_client(server, "edge").await;
+    let size = 16 * 1024 * 1024u64;
+    peer.send(&event_frame(
+        1,
+        Request::new("GET", "stream").with_parameters(vec![size.to_string()]),
+    ))
+    .await
+    .unwrap();
+    match peer.recv().await.unwrap() {
+        Some(Frame {
+            id: 1,
+            kind: Some(Kind::Reply(reply)),
+        }) => assert!(reply.streamed && reply.content_length == Some(size)),
+        other => panic!("expected the streamed reply, got {other:?}"),
+    }
+    // Alone on its connection, the body uses its whole window, in chunks of up to 256 KiB.
+    let largest = read_body_bytes(&mut peer, 1, window).await;
+    assert_eq!(largest, restpipe::wire::DATA_CHUNK);
+    assert_eq!(whoami_between(&mut peer, 2).await, 0);
+    peer
+}
+
+fn credit(id: u64, bytes: u64) -> restpipe_testkit::raw::proto::Frame {
+    use restpipe_testkit::raw::proto::{self, frame::Kind, Frame};
+    Frame {
+        id,
+        kind: Some(Kind::Credit(proto::Credit {
+            bytes,
+            from_caller: true,
+        })),
+    }
+}
+
+/// While other requests share its connection, a body keeps at most the shared window in
+/// flight, in smaller chunks, to a peer that offers `fine-credit`: the window's worth read
+/// and credited back brings 256 KiB, not 2 MiB, and a call made then finds nothing more of
+/// the body ahead of its reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_keeps_to_the_shared_window_while_calls_share_its_connection() {
+    use restpipe::wire;
+    let pki = Pki::new();
+    let server = start_server(&pki, test_pipe()).await;
+    let mut peer = window_read_then_a_call(&pki, &server, &[wire::FINE_CREDIT]).await;
+
+    peer.send(&credit(1, wire::STREAM_WINDOW)).await.unwrap();
+    let largest = read_body_bytes(&mut peer, 1, wire::SHARED_WINDOW).await;
+    assert_eq!(largest, wire::SHARED_CHUNK);
+    assert_eq!(whoami_between(&mut peer, 3).await, 0);
+
+    // Credited step by step as it is read, the body goes on within the shared window.
+    let mut moved = 0u64;
+    while moved < 4 * wire::STREAM_WINDOW {
+        peer.send(&credit(1, wire::CREDIT_STEP)).await.unwrap();
+        read_body_bytes(&mut peer, 1, wire::CREDIT_STEP).await;
+        moved += wire::CREDIT_STEP;
+    }
+    assert_eq!(whoami_between(&mut peer, 4).await, 0);
+}
+
+/// A release-2 peer that does not offer `fine-credit` credits a quarter of the window at a
+/// time: the body keeps the whole window for it, calls or not, so that credit never falls
+/// short of what the body waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_fine_credit_keeps_the_whole_window() {
+    use restpipe::wire;
+    let pki = Pki::new();
+    let server = start_server(&pki, test_pipe()).await;
+    let mut peer = window_read_then_a_call(&pki, &server, &[]).await;
+    let quarter = wire::STREAM_WINDOW / 4;
+    for _ in 0..8 {
+        peer.send(&credit(1, quarter)).await.unwrap();
+        let largest = read_body_bytes(&mut peer, 1, quarter).await;
+        assert_eq!(largest, wire::DATA_CHUNK);
+    }
 }

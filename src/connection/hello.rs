@@ -136,6 +136,7 @@ where
         .collect();
     let trace_context = features.iter().any(|f| f == wire::TRACE_CONTEXT);
     let pubsub = features.iter().any(|f| f == wire::PUBSUB);
+    let fine_credit = features.iter().any(|f| f == wire::FINE_CREDIT);
     let peer_max_frame = usize::try_from(peer_hello.max_frame_bytes)
         .unwrap_or(usize::MAX)
         .min(core.pipe.max_frame)
@@ -173,6 +174,7 @@ where
         peer_max_frame,
         trace_context,
         pubsub,
+        fine_credit,
         streaming: protocol_version >= wire::STREAMING_VERSION,
         streams: Default::default(),
         last_rtt_us: AtomicU64::new(0),

@@ -141,6 +141,9 @@ struct Shared {
     pubsub: bool,
     /// Whether bodies may be streamed and headers carried (protocol version 2 and up).
     streaming: bool,
+    /// Whether both sides speak the `fine-credit` feature (decided once, at the hello): the
+    /// bodies this node sends may then keep to [`wire::SHARED_WINDOW`].
+    fine_credit: bool,
     /// The streamed bodies on the connection, both ways.
     streams: stream::Streams,
     last_rtt_us: AtomicU64,
@@ -238,6 +241,7 @@ impl Connection {
                 shared.core.pipe.max_in_flight, shared.info.identity
             )));
         };
+        shared.note_request();
         let started = Instant::now();
         let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);

@@ -7,6 +7,12 @@
 //!   only once it holds credit for it, on the body ([`wire::STREAM_WINDOW`]) and on the
 //!   connection ([`wire::CONNECTION_WINDOW`]). A body that fails mid-way ends with an aborted
 //!   last frame, never with a normal end.
+//! - While another request has started on the connection within [`SHARED_HOLD`], and the
+//!   peer speaks [`wire::FINE_CREDIT`], a pump keeps at most [`wire::SHARED_WINDOW`] in flight,
+//!   in chunks of [`wire::SHARED_CHUNK`]: every frame sent after its data waits behind the
+//!   data already in the TCP stream, so a whole window there would hold other requests'
+//!   events and replies back by as long as the window takes to cross. A body alone on its
+//!   connection uses the whole window.
 //! - The *receiving* end is an [`Incoming`] stream, which the reader fills and the front door
 //!   or the handler reads. Credit goes back to the sender as the chunks are *read*, not as they
 //!   arrive, so what this node holds of a body is bounded by its window whatever its size. A
@@ -37,9 +43,10 @@ use super::Shared;
 use crate::util::lock;
 use crate::wire::{self, DataEnd, Message};
 
-/// Credit is sent back once this much of a body's window has been read: a quarter of it, so
-/// that a sender never waits on a round trip while there is room.
-const CREDIT_BATCH: u64 = wire::STREAM_WINDOW / 4;
+/// How long a body being sent keeps to [`wire::SHARED_WINDOW`] after another request started
+/// on its connection: calls that come closer together than this find little of the body
+/// ahead of them.
+pub(super) const SHARED_HOLD: Duration = Duration::from_secs(1);
 
 /// Credit on the connection is sent back in batches of this much.
 const CONNECTION_CREDIT_BATCH: u64 = wire::CONNECTION_WINDOW / 8;
@@ -61,6 +68,8 @@ pub(super) struct Streams {
     unread: AtomicU64,
     /// Bytes read and not yet credited back on the connection.
     uncredited: AtomicU64,
+    /// When the last request started on the connection, either way ([`Shared::micros`]).
+    last_request: AtomicU64,
 }
 
 impl Default for Streams {
@@ -72,6 +81,7 @@ impl Default for Streams {
             send_credit: Arc::new(Semaphore::new(wire::CONNECTION_WINDOW as usize)),
             unread: AtomicU64::new(0),
             uncredited: AtomicU64::new(0),
+            last_request: AtomicU64::new(0),
         }
     }
 }
@@ -111,6 +121,32 @@ pub(super) struct Incoming {
 }
 
 impl Shared {
+    /// Microseconds since the connection started, from 1 (0 stands for never).
+    fn micros(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    /// A request starts on this connection, either way: the bodies being sent keep to
+    /// [`wire::SHARED_WINDOW`] for [`SHARED_HOLD`] (see the module docs).
+    pub(super) fn note_request(&self) {
+        self.streams
+            .last_request
+            .store(self.micros(), Ordering::Relaxed);
+    }
+
+    /// Whether a body whose pump opened at `opened` ([`Shared::micros`]) shares the connection
+    /// now: another request started after it, within [`SHARED_HOLD`], and the peer credits in
+    /// steps small enough for the shared window.
+    fn shares_connection(&self, opened: u64) -> bool {
+        if !self.fine_credit {
+            return false;
+        }
+        let last = self.streams.last_request.load(Ordering::Relaxed);
+        last > opened && u128::from(self.micros().saturating_sub(last)) < SHARED_HOLD.as_micros()
+    }
+
     /// Open the receiving end of body `key`, before the frame that announces it is handed
     /// on, so that no chunk of it can arrive unannounced.
     pub(super) fn open_incoming(
@@ -312,7 +348,7 @@ impl Incoming {
             });
         shared.consumed(len);
         self.to_credit += len;
-        if self.to_credit >= CREDIT_BATCH {
+        if self.to_credit >= wire::CREDIT_STEP {
             shared.send_now(Message::Credit {
                 id: self.key.1,
                 from_caller: !self.key.0,
@@ -419,6 +455,42 @@ impl Shared {
     }
 }
 
+/// Wait for the credit to send the next piece of a body, of at most `len` bytes, and take
+/// it; returns the piece's length. While the body shares its connection (see the module docs)
+/// the piece is at most [`wire::SHARED_CHUNK`], and it waits until at most
+/// [`wire::SHARED_WINDOW`] is in flight with it, by taking the rest of the window too and
+/// giving it straight back. Sharing that starts or ends during the wait makes it decide again.
+async fn room(
+    shared: &Shared,
+    credit: &Semaphore,
+    opened: u64,
+    len: usize,
+) -> Result<u32, tokio::sync::AcquireError> {
+    let n = loop {
+        let sharing = shared.shares_connection(opened);
+        let (most, spare) = if sharing {
+            (
+                wire::SHARED_CHUNK,
+                wire::STREAM_WINDOW - wire::SHARED_WINDOW,
+            )
+        } else {
+            (wire::DATA_CHUNK, 0)
+        };
+        // At most DATA_CHUNK: fits.
+        let n = len.min(most) as u32;
+        let mut held = credit.acquire_many(n + spare as u32).await?;
+        if sharing != shared.shares_connection(opened) {
+            continue;
+        }
+        if let Some(used) = held.split(n as usize) {
+            used.forget();
+        }
+        break n;
+    };
+    shared.streams.send_credit.acquire_many(n).await?.forget();
+    Ok(n)
+}
+
 /// Send `body` as body `key`, chunk by chunk within the credit it is given, until its end, a
 /// failure of its source (an aborted last frame), or `stop` (the peer cancelled it, or the
 /// connection ended). `credit` and `stop` come from [`Shared::open_pump`].
@@ -431,6 +503,7 @@ pub(super) async fn pump(
 ) {
     let (from_caller, id) = key;
     let length = body.length();
+    let opened = shared.micros();
     let mut sent = 0u64;
     let end = loop {
         let next = tokio::select! {
@@ -455,24 +528,15 @@ pub(super) async fn pump(
             ));
         }
         while !chunk.is_empty() {
-            let piece = chunk.split_to(chunk.len().min(wire::DATA_CHUNK));
-            let n = piece.len() as u32;
-            let room = async {
-                credit.acquire_many(n).await.map(|p| p.forget())?;
-                shared
-                    .streams
-                    .send_credit
-                    .acquire_many(n)
-                    .await
-                    .map(|p| p.forget())
+            let room = room(&shared, &credit, opened, chunk.len());
+            let n = tokio::select! {
+                r = room => r.ok(),
+                _ = stop.cancelled() => None,
             };
-            let ok = tokio::select! {
-                r = room => r.is_ok(),
-                _ = stop.cancelled() => false,
-            };
-            if !ok {
+            let Some(n) = n else {
                 break;
-            }
+            };
+            let piece = chunk.split_to(n as usize);
             sent += u64::from(n);
             let frame = wire::encode(Message::Data {
                 id,

@@ -28,7 +28,13 @@ pub const PROTOCOL_VERSION: u32 = 2;
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// The optional features this build offers in its hello. Those the peer offers too are in use.
-pub const FEATURES: &[&str] = &[TRACE_CONTEXT, PUBSUB];
+pub const FEATURES: &[&str] = &[TRACE_CONTEXT, PUBSUB, FINE_CREDIT];
+
+/// The feature by which the receiver of a streamed body credits it back in steps of at most
+/// [`CREDIT_STEP`], so that its sender may keep less than [`STREAM_WINDOW`] in flight
+/// ([`SHARED_WINDOW`]) without waiting for credit that would come only past the window. A
+/// sender keeps the whole window in flight to a peer that does not list it.
+pub const FINE_CREDIT: &str = "fine-credit";
 
 /// The feature by which a client subscribes to topics and either side sends published events
 /// ([`Message::Subscribe`], [`Message::Publish`]; docs/PUBSUB.md). Neither frame is sent to a
@@ -48,6 +54,21 @@ pub const DATA_CHUNK: usize = 256 * 1024;
 /// The window of one streamed body: its sender may have this many bytes sent and not yet
 /// credited back by the receiver (version 2).
 pub const STREAM_WINDOW: u64 = 2 * 1024 * 1024;
+
+/// What the sender of a body keeps in flight, at most, while the connection carries other
+/// requests (with [`FINE_CREDIT`]): 256 KiB. Every frame sent after a body's data waits
+/// behind the data already in the TCP stream, so a smaller window keeps other requests'
+/// latency low while a large transfer shares their connection (docs/PERFORMANCE.md,
+/// "Small calls during a large transfer").
+pub const SHARED_WINDOW: u64 = 256 * 1024;
+
+/// The largest chunk a [`Message::Data`] frame carries while its body keeps to
+/// [`SHARED_WINDOW`]: 64 KiB, so that several are in flight at once.
+pub const SHARED_CHUNK: usize = 64 * 1024;
+
+/// The receiver of a body credits it back each time this much of it has been read (with
+/// [`FINE_CREDIT`]; a release-2 node without it credited a quarter of [`STREAM_WINDOW`]).
+pub const CREDIT_STEP: u64 = 64 * 1024;
 
 /// The window of a connection: the bytes of every streamed body on it, both ways counted
 /// apart, that a sender may have sent and not yet credited back (version 2).

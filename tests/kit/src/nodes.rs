@@ -144,7 +144,7 @@ pub fn pattern_stream(
     n: u64,
     fail_at: Option<u64>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, BodyError>> + Send + 'static {
-    const CHUNK: u64 = 64 * 1024;
+    const CHUNK: u64 = 1024 * 1024;
     futures_util::stream::unfold(0u64, move |at| async move {
         if fail_at.is_some_and(|f| at >= f) {
             return (at != u64::MAX)

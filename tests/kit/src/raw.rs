@@ -180,9 +180,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawPeer<S> {
 
     /// Send a client hello with `protocol_version` and return the server's hello.
     pub async fn hello(&mut self, identity: &str, protocol_version: u32) -> proto::Hello {
-        self.send(&client_hello(identity, protocol_version))
-            .await
-            .expect("send hello");
+        self.hello_offering(identity, protocol_version, &[]).await
+    }
+
+    /// Send a client hello with `protocol_version` that offers `features`, and return the
+    /// server's hello.
+    pub async fn hello_offering(
+        &mut self,
+        identity: &str,
+        protocol_version: u32,
+        features: &[&str],
+    ) -> proto::Hello {
+        let mut hello = client_hello(identity, protocol_version);
+        if let Some(Kind::Hello(h)) = hello.kind.as_mut() {
+            h.features = features.iter().map(|f| f.to_string()).collect();
+        }
+        self.send(&hello).await.expect("send hello");
         match self.recv().await.expect("read the server's hello") {
             Some(Frame {
                 kind: Some(Kind::Hello(hello)),
