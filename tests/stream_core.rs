@@ -237,7 +237,7 @@ async fn a_connection_lost_midway_is_an_incomplete_body() {
 async fn a_release_1_peer_gets_whole_bodies_and_no_version_2_frame() {
     use restpipe::handler::Headers;
     use restpipe_testkit::raw::proto::{self, frame::Kind, Frame};
-    use restpipe_testkit::raw::{event_frame, TlsPeer};
+    use restpipe_testkit::raw::TlsPeer;
 
     let pki = Pki::new();
     let server = start_server(&pki, test_pipe()).await;
@@ -296,26 +296,36 @@ async fn a_release_1_peer_gets_whole_bodies_and_no_version_2_frame() {
     assert_eq!(&answer.body[..], b"old and fine");
 
     // The old peer calls a handler that replies with a stream: it gets the body whole.
+    let reply = ask_stream(&mut peer, 1, 200_000).await;
+    assert!(!reply.streamed && reply.content_length.is_none());
+    assert_eq!(reply.body.len(), 200_000);
+    assert!(reply
+        .body
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(i as u64)));
+}
+
+/// Sends request `id` for a `get_stream` of `size` bytes, and returns its reply.
+async fn ask_stream(
+    peer: &mut restpipe_testkit::raw::TlsPeer,
+    id: u64,
+    size: u64,
+) -> restpipe_testkit::raw::proto::Reply {
+    use restpipe_testkit::raw::event_frame;
+    use restpipe_testkit::raw::proto::{frame::Kind, Frame};
     peer.send(&event_frame(
-        1,
-        Request::new("GET", "stream").with_parameters(vec!["200000".into()]),
+        id,
+        Request::new("GET", "stream").with_parameters(vec![size.to_string()]),
     ))
     .await
     .unwrap();
     match peer.recv().await.unwrap() {
         Some(Frame {
-            id: 1,
+            id: i,
             kind: Some(Kind::Reply(reply)),
-        }) => {
-            assert!(!reply.streamed && reply.content_length.is_none());
-            assert_eq!(reply.body.len(), 200_000);
-            assert!(reply
-                .body
-                .iter()
-                .enumerate()
-                .all(|(i, b)| *b == pattern(i as u64)));
-        }
-        other => panic!("expected the whole reply, got {other:?}"),
+        }) if i == id => reply,
+        other => panic!("expected the reply to {id}, got {other:?}"),
     }
 }
 
@@ -456,8 +466,7 @@ async fn window_read_then_a_call(
     server: &ServerNode,
     features: &[&str],
 ) -> restpipe_testkit::raw::TlsPeer {
-    use restpipe_testkit::raw::proto::{frame::Kind, Frame};
-    use restpipe_testkit::raw::{event_frame, TlsPeer};
+    use restpipe_testkit::raw::TlsPeer;
     let window = restpipe::wire::STREAM_WINDOW;
     let mut peer = TlsPeer::connect_tls(server.local_addr(), &pki.connector("edge"))
         .await
@@ -465,19 +474,8 @@ async fn window_read_then_a_call(
     peer.hello_offering("edge", 2, features).await;
     wait_for_client(server, "edge").await;
     let size = 16 * 1024 * 1024u64;
-    peer.send(&event_frame(
-        1,
-        Request::new("GET", "stream").with_parameters(vec![size.to_string()]),
-    ))
-    .await
-    .unwrap();
-    match peer.recv().await.unwrap() {
-        Some(Frame {
-            id: 1,
-            kind: Some(Kind::Reply(reply)),
-        }) => assert!(reply.streamed && reply.content_length == Some(size)),
-        other => panic!("expected the streamed reply, got {other:?}"),
-    }
+    let reply = ask_stream(&mut peer, 1, size).await;
+    assert!(reply.streamed && reply.content_length == Some(size));
     // Alone on its connection, the body uses its whole window, in chunks of up to 256 KiB.
     let largest = read_body_bytes(&mut peer, 1, window).await;
     assert_eq!(largest, restpipe::wire::DATA_CHUNK);
