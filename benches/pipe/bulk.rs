@@ -99,6 +99,81 @@ pub fn pipe_path(size: usize) -> String {
     format!("/client/dev-client/file//{}", file_name(size))
 }
 
+/// How many calls [`calls_beside`] makes on the idle pipe (as many as the fairness test).
+pub const BESIDE_CALLS: usize = 200;
+
+/// The client node's `get_time`, through the server node: the small call of [`calls_beside`].
+pub const TIME_PATH: &str = "/client/dev-client/time";
+
+/// Small calls beside one large transfer on the same pipe, one run (see [`calls_beside`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Beside {
+    /// Bytes of the transfer.
+    pub size: usize,
+    /// p99 of the calls on the idle pipe, in µs.
+    pub idle_p99_us: f64,
+    /// p99 of the calls made while the transfer ran, in µs (NaN when none was).
+    pub busy_p99_us: f64,
+    /// How many calls were made while the transfer ran.
+    pub busy_calls: usize,
+    /// MB/s of the transfer, calls and all.
+    pub mb_per_s: f64,
+}
+
+/// `calls` sequential `GET` [`TIME_PATH`] through the pipe at `http` on an idle pipe; then,
+/// on the same keep-alive connection, as many as fit while the bulk file of `size` bytes
+/// crosses the same pipe, fetched on a second connection, from its request to its last byte.
+/// Their replies travel the way the file's bytes do, so they wait behind what of it is in
+/// flight.
+pub async fn calls_beside(http: SocketAddr, size: usize, calls: usize) -> anyhow::Result<Beside> {
+    let mut conn = load::connect(http).await?;
+    let mut idle = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        idle.push(timed_call(&mut conn).await?);
+    }
+    let mut fetcher = load::connect(http).await?;
+    let path = pipe_path(size);
+    let started = Instant::now();
+    let transfer = tokio::spawn(async move {
+        let got = load::get(&mut fetcher, &path, false).await;
+        got.map(|got| (got, started.elapsed()))
+    });
+    let mut busy = Vec::new();
+    while !transfer.is_finished() {
+        busy.push(timed_call(&mut conn).await?);
+    }
+    let ((status, read), took) = transfer.await.context("the transfer's task")??;
+    if status != StatusCode::OK || read != size {
+        bail!("GET {}: {status}, {read} of {size} bytes", pipe_path(size));
+    }
+    Ok(Beside {
+        size,
+        idle_p99_us: p99(&mut idle),
+        busy_p99_us: p99(&mut busy),
+        busy_calls: busy.len(),
+        mb_per_s: mb_per_s(size, took),
+    })
+}
+
+/// One `GET` [`TIME_PATH`] on `conn`: its latency in µs.
+async fn timed_call(conn: &mut load::Conn) -> anyhow::Result<f64> {
+    let at = Instant::now();
+    let (status, _) = load::get(conn, TIME_PATH, false).await?;
+    if status != StatusCode::OK {
+        bail!("GET {TIME_PATH}: {status}");
+    }
+    Ok(at.elapsed().as_secs_f64() * 1e6)
+}
+
+/// The 99th percentile of `values` (NaN when there is none).
+fn p99(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match (values.len() * 99).div_ceil(100).checked_sub(1) {
+        Some(at) => values[at],
+        None => f64::NAN,
+    }
+}
+
 /// What [`fetch`] and [`rustls`] measured.
 #[derive(Clone, Copy, Debug)]
 pub struct Fetched {

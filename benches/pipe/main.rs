@@ -9,7 +9,8 @@
 //!   UDP socket this process reads and discards);
 //! - `close`: a new TCP connection per request at 8 connections, baseline vs pipe;
 //! - `bulk`: 1 MiB, 16 MiB and a large file (1 GiB in a full run, 256 MiB in a quick one, none
-//!   in a smoke run) through the pipe vs a plain rustls copy;
+//!   in a smoke run) through the pipe vs a plain rustls copy, and once per run small calls
+//!   beside the largest transfer on the same pipe (their p99 against idle: fairness);
 //! - `scale`: server memory and CPU with 1,000 and 10,000 idle heartbeating client nodes (and
 //!   so the server's memory per idle connection), and their reconnect times after the server
 //!   is killed and restarted;
@@ -599,7 +600,14 @@ async fn run(plan: &Plan, options: &Options) -> anyhow::Result<Report> {
         .await?;
     }
     if wants("bulk") || !refs.is_empty() {
-        report.bulk = bulk_points(plan, &work, &refs, &mut report.refs_stopped).await?;
+        report.bulk = bulk_points(
+            plan,
+            &work,
+            &refs,
+            &mut report.refs_stopped,
+            &mut report.beside,
+        )
+        .await?;
     }
     if wants("scale") {
         println!("scale: {:?} idle clients", plan.scale.counts);
@@ -973,6 +981,7 @@ async fn bulk_points(
     work: &restpipe_testkit::certs::Certs,
     refs: &[Proto],
     refs_stopped: &mut Vec<(Proto, String)>,
+    beside: &mut Vec<bulk::Beside>,
 ) -> anyhow::Result<Vec<Bulk>> {
     let files = bulk::write_files(work, &plan.bulk_sizes)?;
     // The nodes' defaults: `get_file` streams a file of any size in Data frames.
@@ -1076,6 +1085,21 @@ async fn bulk_points(
             point
                 .rustls_cpu
                 .push(r.cpu_s_per_gb + r.receiver_cpu_s_per_gb);
+        }
+        if let Some(&size) = plan.bulk_sizes.iter().max() {
+            let b = bulk::calls_beside(pair.server_http, size, bulk::BESIDE_CALLS)
+                .await
+                .context("small calls beside a transfer")?;
+            println!(
+                "  run {run}/{}: calls beside a {} transfer: p99 idle {:.0} µs, during {:.0} µs ({} calls), transfer {:.0} MB/s",
+                plan.runs,
+                bulk::size_label(size),
+                b.idle_p99_us,
+                b.busy_p99_us,
+                b.busy_calls,
+                b.mb_per_s
+            );
+            beside.push(b);
         }
         pair.check_alive()?;
         stop_dead_refs(&mut pairs, &mut stopped, refs_stopped, run);

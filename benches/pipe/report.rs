@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::bulk::size_label;
+use crate::bulk::{size_label, BESIDE_CALLS};
 use crate::http2::Proto;
 use crate::load::{ConnMode, Sample};
 use crate::{cluster, fanout, queue, scale};
@@ -198,6 +198,8 @@ pub struct Report {
     pub series: Vec<Series>,
     /// Bulk points.
     pub bulk: Vec<Bulk>,
+    /// Small calls beside the largest bulk transfer, one per run.
+    pub beside: Vec<crate::bulk::Beside>,
     /// The scale scenario.
     pub scale: Option<scale::Outcome>,
     /// The queue scenario.
@@ -661,6 +663,34 @@ impl Report {
         }
         out.push('\n');
         self.bulk_bound_table(out);
+        self.beside_table(out);
+    }
+
+    /// Small calls beside the largest transfer (fairness): the p99 during it against idle.
+    fn beside_table(&self, out: &mut String) {
+        let Some(first) = self.beside.first() else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "### Small calls beside a {} transfer (fairness)\n\n{BESIDE_CALLS} sequential `GET {}` through the pipe, idle; then as many as fit, back to back, while the {} file crosses the same pipe (fetched on another connection, from its request to its last byte). Their replies travel the way the file does. Issue 13's aim: p99 during within 5× idle and under 20 ms.\n\n| run | idle p99 µs | during p99 µs | during / idle | calls during | transfer MB/s |\n|---:|---:|---:|---:|---:|---:|",
+            size_label(first.size),
+            crate::bulk::TIME_PATH,
+            size_label(first.size),
+        );
+        for (run, b) in self.beside.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.0} | {:.1}× | {} | {:.0} |",
+                run + 1,
+                b.idle_p99_us,
+                b.busy_p99_us,
+                b.busy_p99_us / b.idle_p99_us,
+                b.busy_calls,
+                b.mb_per_s
+            );
+        }
+        out.push('\n');
     }
 
     /// What the machine's cores allow the pipe, from the CPU each transfer cost: the pipe's
