@@ -146,6 +146,10 @@ pub async fn calls_beside(http: SocketAddr, size: usize, calls: usize) -> anyhow
     if status != StatusCode::OK || read != size {
         bail!("GET {}: {status}, {read} of {size} bytes", pipe_path(size));
     }
+    let p99 = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        crate::scale::quantile(values, 0.99)
+    };
     Ok(Beside {
         size,
         idle_p99_us: p99(&mut idle),
@@ -163,15 +167,6 @@ async fn timed_call(conn: &mut load::Conn) -> anyhow::Result<f64> {
         bail!("GET {TIME_PATH}: {status}");
     }
     Ok(at.elapsed().as_secs_f64() * 1e6)
-}
-
-/// The 99th percentile of `values` (NaN when there is none).
-fn p99(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match (values.len() * 99).div_ceil(100).checked_sub(1) {
-        Some(at) => values[at],
-        None => f64::NAN,
-    }
 }
 
 /// What [`fetch`] and [`rustls`] measured.

@@ -359,7 +359,6 @@ impl Shared {
                 ),
             );
         };
-        self.note_request();
         let Some(bytes) = budget_permit(&self.inbound_bytes, size) else {
             return self.send_error(
                 id,

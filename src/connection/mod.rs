@@ -241,7 +241,6 @@ impl Connection {
                 shared.core.pipe.max_in_flight, shared.info.identity
             )));
         };
-        shared.note_request();
         let started = Instant::now();
         let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);

@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -68,8 +68,6 @@ pub(super) struct Streams {
     unread: AtomicU64,
     /// Bytes read and not yet credited back on the connection.
     uncredited: AtomicU64,
-    /// When the last request started on the connection, either way ([`Shared::micros`]).
-    last_request: AtomicU64,
 }
 
 impl Default for Streams {
@@ -81,7 +79,6 @@ impl Default for Streams {
             send_credit: Arc::new(Semaphore::new(wire::CONNECTION_WINDOW as usize)),
             unread: AtomicU64::new(0),
             uncredited: AtomicU64::new(0),
-            last_request: AtomicU64::new(0),
         }
     }
 }
@@ -91,6 +88,14 @@ struct Sink {
     tx: mpsc::UnboundedSender<Result<Bytes, BodyError>>,
     /// Bytes received and not yet read, shared with the reading [`Incoming`].
     unread: Arc<AtomicU64>,
+}
+
+/// What a leaving body has seen of the other requests on its connection, from the
+/// connection's count of requests started (see [`Shared::shares_connection`]).
+struct Others {
+    seen: u64,
+    /// When the body last saw that count change.
+    last_seen_start: Option<Instant>,
 }
 
 /// What controls one leaving body.
@@ -121,30 +126,26 @@ pub(super) struct Incoming {
 }
 
 impl Shared {
-    /// Microseconds since the connection started, from 1 (0 stands for never).
-    fn micros(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_micros())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1)
+    /// Requests started on this connection so far, both ways.
+    fn requests_started(&self) -> u64 {
+        self.requests_sent.load(Ordering::Relaxed) + self.requests_received.load(Ordering::Relaxed)
     }
 
-    /// A request starts on this connection, either way: the bodies being sent keep to
-    /// [`wire::SHARED_WINDOW`] for [`SHARED_HOLD`] (see the module docs).
-    pub(super) fn note_request(&self) {
-        self.streams
-            .last_request
-            .store(self.micros(), Ordering::Relaxed);
-    }
-
-    /// Whether a body whose pump opened at `opened` ([`Shared::micros`]) shares the connection
-    /// now: another request started after it, within [`SHARED_HOLD`], and the peer credits in
-    /// steps small enough for the shared window.
-    fn shares_connection(&self, opened: u64) -> bool {
+    /// Whether the body that `others` watches shares the connection now: another request
+    /// started after it began, within [`SHARED_HOLD`], and the peer credits in steps small
+    /// enough for the shared window.
+    fn shares_connection(&self, others: &mut Others) -> bool {
         if !self.fine_credit {
             return false;
         }
-        let last = self.streams.last_request.load(Ordering::Relaxed);
-        last > opened && u128::from(self.micros().saturating_sub(last)) < SHARED_HOLD.as_micros()
+        let started = self.requests_started();
+        if started != others.seen {
+            others.seen = started;
+            others.last_seen_start = Some(Instant::now());
+        }
+        others
+            .last_seen_start
+            .is_some_and(|at| at.elapsed() < SHARED_HOLD)
     }
 
     /// Open the receiving end of body `key`, before the frame that announces it is handed
@@ -463,11 +464,11 @@ impl Shared {
 async fn room(
     shared: &Shared,
     credit: &Semaphore,
-    opened: u64,
+    others: &mut Others,
     len: usize,
 ) -> Result<u32, tokio::sync::AcquireError> {
     let n = loop {
-        let sharing = shared.shares_connection(opened);
+        let sharing = shared.shares_connection(others);
         let (most, spare) = if sharing {
             (
                 wire::SHARED_CHUNK,
@@ -479,7 +480,7 @@ async fn room(
         // At most DATA_CHUNK: fits.
         let n = len.min(most) as u32;
         let mut held = credit.acquire_many(n + spare as u32).await?;
-        if sharing != shared.shares_connection(opened) {
+        if sharing != shared.shares_connection(others) {
             continue;
         }
         if let Some(used) = held.split(n as usize) {
@@ -503,7 +504,10 @@ pub(super) async fn pump(
 ) {
     let (from_caller, id) = key;
     let length = body.length();
-    let opened = shared.micros();
+    let mut others = Others {
+        seen: shared.requests_started(),
+        last_seen_start: None,
+    };
     let mut sent = 0u64;
     let end = loop {
         let next = tokio::select! {
@@ -528,7 +532,7 @@ pub(super) async fn pump(
             ));
         }
         while !chunk.is_empty() {
-            let room = room(&shared, &credit, opened, chunk.len());
+            let room = room(&shared, &credit, &mut others, chunk.len());
             let n = tokio::select! {
                 r = room => r.ok(),
                 _ = stop.cancelled() => None,
